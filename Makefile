@@ -1,0 +1,42 @@
+# Two commands do all the set-up on a fresh machine:
+#   make serve   create .venv, install, serve the default model
+#   make test    create .venv, install (with the dev extra and the reference models), run the tests
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first and pinned: this version has a CPU build on the project machines' disk;
+# an unpinned torch would pull a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+INSTALLED := $(VENV)/.installed
+DEV_INSTALLED := $(VENV)/.dev-installed
+
+.PHONY: serve test lint clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==$(TORCH_VERSION)
+	$(PIP) install --quiet -e .
+	touch $@
+
+# palm-rlhf-pytorch's package __init__ imports its RLHF trainers (accelerate, einx,
+# hl-gauss-pytorch, ...). Its PaLM class needs only torch, einops, beartype, tqdm and
+# packaging (all in the dev extra), so the package itself goes in with --no-deps and the
+# tests import palm_rlhf_pytorch.palm without running that __init__ (tests/reference.py).
+$(DEV_INSTALLED): $(INSTALLED)
+	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet --no-deps palm-rlhf-pytorch==0.8.0
+	touch $@
+
+serve: $(INSTALLED)
+	$(VENV)/bin/palm-serve serve $(ARGS)
+
+test: $(DEV_INSTALLED)
+	$(PY) -m pytest -q $(ARGS)
+
+lint: $(DEV_INSTALLED)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""The inference engine: block manager, scheduler, model runner, sampler, async front."""

@@ -1,0 +1,57 @@
+"""The kernel backend, chosen once at start and passed to the model (never a global)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+
+BackendName = Literal["auto", "torch", "triton"]
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    """The three kernels the model calls, all with the torch twins' signatures."""
+
+    name: str
+    rotary_embedding: Callable[..., None]
+    write_kv_cache: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+
+
+def torch_backend() -> KernelBackend:
+    from .kv_cache import write_kv_cache
+    from .paged_attention import paged_attention
+    from .rotary import rotary_embedding
+
+    return KernelBackend("torch", rotary_embedding, write_kv_cache, paged_attention)
+
+
+def triton_backend() -> KernelBackend:
+    from .triton import paged_attention, rotary_embedding, write_kv_cache
+
+    return KernelBackend("triton", rotary_embedding, write_kv_cache, paged_attention)
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs on CUDA, or on the CPU only through its interpreter."""
+    if device.type == "cuda":
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select_backend(name: BackendName, device: torch.device) -> KernelBackend:
+    """'auto' picks Triton on CUDA and torch elsewhere; 'triton' or 'torch' forces one."""
+    if name == "torch":
+        return torch_backend()
+    if name == "triton":
+        if not triton_usable(device):
+            raise ValueError(
+                "the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU"
+            )
+        return triton_backend()
+    if name == "auto":
+        return triton_backend() if device.type == "cuda" else torch_backend()
+    raise ValueError(f"unknown kernel backend {name!r}: expected auto, torch or triton")

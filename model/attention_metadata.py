@@ -1,0 +1,58 @@
+"""What the model needs to know about a flattened batch: passed in, never a global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes T flattened tokens belonging to S sequences.
+
+    Sequence s owns rows query_start_loc[s]:query_start_loc[s+1] of the batch; those are
+    its newest tokens, and after this step its cache holds context_lens[s] tokens."""
+
+    # [T] int64: cache slot of each token (block_id * block_size + offset); -1 skips it.
+    slot_mapping: torch.Tensor
+    # [S, max_blocks] int32: each sequence's block ids, padded with 0 past its length.
+    block_tables: torch.Tensor
+    # [S + 1] int32: prefix sums of the new-token counts.
+    query_start_loc: torch.Tensor
+    # [S] int32: cached tokens per sequence after this step's write, new ones included.
+    context_lens: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]
+
+    def last_token_indices(self) -> torch.Tensor:
+        """[S] row of each sequence's last new token (where its next token is predicted)."""
+        return self.query_start_loc[1:].long() - 1
+
+    @classmethod
+    def build(
+        cls,
+        block_tables: list[list[int]],
+        query_lens: list[int],
+        context_lens: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """From Python lists: the new tokens of sequence s are its last query_lens[s]."""
+        slots: list[int] = []
+        for table, q_len, ctx in zip(block_tables, query_lens, context_lens, strict=True):
+            for pos in range(ctx - q_len, ctx):
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+        width = max((len(t) for t in block_tables), default=0) or 1
+        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        starts = [0]
+        for q_len in query_lens:
+            starts.append(starts[-1] + q_len)
+        return cls(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        )

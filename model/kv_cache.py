@@ -1,0 +1,50 @@
+"""The paged KV cache: per layer, K and V of shape [num_blocks, block_size, n_kv_heads, head_dim]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import PaLMConfig
+
+
+@dataclass
+class KVCache:
+    k: list[torch.Tensor]  # one [NB, BS, Hkv, D] tensor per layer
+    v: list[torch.Tensor]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.k[0].shape[1]
+
+    @classmethod
+    def allocate(
+        cls,
+        config: PaLMConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        shape = (num_blocks, block_size, config.n_kv_heads, config.dim_head)
+        return cls(
+            k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.depth)],
+            v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.depth)],
+        )
+
+
+def bytes_per_block(config: PaLMConfig, block_size: int, dtype: torch.dtype) -> int:
+    """K and V of every layer for one block."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.depth * block_size * config.n_kv_heads * config.dim_head * element
+
+
+def num_blocks_for_budget(
+    config: PaLMConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
+) -> int:
+    return budget_bytes // bytes_per_block(config, block_size, dtype)

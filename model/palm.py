@@ -1,0 +1,148 @@
+"""The PaLM forward (Chowdhery et al., arXiv:2204.02311) over a flattened batch and a
+paged KV cache, plus a dense no-cache forward over [B, N] that shares every weight (the
+oracle in tests, and the training path).
+
+Per layer, on x: h = LayerNorm(x); q, k, v, ff = fused_proj(h);
+x + attn_out(attention(rotary(q), rotary(k), v)) + ff_out(silu(gate) * a)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import KernelBackend, build_cos_sin_cache, build_xpos_scale_cache, torch_backend
+from ..kernels.rotary import rotate
+from .attention_metadata import AttentionMetadata
+from .config import PaLMConfig
+from .kv_cache import KVCache
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias; "gamma_plus_one" stores weight - 1 (palm-rlhf-pytorch)."""
+
+    def __init__(self, dim: int, style: str, eps: float) -> None:
+        super().__init__()
+        self.plus_one = style == "gamma_plus_one"
+        self.eps = eps
+        init = torch.zeros(dim) if self.plus_one else torch.ones(dim)
+        self.weight = nn.Parameter(init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 1 if self.plus_one else self.weight
+        return F.layer_norm(x, x.shape[-1:], weight, None, self.eps)
+
+
+class ParallelBlock(nn.Module):
+    """Attention and feed-forward in parallel off one LayerNorm (GPT-J style)."""
+
+    def __init__(self, config: PaLMConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.norm = LayerNorm(config.dim, config.layernorm_style, config.layernorm_eps)
+        self.fused_proj = nn.Linear(config.dim, sum(config.fused_dims), bias=False)
+        self.attn_out = nn.Linear(config.heads * config.dim_head, config.dim, bias=False)
+        self.ff_out = nn.Linear(config.ff_inner, config.dim, bias=False)
+        if config.qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.ones(config.dim_head))
+            self.k_scale = nn.Parameter(torch.ones(config.dim_head))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [..., dim] -> q [..., H, D], k and v [..., Hkv, D], ff [..., 2 * ff_inner]."""
+        c = self.config
+        q, k, v, ff = self.fused_proj(self.norm(x)).split(c.fused_dims, dim=-1)
+        q = q.unflatten(-1, (c.heads, c.dim_head))
+        k = k.unflatten(-1, (c.n_kv_heads, c.dim_head))
+        v = v.unflatten(-1, (c.n_kv_heads, c.dim_head))
+        if c.qk_rmsnorm:
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
+        return q, k, v, ff
+
+    def combine(self, x: torch.Tensor, attn: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
+        """attn [..., H, D]; ff [..., 2 * ff_inner] with the value half first, gate second."""
+        a, gate = ff.chunk(2, dim=-1)
+        return x + (self.attn_out(attn.flatten(-2)) + self.ff_out(F.silu(gate) * a))
+
+
+class PaLM(nn.Module):
+    def __init__(self, config: PaLMConfig, kernels: KernelBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.kernels = kernels or torch_backend()
+        self.token_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
+        self.norm = LayerNorm(config.dim, config.layernorm_style, config.layernorm_eps)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        cos_sin = build_cos_sin_cache(config.dim_head, config.max_positions, config.rotary_base)
+        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
+        xpos = None
+        if config.use_xpos:
+            xpos = build_xpos_scale_cache(
+                config.dim_head, config.max_positions, config.xpos_scale_base
+            )
+        self.register_buffer("xpos_scale_cache", xpos, persistent=False)
+
+    # ---- serving: flattened tokens over the paged cache -------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """input_ids, positions [T] -> final-normed hidden states [T, dim].
+
+        Writes this step's K/V to the cache at meta.slot_mapping, then attends."""
+        ops, c = self.kernels, self.config
+        x = self.token_emb(input_ids)  # (T, dim)
+        for i, layer in enumerate(self.layers):
+            q, k, v, ff = layer.project(x)
+            q, k = q.contiguous(), k.contiguous()
+            ops.rotary_embedding(q, k, positions, self.cos_sin_cache, self.xpos_scale_cache)
+            ops.write_kv_cache(k, v.contiguous(), kv_cache.k[i], kv_cache.v[i], meta.slot_mapping)
+            attn = ops.paged_attention(
+                q,
+                kv_cache.k[i],
+                kv_cache.v[i],
+                meta.block_tables,
+                meta.query_start_loc,
+                meta.context_lens,
+                c.attention_scale,
+            )
+            x = layer.combine(x, attn, ff)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits tied to the token embedding: hidden [N, dim] -> [N, vocab]."""
+        return F.linear(hidden, self.token_emb.weight)
+
+    # ---- dense: [B, N] with no cache -----------------------------------------------------
+
+    def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N] -> logits [B, N, vocab], causal, positions 0..N-1."""
+        c = self.config
+        n = tokens.shape[1]
+        if n > c.max_positions:
+            raise ValueError(f"sequence of {n} tokens exceeds max_positions {c.max_positions}")
+        half = c.dim_head // 2
+        cos_sin = self.cos_sin_cache[:n].float()
+        cos = cos_sin[:, None, :half]  # (N, 1, D/2)
+        sin = cos_sin[:, None, half:]
+        q_scale = k_scale = None
+        if self.xpos_scale_cache is not None:
+            q_scale = self.xpos_scale_cache[:n, None, :]
+            k_scale = 1.0 / q_scale
+        x = self.token_emb(tokens)  # (B, N, dim)
+        group = c.heads // c.n_kv_heads
+        for layer in self.layers:
+            q, k, v, ff = layer.project(x)  # q (B, N, H, D), k v (B, N, Hkv, D)
+            q = rotate(q, cos, sin, q_scale).transpose(1, 2)  # (B, H, N, D)
+            k = rotate(k, cos, sin, k_scale).transpose(1, 2).repeat_interleave(group, dim=1)
+            v = v.transpose(1, 2).repeat_interleave(group, dim=1)
+            attn = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=c.attention_scale
+            )  # (B, H, N, D)
+            x = layer.combine(x, attn.transpose(1, 2).to(x.dtype), ff)
+        return self.compute_logits(self.norm(x))

@@ -1,0 +1,91 @@
+"""Our weights format: a directory with config.json, model.safetensors and optionally
+tokenizer.json. Loading checks every tensor's name and shape before touching the model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..kernels import KernelBackend
+from .config import PaLMConfig
+from .palm import PaLM
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: the message names the tensor."""
+
+
+def expected_shapes(config: PaLMConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a PaLM of this config is made of."""
+    return {name: tuple(p.shape) for name, p in PaLM(config).state_dict().items()}
+
+
+def check_state_dict(state: dict[str, torch.Tensor], config: PaLMConfig, source: str) -> None:
+    expected = expected_shapes(config)
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {shape})")
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {got}, the config expects {shape}"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}")
+
+
+def save_model_dir(
+    path: str | Path, config: PaLMConfig, state: dict[str, torch.Tensor]
+) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    check_state_dict(state, config, str(path))
+    config.save(path / CONFIG_FILE)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_config(path: str | Path) -> PaLMConfig:
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE} (is this a palm-serve model directory?)")
+    try:
+        return PaLMConfig.load(config_path)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
+
+
+def load_state(path: str | Path) -> dict[str, torch.Tensor]:
+    weights_path = Path(path) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}")
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
+
+
+def load_model(
+    path: str | Path,
+    kernels: KernelBackend | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> PaLM:
+    """Build the model of a model directory, weights checked and loaded, in eval mode."""
+    config = load_config(path)
+    state = load_state(path)
+    check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
+    model = PaLM(config, kernels)
+    model.load_state_dict(state)
+    # Parameters take the serving dtype; the rotary tables stay fp32 for accuracy.
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+    return model.to(device).eval().requires_grad_(False)

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from palm_serve.model import PaLM, PaLMConfig  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)
+
+
+def make_config(**overrides) -> PaLMConfig:
+    values = dict(vocab_size=97, dim=32, depth=2, heads=4, dim_head=16, max_positions=512)
+    values.update(overrides)
+    return PaLMConfig(**values)
+
+
+def make_model(config: PaLMConfig | None = None, emb_std: float = 1.0, seed: int = 0) -> PaLM:
+    """A random tiny model; a larger embedding scale keeps greedy choices away from ties."""
+    torch.manual_seed(seed)
+    model = PaLM(config or make_config())
+    torch.nn.init.normal_(model.token_emb.weight, std=emb_std)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_config() -> PaLMConfig:
+    return make_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_config: PaLMConfig) -> PaLM:
+    return make_model(tiny_config)
