@@ -99,6 +99,8 @@ def _decode_batch(
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len).unsqueeze(0) >= ctx.unsqueeze(1)  # (B, L)
     scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    # Padding rows read other blocks (or stale slots): zero them so 0 * NaN cannot leak in.
+    v = v.masked_fill(pad[:, :, None, None], 0.0)
     probs = scores.softmax(dim=-1)
     o = torch.einsum("bhgl,blhd->bhgd", probs, v)
     out[rows] = o.reshape(len(decodes), n_heads, head_dim).to(q.dtype)
