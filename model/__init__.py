@@ -3,6 +3,8 @@
 from .attention_metadata import AttentionMetadata
 from .config import PaLMConfig
 from .kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
+from .llama import Llama
+from .llama_config import LlamaConfig
 from .palm import PaLM
 from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .weights import CheckpointError, load_config, load_model, save_model_dir
@@ -14,6 +16,8 @@ __all__ = [
     "HFTokenizer",
     "IncrementalDetokenizer",
     "KVCache",
+    "Llama",
+    "LlamaConfig",
     "PaLM",
     "PaLMConfig",
     "Tokenizer",

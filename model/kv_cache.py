@@ -7,6 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from .config import PaLMConfig
+from .llama_config import LlamaConfig
+
+# Either model's config: the cache reads only depth, n_kv_heads and dim_head.
+ModelConfig = PaLMConfig | LlamaConfig
 
 
 @dataclass
@@ -25,7 +29,7 @@ class KVCache:
     @classmethod
     def allocate(
         cls,
-        config: PaLMConfig,
+        config: ModelConfig,
         num_blocks: int,
         block_size: int,
         dtype: torch.dtype = torch.float32,
@@ -38,13 +42,13 @@ class KVCache:
         )
 
 
-def bytes_per_block(config: PaLMConfig, block_size: int, dtype: torch.dtype) -> int:
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     """K and V of every layer for one block."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * config.depth * block_size * config.n_kv_heads * config.dim_head * element
 
 
 def num_blocks_for_budget(
-    config: PaLMConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
+    config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
 ) -> int:
     return budget_bytes // bytes_per_block(config, block_size, dtype)
