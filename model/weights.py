@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from ..kernels import KernelBackend
 from .config import PaLMConfig
+from .llama import Llama
+from .llama_config import LlamaConfig
 from .palm import PaLM
 
 CONFIG_FILE = "config.json"
@@ -53,7 +55,12 @@ def save_model_dir(
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def load_config(path: str | Path) -> PaLMConfig:
+def load_config(path: str | Path) -> PaLMConfig | LlamaConfig:
+    """PaLMConfig of our format, or LlamaConfig of an HF Llama directory (model_type)."""
+    from .llama_loader import is_llama_dir, load_llama_config  # imports this module
+
+    if is_llama_dir(path):
+        return load_llama_config(path)
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (is this a palm-serve model directory?)")
@@ -78,8 +85,14 @@ def load_model(
     kernels: KernelBackend | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> PaLM:
-    """Build the model of a model directory, weights checked and loaded, in eval mode."""
+) -> PaLM | Llama:
+    """Build the model of a model directory, weights checked and loaded, in eval mode.
+
+    config.json's "architecture": "palm" is ours; HF's "model_type": "llama" is a Llama."""
+    from .llama_loader import is_llama_dir, load_llama  # imports this module
+
+    if is_llama_dir(path):
+        return load_llama(path, kernels, dtype, device)
     config = load_config(path)
     state = load_state(path)
     check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
