@@ -1,0 +1,40 @@
+"""EngineConfig: how the engine sizes its KV pool and batches; validated, never mutated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Explicit pool size in blocks; None sizes the pool from kv_cache_memory_bytes.
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 512 * MIB
+    # At most this many sequences run (hold blocks and are scheduled) at once.
+    max_num_seqs: int = 64
+    # Token budget of one step: decodes (1 each) plus prefill chunks.
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    # Prompt + output limit per request; None means the model's max_positions.
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.block_size >= 1, "block_size", "must be >= 1"),
+            (self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1"),
+            (self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes", "must be >= 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
+            (
+                self.max_model_len is None or self.max_model_len >= 1,
+                "max_model_len",
+                "must be >= 1",
+            ),
+        ]
+        for ok, name, why in checks:
+            if not ok:
+                raise ValueError(f"EngineConfig.{name} {why}, got {getattr(self, name)!r}")

@@ -1,0 +1,120 @@
+"""ModelRunner: executes a plan. Flattens the scheduled sequences into one batch (ids,
+positions, slot mapping, block tables, query starts, context lengths), runs the model once
+for the whole mixed prefill + decode batch, and samples only where a token is due."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.attention_metadata import AttentionMetadata
+from .outputs import TokenLogprob
+from .sampler import Sampler, token_logprobs
+from .scheduler import ScheduledSeq, SchedulerOutput
+from .sequence import Sequence
+
+
+@dataclass
+class StepResult:
+    # One entry per plan.scheduled: the sampled token, or None (mid-chunked-prefill).
+    sampled: list[int | None]
+    # One entry per plan.scheduled: the token's logprobs when requested.
+    logprobs: list[TokenLogprob | None]
+    # Prompt logprobs computed this step, per sequence, in prompt order.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache, block_size: int, sampler: Sampler) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.sampler = sampler
+        self.device = kv_cache.k[0].device
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulerOutput) -> StepResult:
+        items = plan.scheduled
+        input_ids, positions, meta = self.prepare(items)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
+        due = [i for i, it in enumerate(items) if it.sample]
+        last_rows = meta.query_start_loc[1:].long() - 1  # (S,)
+        prompt_rows, prompt_jobs = self._prompt_rows(items, meta.query_start_loc.tolist())
+        rows = torch.cat([last_rows[due], prompt_rows]) if prompt_jobs else last_rows[due]
+        logits = self.model.compute_logits(hidden[rows]).float()  # (rows, V)
+        sampled: list[int | None] = [None] * len(items)
+        logprobs: list[TokenLogprob | None] = [None] * len(items)
+        if due:
+            out = self.sampler(logits[: len(due)], [items[i].seq for i in due])
+            for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
+                sampled[i], logprobs[i] = token, lp
+        result = StepResult(sampled, logprobs)
+        if prompt_jobs:
+            result.prompt_logprobs = self._prompt_logprobs(logits[len(due) :], prompt_jobs)
+        return result
+
+    def prepare(
+        self, items: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The flat batch, built from a few Python lists and vectorized tensor ops."""
+        ids: list[int] = []
+        for it in items:
+            ids.extend(it.seq.token_ids[it.start : it.start + it.num_new_tokens])
+        q_lens = torch.tensor([it.num_new_tokens for it in items], dtype=torch.long)
+        starts = torch.tensor([it.start for it in items], dtype=torch.long)
+        width = max(len(it.seq.block_table) for it in items)
+        tables = torch.tensor(
+            [it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in items],
+            dtype=torch.int32,
+        )  # (S, max_blocks)
+        query_start = torch.zeros(len(items) + 1, dtype=torch.long)
+        torch.cumsum(q_lens, 0, out=query_start[1:])
+        owner = torch.repeat_interleave(torch.arange(len(items)), q_lens)  # (T,) row -> seq
+        positions = torch.arange(len(ids)) - query_start[owner] + starts[owner]
+        bs = self.block_size
+        slots = tables[owner, positions // bs].long() * bs + positions % bs
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(self.device),
+            block_tables=tables.to(self.device),
+            query_start_loc=query_start.to(torch.int32).to(self.device),
+            context_lens=(starts + q_lens).to(torch.int32).to(self.device),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return input_ids, positions.to(self.device), meta
+
+    def _prompt_rows(
+        self, items: list[ScheduledSeq], query_start: list[int]
+    ) -> tuple[torch.Tensor, list[tuple[Sequence, list[int]]]]:
+        """Rows whose logits give prompt logprobs: row of position p predicts token p + 1.
+        Token j is due once (tokens 1..k are done when seq.prompt_logprobs has k + 1 entries)."""
+        rows: list[int] = []
+        jobs: list[tuple[Sequence, list[int]]] = []
+        for i, it in enumerate(items):
+            seq = it.seq
+            if not seq.wants_prompt_logprobs:
+                continue
+            done = len(seq.prompt_logprobs or [None])
+            first = max(it.start + 1, done)
+            last = min(it.start + it.num_new_tokens, seq.num_prompt_tokens - 1)  # target index
+            if first > last:
+                continue
+            row0 = query_start[i] - it.start
+            rows.extend(range(row0 + first - 1, row0 + last))
+            jobs.append((seq, seq.prompt_token_ids[first : last + 1]))
+        return torch.tensor(rows, dtype=torch.long, device=self.device), jobs
+
+    def _prompt_logprobs(
+        self, logits: torch.Tensor, jobs: list[tuple[Sequence, list[int]]]
+    ) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        targets = torch.tensor([t for _, ids in jobs for t in ids], dtype=torch.long)
+        num_top = max(seq.params.prompt_logprobs or 0 for seq, _ in jobs)
+        entries = token_logprobs(logits.log_softmax(dim=-1), targets.to(logits.device), num_top)
+        result, offset = [], 0
+        for seq, ids in jobs:
+            chunk = entries[offset : offset + len(ids)]
+            for entry in chunk:
+                entry.top = entry.top[: seq.params.prompt_logprobs]
+            result.append((seq, chunk))
+            offset += len(ids)
+        return result

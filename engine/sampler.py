@@ -1,0 +1,154 @@
+"""Sampler: logits of the sequences due a token -> one token each, vectorized over the batch.
+
+Order (as vLLM): penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p,
+then inverse-CDF sampling with one uniform draw from the request's own torch.Generator, so
+a request's tokens do not depend on its neighbours (filters are masks in vocabulary order,
+whatever the batch needs). Logprobs are those of the raw model distribution:
+log_softmax of the fp32 logits before penalties and temperature (OpenAI/vLLM default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .outputs import TokenLogprob
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    # One entry per row; None where the request did not ask for logprobs.
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits [N, V] (any float dtype), one row per sequence in seqs."""
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        raw = logits
+        if any(_penalized(p) for p in params):
+            logits = apply_penalties(logits.clone(), seqs)
+        if all(p.temperature == 0 for p in params):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._mixed(logits, seqs)
+        token_list = tokens.tolist()
+        return SamplerOutput(token_list, _logprobs(raw, tokens, params))
+
+    def _mixed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        drawn = sample_rows(
+            logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]
+        )
+        tokens[rows] = drawn
+        return tokens
+
+
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """logits [R, V] of non-greedy rows -> [R] token ids."""
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+    logits = logits / temps
+    if any(p.top_k > 0 or p.top_p < 1 for p in params):
+        logits = top_k_top_p(logits, params)
+    probs = logits.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+        probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
+    # One uniform per row from the row's own generator: the only randomness of the step.
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.dtype)
+    cdf = probs.cumsum(dim=-1)  # (R, V)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    # right=True: the first token whose cumulative mass exceeds the target (never a zero one).
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return index.clamp_(max=logits.shape[1] - 1)
+
+
+def top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask (-inf) tokens outside each row's top-k, then outside its nucleus top-p."""
+    vocab = logits.shape[1]
+    ks = torch.tensor([p.top_k or vocab for p in params]).unsqueeze(1)
+    # top_p = 1 keeps everything; 2 avoids dropping a tail token to rounding (cum > 1.0).
+    ps = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params]).unsqueeze(1)
+    ordered, order = logits.sort(dim=-1, descending=True)
+    ordered = ordered.masked_fill(torch.arange(vocab).unsqueeze(0) >= ks, NEG_INF)
+    probs = ordered.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the first token always survives
+    ordered = ordered.masked_fill(mass_before > ps.to(probs.dtype), NEG_INF)
+    return torch.full_like(logits, NEG_INF).scatter(1, order, ordered)
+
+
+def _penalized(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """In place on logits [N, V]. Repetition (CTRL, sign-aware) over prompt and output
+    tokens; presence and frequency (OpenAI) over output tokens only."""
+    rows = [i for i, s in enumerate(seqs) if _penalized(s.params)]
+    sub = logits[rows]
+    counts = _token_counts([seqs[i].output_token_ids for i in rows], sub.shape)
+    in_prompt = _token_counts([seqs[i].prompt_token_ids for i in rows], sub.shape) > 0
+    params = [seqs[i].params for i in rows]
+    rep = torch.tensor([p.repetition_penalty for p in params]).unsqueeze(1)
+    seen = in_prompt | (counts > 0)
+    penalized = torch.where(sub > 0, sub / rep, sub * rep)
+    sub = torch.where(seen, penalized, sub)
+    freq = torch.tensor([p.frequency_penalty for p in params]).unsqueeze(1)
+    pres = torch.tensor([p.presence_penalty for p in params]).unsqueeze(1)
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    logits[rows] = sub
+    return logits
+
+
+def _token_counts(token_lists: list[list[int]], shape: torch.Size) -> torch.Tensor:
+    counts = torch.zeros(shape)
+    rows = torch.repeat_interleave(
+        torch.arange(len(token_lists)),
+        torch.tensor([len(t) for t in token_lists], dtype=torch.long),
+    )
+    tokens = torch.tensor([t for ids in token_lists for t in ids], dtype=torch.long)
+    counts.index_put_((rows, tokens), torch.ones(len(tokens)), accumulate=True)
+    return counts
+
+
+def _logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
+) -> list[TokenLogprob | None]:
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    result: list[TokenLogprob | None] = [None] * len(params)
+    if not rows:
+        return result
+    entries = token_logprobs(
+        raw[rows].log_softmax(dim=-1), tokens[rows], max(params[i].logprobs or 0 for i in rows)
+    )
+    for i, entry in zip(rows, entries, strict=True):
+        entry.top = entry.top[: params[i].logprobs]
+        result[i] = entry
+    return result
+
+
+def token_logprobs(
+    logprobs: torch.Tensor, tokens: torch.Tensor, num_top: int
+) -> list[TokenLogprob]:
+    """logprobs [N, V], tokens [N] -> the chosen token's logprob and the top num_top, with
+    one host transfer per tensor (no per-token .item())."""
+    chosen = logprobs.gather(1, tokens.long().unsqueeze(1)).squeeze(1).tolist()
+    token_list = tokens.tolist()
+    if num_top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(token_list, chosen, strict=True)]
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)
+    return [
+        TokenLogprob(t, lp, list(zip(ids, vals, strict=True)))
+        for t, lp, ids, vals in zip(
+            token_list, chosen, top_ids.tolist(), top_values.tolist(), strict=True
+        )
+    ]

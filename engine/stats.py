@@ -1,0 +1,24 @@
+"""EngineStats: the figures the server exports (counters cumulative since start)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    # Referenced KV blocks / total, 0..1.
+    kv_cache_usage: float = 0.0
+    num_preemptions: int = 0
+    # Prompt tokens served from the prefix cache instead of being prefilled (re-admissions
+    # after a preemption included).
+    prefix_cache_hit_tokens: int = 0
+    # Prompt tokens of admitted requests, and tokens generated.
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_aborted: int = 0
+    # Requests finished with an error (rejected or failed by a step).
+    num_failed: int = 0
+    num_finished: int = 0

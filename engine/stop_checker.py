@@ -1,0 +1,93 @@
+"""StopChecker: a sequence's text, built by incremental detokenization, with stop strings
+matched across token boundaries. A stop string is never emitted: text that could be the
+start of one is held back until the next token decides."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..model.tokenizer import IncrementalDetokenizer
+from .outputs import FinishReason
+
+if TYPE_CHECKING:
+    from .sequence import Sequence
+
+
+class StopChecker:
+    def __init__(self, detokenizer: IncrementalDetokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.detokenizer = detokenizer
+        self.stop = stop
+        self.max_stop_len = max((len(s) for s in stop), default=0)
+        # Generated text so far, cut at the first stop string once one appears.
+        self.text = ""
+        # Characters of text already handed to the caller.
+        self.emitted = 0
+
+    def add_token(self, token_id: int) -> str | None:
+        """Detokenize one token; return the stop string it completed, if any."""
+        return self._append(self.detokenizer.add(token_id))
+
+    def flush(self) -> str | None:
+        """At the end: release what the detokenizer held back (an incomplete character)."""
+        return self._append(self.detokenizer.flush())
+
+    def take_text(self, final: bool) -> str:
+        """The text that is now safe to emit; with final=True, everything left."""
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        end = max(end, self.emitted)
+        delta = self.text[self.emitted : end]
+        self.emitted = end
+        return delta
+
+    def _append(self, delta: str) -> str | None:
+        if not delta:
+            return None
+        # A stop string ending in the new text starts at most max_stop_len - 1 chars before it.
+        search_from = max(0, len(self.text) - self.max_stop_len + 1)
+        self.text += delta
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) != -1]
+        if not hits:
+            return None
+        index, stop = min(hits)
+        self.text = self.text[:index]
+        return stop
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        for n in range(min(self.max_stop_len - 1, len(self.text)), 0, -1):
+            suffix = self.text[-n:]
+            if any(s.startswith(suffix) for s in self.stop):
+                return n
+        return 0
+
+
+class StopRules:
+    """When a sequence stops after a new token: EOS (unless ignore_eos), a stop token id, a
+    stop string, max_tokens, or the context end. EOS and stop tokens are counted as
+    generated tokens but their text is not emitted."""
+
+    def __init__(self, eos_token_id: int | None) -> None:
+        self.eos_token_id = eos_token_id
+
+    def check(self, seq: Sequence, token: int, max_model_len: int) -> FinishReason | None:
+        params, checker = seq.params, seq.stop_checker
+        if token == self.eos_token_id and not params.ignore_eos:
+            return self._flushed(seq, "stop")
+        if token in params.stop_token_ids:
+            seq.stop_reason = token
+            return self._flushed(seq, "stop")
+        stop = checker.add_token(token)
+        if stop is not None:
+            seq.stop_reason = stop
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
+            return self._flushed(seq, "length")
+        return None
+
+    @staticmethod
+    def _flushed(seq: Sequence, reason: FinishReason) -> FinishReason:
+        stop = seq.stop_checker.flush()
+        if stop is not None:  # the flushed text completed a stop string
+            seq.stop_reason = stop
+            return "stop"
+        return reason
