@@ -7,6 +7,31 @@ import json
 import sys
 from pathlib import Path
 
+from .settings import Settings
+
+SETTINGS_FIELDS = tuple(Settings.model_fields)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per Settings field; absent flags stay absent, so the environment (or the
+    default) applies. Values are parsed and checked by Settings itself."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default if field.default_factory is None else field.default_factory()
+        help = f"{field.description} (env PALM_{name.upper()}, default: {default})"
+        if field.annotation is bool:
+            parser.add_argument(
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help,
+            )
+        else:
+            parser.add_argument(
+                flag, dest=name, default=argparse.SUPPRESS, help=help, metavar=name.upper()
+            )
+
 
 def _convert(args: argparse.Namespace) -> int:
     from ..model.convert import LAYOUTS, convert_state_dict, read_checkpoint
@@ -36,8 +61,10 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    print("error: the HTTP server is not implemented yet", file=sys.stderr)
-    return 1
+    from .serve import serve
+
+    given = {k: v for k, v in vars(args).items() if k in SETTINGS_FIELDS}
+    return serve(given)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--from", dest="layout", required=True, help="palm-pytorch or palm-rlhf-pytorch"
     )
     convert.add_argument(
-        "--config", help="JSON file of config fields the weights cannot tell (max_positions, "
-        "xpos_scale_base, eos_token_id, ...)"
+        "--config",
+        help="JSON file of config fields the weights cannot tell (max_positions, "
+        "xpos_scale_base, eos_token_id, ...)",
     )
     convert.add_argument("--tokenizer", help="a tokenizer.json to copy beside the weights")
     convert.set_defaults(func=_convert)
-    serve = commands.add_parser("serve", help="serve a model over HTTP")
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over HTTP",
+        description="Serve a model over HTTP. Every option is also a PALM_* environment "
+        "variable of the same name (--max-num-seqs / PALM_MAX_NUM_SEQS); a flag wins.",
+    )
+    add_settings_flags(serve)
     serve.set_defaults(func=_serve)
     return parser
 

@@ -1,0 +1,91 @@
+"""create_app(settings, engine) -> FastAPI: routes, middlewares, error handlers, metrics,
+and a lifespan that starts the engine and stops it at shutdown."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
+
+from . import routes_chat, routes_completions  # noqa: F401  (they register on routes_openai)
+from .chat_template import ChatTemplate
+from .errors import install_error_handlers
+from .lifecycle import Lifecycle
+from .metrics import Metrics
+from .middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from .routes_generate import router as generate_router
+from .routes_openai import router as openai_router
+from .routes_ops import router as ops_router
+from .settings import Settings
+from .state import ServerState
+
+
+def create_app(settings: Settings, engine: Any, lifecycle: Lifecycle | None = None) -> FastAPI:
+    """`engine` is an AsyncEngine, not yet started: the app's lifespan starts and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="palm-serve", version="0.1.0", lifespan=lifespan)
+    app.state.palm = ServerState(
+        settings=settings,
+        engine=engine,
+        model_name=settings.model_name(),
+        chat_template=ChatTemplate.load(settings.chat_template),
+        metrics=Metrics(engine.stats),
+        lifecycle=lifecycle or Lifecycle(),
+    )
+    for router in (generate_router, openai_router, ops_router):
+        app.include_router(router)
+    install_error_handlers(app)
+    _add_middlewares(app, settings)
+    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    return app
+
+
+def _add_middlewares(app: FastAPI, settings: Settings) -> None:
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> body limit -> API key.
+    if settings.api_key is not None:
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The schema as served: max_tokens bounded by this server's limit, and 400 (not 422)
+    for schema errors, which is what the error handler returns."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            for name, prop in component.get("properties", {}).items():
+                if name in ("max_tokens", "max_completion_tokens"):
+                    _bound(prop, settings.max_tokens_limit)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _bound(prop: dict[str, Any], limit: int) -> None:
+    for variant in prop.get("anyOf", [prop]):
+        if variant.get("type") == "integer":
+            variant["maximum"] = limit

@@ -1,0 +1,146 @@
+"""Errors as the API shows them: `{"error": {"message", "type", "code"}}` with the right
+status, never a stack trace. Routes raise APIError; handlers here turn everything else
+(validation errors, engine errors, surprises) into the same shape."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.errors import EngineDeadError, InvalidRequestError
+
+log = logging.getLogger("palm_serve.server")
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.code, self.param, self.headers = code, param, headers
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, code="invalid_parameter", param=param)
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, type="service_unavailable", code="unavailable")
+
+
+def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "code": code, "param": param}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    body = error_body(exc.message, exc.type, exc.code, exc.param)
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
+def from_engine_error(exc: Exception) -> APIError:
+    """Engine exceptions -> API errors (InvalidRequestError 400, EngineDeadError 503)."""
+    if isinstance(exc, InvalidRequestError):
+        return bad_request(str(exc), getattr(exc, "field", None))
+    if isinstance(exc, EngineDeadError):
+        return unavailable(f"the engine has stopped: {exc}")
+    return APIError(500, "internal error", type="server_error", code="internal_error")
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # ("body", "messages", 0, "content") -> "messages[0].content"; "body" alone is the body.
+    parts = [p for p in loc if p != "body"]
+    name = ""
+    for part in parts:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    return name or "body"
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str]:
+    """The first invalid field as 'field: why' (and the field), e.g. 'top_p: Input should be
+    less than or equal to 1'. A union field fails once per member: say which types it takes."""
+    errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"body: invalid JSON ({first.get('ctx', {}).get('error', 'parse error')})", "body"
+    loc = tuple(first.get("loc", ()))
+    field_loc = _strip(loc)
+    field = _field_name(field_loc)
+    if field_loc == loc:
+        return f"{field}: {first.get('msg', 'invalid value')}", field
+    # One error per union member. A member whose type matched but whose value broke a
+    # constraint ('' too short, -1 < 0) says the most; else list the accepted types.
+    same = [e for e in errors if _strip(e["loc"])[: len(field_loc)] == field_loc]
+    fitting = [e for e in same if not e["type"].endswith("_type")]
+    if fitting:
+        return f"{_field_name(_strip(fitting[0]['loc']))}: {fitting[0]['msg']}", field
+    kinds = sorted({_tag_name(p) for e in same for p in e["loc"] if _is_type_tag(p)})
+    return (
+        f"{field}: invalid value {_short(first.get('input'))}; expected {' or '.join(kinds)}",
+        field,
+    )
+
+
+def _strip(loc: Any) -> tuple[Any, ...]:
+    return tuple(p for p in loc if not _is_type_tag(p))
+
+
+def _is_type_tag(part: Any) -> bool:
+    # pydantic names the member of a union it tried: 'str', 'list[int]', 'constrained-str'.
+    return isinstance(part, str) and (
+        "[" in part or "-" in part or part in {"str", "int", "float", "bool", "dict"}
+    )
+
+
+def _tag_name(tag: str) -> str:
+    name = tag.replace("constrained-", "")
+    return {
+        "str": "a string",
+        "list[str]": "a list of strings",
+        "list[int]": "a list of token ids",
+        "list[list[int]]": "a list of token-id lists",
+        "int": "an integer",
+    }.get(name, name)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, field = validation_message(exc)
+        return error_response(APIError(400, message, code="invalid_parameter", param=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(InvalidRequestError)
+    @app.exception_handler(EngineDeadError)
+    async def _engine(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_engine_error(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged with its traceback here; the client only learns that it was our fault.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, "internal error", "server_error", "internal_error"))

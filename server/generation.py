@@ -1,0 +1,213 @@
+"""The server's side of one generation: admission (drain, dead engine, full queue),
+validation through the engine, streaming outputs with metrics and abort on early exit,
+and the non-streaming wait that notices a client that went away."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing, suppress
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from ..engine.errors import EngineDeadError, InvalidRequestError
+from ..engine.outputs import RequestOutput, TokenLogprob
+from ..engine.sampling_params import SamplingParams
+from .errors import APIError, bad_request, from_engine_error, unavailable
+from .lifecycle import Ticket
+from .state import ServerState
+
+DISCONNECT_POLL_SECONDS = 0.2
+RETRY_AFTER_SECONDS = 1
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def make_params(**kwargs) -> SamplingParams:
+    """SamplingParams, its own checks turned into a 400 naming the field."""
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as exc:
+        raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def admit(state: ServerState) -> Ticket:
+    """Refuse while draining or dead (503) or when the wait queue is full (429)."""
+    if state.lifecycle.draining:
+        raise unavailable("the server is shutting down; retry on another replica")
+    if not state.engine.healthy:
+        raise unavailable("the engine has stopped; no request can be served")
+    # Admitted but not in the running batch = waiting (HTTP in flight counts as waiting).
+    waiting = state.lifecycle.inflight - state.engine.stats().num_running
+    if waiting >= state.settings.max_queue:
+        raise APIError(
+            429,
+            f"too many requests waiting ({waiting}, limit {state.settings.max_queue}); retry later",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    return state.lifecycle.admit()
+
+
+def validate(state: ServerState, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    try:
+        return state.engine.validate(prompt, params)
+    except (InvalidRequestError, EngineDeadError) as exc:
+        raise from_engine_error(exc) from None
+
+
+async def outputs(
+    state: ServerState,
+    prompt: str | list[int],
+    params: SamplingParams,
+    request_id: str,
+    num_prompt_tokens: int,
+    ticket: Ticket,
+) -> AsyncIterator[RequestOutput]:
+    """The engine's outputs for one request. Stopping early (aclose, cancellation: a client
+    that left) aborts the request, so its KV blocks return to the pool."""
+    tracker, reason = state.metrics.track(), "abort"
+    try:
+        async with aclosing(state.engine.generate(prompt, params, request_id)) as stream:
+            async for out in stream:
+                tracker.on_output(out)
+                if out.finished:
+                    reason = out.finish_reason or "stop"
+                yield out
+    finally:
+        ticket.release()
+        tracker.finish(reason, num_prompt_tokens)
+        if reason == "abort":
+            state.abort_soon(request_id)
+
+
+@dataclass
+class Started:
+    """One admitted, validated request whose outputs are ready to iterate."""
+
+    request_id: str
+    prompt_ids: list[int]
+    stream: AsyncIterator[RequestOutput]
+    ticket: Ticket
+
+
+def start(
+    state: ServerState, prompt: str | list[int], params: SamplingParams, prefix: str
+) -> Started:
+    """Admit and validate; nothing is held if either refuses. The stream must be iterated
+    or closed, and the ticket released (idempotent) when the response is over."""
+    ticket = admit(state)
+    try:
+        prompt_ids = validate(state, prompt, params)
+    except BaseException:
+        ticket.release()
+        raise
+    rid = new_id(prefix)
+    return Started(
+        rid, prompt_ids, outputs(state, prompt, params, rid, len(prompt_ids), ticket), ticket
+    )
+
+
+def release_all(started: list[Started]) -> None:
+    for s in started:
+        s.ticket.release()
+
+
+@dataclass
+class Collected:
+    """A whole non-streaming result, accumulated from the outputs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.token_ids += out.new_token_ids
+        self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Collected:
+    """Wait for the whole result, watching for the client leaving: then abort (499-style)."""
+    result = Collected()
+
+    async def drain() -> None:
+        async with aclosing(stream) as s:
+            async for out in s:
+                result.add(out)
+
+    task = asyncio.ensure_future(drain())
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            raise APIError(499, "client closed the request", code="client_closed")
+    task.result()  # re-raises the engine's InvalidRequestError / EngineDeadError
+    if result.finish_reason == "error":
+        raise APIError(500, "the engine failed this request", "server_error", "engine_error")
+    return result
+
+
+async def collect_many(
+    streams: list[AsyncIterator[RequestOutput]], request: Request
+) -> list[Collected]:
+    """Several choices (n > 1, several prompts) concurrently; one failure aborts the rest."""
+    tasks = [asyncio.ensure_future(collect(s, request)) for s in streams]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merge(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several streams as outputs arrive: (stream index, output)."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as s:
+            async for out in s:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with aclosing(stream) as s:
+                async for out in s:
+                    await queue.put((i, out, None))
+        except Exception as exc:  # handed to the consumer, raised there
+            await queue.put((i, None, exc))
+        finally:
+            await queue.put((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        open_streams = len(tasks)
+        while open_streams:
+            i, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                open_streams -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()

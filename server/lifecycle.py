@@ -1,0 +1,74 @@
+"""Admission and graceful drain.
+
+Lifecycle counts the generation requests in flight and refuses new ones while draining.
+DrainingServer hooks uvicorn's own signal handling: the first SIGTERM does not stop the
+server at once; it starts a drain (/ready turns 503, new generation requests get 503),
+and the server exits once the requests in flight have finished, or the drain timeout
+has passed, then shuts down as usual (lifespan: the engine stops) and exits 0."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from types import FrameType
+
+import uvicorn
+
+log = logging.getLogger("palm_serve.server")
+
+
+class Lifecycle:
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0
+
+    def start_drain(self) -> None:
+        self.draining = True
+
+    def admit(self) -> Ticket:
+        self.inflight += 1
+        return Ticket(self)
+
+
+class Ticket:
+    """One admitted request; release() (idempotent) when its response is over."""
+
+    def __init__(self, lifecycle: Lifecycle) -> None:
+        self._lifecycle = lifecycle
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._lifecycle.inflight -= 1
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.drain_timeout = drain_timeout
+        self.drain_deadline: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the signal handler: only set flags; on_tick (event loop) acts on them.
+        if sig == signal.SIGTERM and self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.drain_timeout
+            self.lifecycle.start_drain()
+            # Not appended to _captured_signals: uvicorn would re-raise SIGTERM after a
+            # clean shutdown and the exit code would be 143 instead of 0.
+            return
+        super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_deadline is not None and not self.should_exit:
+            timed_out = time.monotonic() >= self.drain_deadline
+            if self.lifecycle.inflight == 0 or timed_out:
+                left = self.lifecycle.inflight
+                log.info(
+                    "drain %s; shutting down",
+                    f"timed out with {left} request(s) left" if timed_out else "complete",
+                )
+                self.should_exit = True
+        return await super().on_tick(counter)

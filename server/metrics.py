@@ -1,0 +1,157 @@
+"""Prometheus metrics, all `palm_*`, in a registry owned by one app (never the global one,
+so two apps in one process, e.g. tests, do not share counts).
+
+Request-level series are observed by a RequestTracker as outputs stream out; the engine's
+own state (running, waiting, KV usage, preemptions, prefix-cache hits) is read from
+engine.stats() at scrape time by EngineCollector, so it is never stale."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..engine.outputs import RequestOutput
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+_ENGINE_SERIES = (
+    ("palm_num_requests_running", "Requests in the running batch"),
+    ("palm_num_requests_waiting", "Requests waiting for a slot"),
+    ("palm_kv_cache_usage_ratio", "Used fraction of KV blocks"),
+    ("palm_num_preemptions", "Sequences preempted"),
+    ("palm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+)
+
+
+class EngineCollector(Collector):
+    """Gauges and engine-side counters, read from engine.stats() when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], object]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterator[Metric]:
+        # Names only, so registering does not call the engine (it may not be started).
+        for name, doc in _ENGINE_SERIES:
+            yield (
+                GaugeMetricFamily(name, doc)
+                if "num_requests" in name or "usage" in name
+                else CounterMetricFamily(name, doc)
+            )
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        values = (
+            s.num_running,
+            s.num_waiting,
+            s.kv_cache_usage,
+            s.num_preemptions,
+            s.prefix_cache_hit_tokens,
+        )
+        for (name, doc), value in zip(_ENGINE_SERIES, values, strict=True):
+            family = (
+                GaugeMetricFamily
+                if "num_requests" in name or "usage" in name
+                else CounterMetricFamily
+            )
+            yield family(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, engine_stats: Callable[[], object]) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.ttft = Histogram(
+            "palm_time_to_first_token_seconds",
+            "Request arrival to its first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "palm_inter_token_latency_seconds",
+            "Gap between successive token outputs",
+            buckets=TOKEN_GAP_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "palm_e2e_request_latency_seconds",
+            "Request arrival to its end",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "palm_request_queue_time_seconds",
+            "Engine arrival to first being scheduled",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("palm_prompt_tokens", "Prompt tokens of requests", registry=r)
+        self.generation_tokens = Counter(
+            "palm_generation_tokens", "Tokens generated and sent", registry=r
+        )
+        self.finished = Counter(
+            "palm_requests_finished",
+            "Generation requests by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)  # present at 0 from the start
+        self.http_requests = Counter(
+            "palm_http_requests",
+            "HTTP requests by route and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "palm_http_request_duration_seconds",
+            "HTTP request duration by route and status",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        r.register(EngineCollector(engine_stats))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def track(self) -> RequestTracker:
+        return RequestTracker(self)
+
+
+class RequestTracker:
+    """Observes one generation request's outputs; finish() exactly once at its end."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self.start = time.monotonic()
+        self.last_token: float | None = None
+        self.queue_seen = False
+        self.finished = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if not self.queue_seen and out.first_scheduled_time is not None and out.arrival_time:
+            self.queue_seen = True
+            self.m.queue.observe(max(0.0, out.first_scheduled_time - out.arrival_time))
+        if not out.new_token_ids:
+            return
+        if self.last_token is None:
+            self.m.ttft.observe(now - self.start)
+        else:
+            self.m.itl.observe(now - self.last_token)
+        self.last_token = now
+        self.m.generation_tokens.inc(len(out.new_token_ids))
+
+    def finish(self, reason: str | None, prompt_tokens: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.m.e2e.observe(time.monotonic() - self.start)
+        self.m.prompt_tokens.inc(prompt_tokens)
+        self.m.finished.labels(reason if reason in FINISH_REASONS else "error").inc()

@@ -1,0 +1,149 @@
+"""POST /v1/chat/completions: messages -> one prompt through the chat template
+(chat_template.py), then a completion; `n`, logprobs/top_logprobs, streaming with
+`stream_options.include_usage`. Without max_tokens the answer may fill the context
+(capped by the server's max_tokens_limit)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from ..engine.sampling_params import SamplingParams
+from .chat_template import ChatTemplateError
+from .errors import bad_request, error_body, from_engine_error
+from .generation import Started, collect_many, make_params, merge, release_all, start
+from .logprobs import chat_logprobs
+from .protocol import ChatCompletionRequest
+from .responses import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatMessageOut,
+)
+from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
+from .routes_generate import check_max_tokens, sampling_kwargs, usage
+from .routes_openai import check_model, reject_unsupported, router
+from .sse import DONE, SSEResponse, sse_event
+from .state import ServerState
+
+__all__ = ["router"]  # the routes live on routes_openai.router
+
+
+def _prompt(state: ServerState, body: ChatCompletionRequest) -> str:
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    try:
+        return state.chat_template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
+
+
+def _params(
+    state: ServerState, body: ChatCompletionRequest, prompt: str, choice: int
+) -> SamplingParams:
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    if max_tokens is None:  # as much as the context leaves, within the server's limit
+        room = state.engine.max_model_len - len(state.engine.tokenizer.encode(prompt))
+        max_tokens = max(1, min(state.settings.max_tokens_limit, room))
+    check_max_tokens(state, max_tokens, name)
+    kwargs = sampling_kwargs(body)
+    kwargs["stop"] = tuple(dict.fromkeys(state.chat_template.stop + kwargs["stop"]))
+    if body.seed is not None:
+        kwargs["seed"] = (body.seed + choice) % (2**63)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return make_params(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses={**ERROR_RESPONSES, 404: ERROR_RESPONSES[400], **STREAM_RESPONSE},
+    summary="OpenAI-compatible chat completions (built-in or configured chat template)",
+)
+async def chat(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
+    state = get_state(request)
+    check_model(state, body.model)
+    reject_unsupported(body)
+    prompt, started = _prompt(state, body), []
+    try:
+        for i in range(body.n):
+            started.append(start(state, prompt, _params(state, body, prompt, i), "chatcmpl"))
+    except BaseException:
+        release_all(started)
+        raise
+    view = _ChatView(state, body, started)
+    if body.stream:
+        return SSEResponse(view.events(), lambda: release_all(started))
+    try:
+        results = await collect_many([s.stream for s in started], request)
+    finally:
+        release_all(started)
+    tok = state.engine.tokenizer
+    choices = [
+        ChatChoice(
+            index=k,
+            message=ChatMessageOut(content=r.text),
+            finish_reason=r.finish_reason,
+            stop_reason=r.stop_reason,
+            logprobs=chat_logprobs(tok, r.logprobs) if body.logprobs else None,
+        )
+        for k, r in enumerate(results)
+    ]
+    return ChatCompletionResponse(
+        id=view.id,
+        created=view.created,
+        model=state.model_name,
+        choices=choices,
+        usage=view.usage(sum(len(r.token_ids) for r in results)),
+    )
+
+
+class _ChatView:
+    def __init__(
+        self, state: ServerState, body: ChatCompletionRequest, started: list[Started]
+    ) -> None:
+        self.state, self.body, self.started = state, body, started
+        self.id, self.created = started[0].request_id, int(time.time())
+
+    def usage(self, completion_tokens: int):
+        return usage(len(self.started[0].prompt_ids), completion_tokens)
+
+    def chunk(self, choices: list[ChatChunkChoice], usage=None) -> bytes:
+        return sse_event(
+            ChatCompletionChunk(
+                id=self.id,
+                created=self.created,
+                model=self.state.model_name,
+                choices=choices,
+                usage=usage,
+            ).model_dump(exclude_none=False)
+        )
+
+    async def events(self) -> AsyncIterator[bytes]:
+        body, generated, tok = self.body, 0, self.state.engine.tokenizer
+        try:
+            for k in range(len(self.started)):  # the role comes first, as OpenAI sends it
+                delta = ChatDelta(role="assistant", content="")
+                yield self.chunk([ChatChunkChoice(index=k, delta=delta)])
+            async for k, out in merge([s.stream for s in self.started]):
+                generated += len(out.new_token_ids)
+                lp = chat_logprobs(tok, out.logprobs or []) if body.logprobs else None
+                if out.new_text or out.new_token_ids:
+                    delta = ChatDelta(content=out.new_text)
+                    yield self.chunk([ChatChunkChoice(index=k, delta=delta, logprobs=lp)])
+                if out.finished:
+                    done = ChatChunkChoice(
+                        index=k, delta=ChatDelta(), finish_reason=out.finish_reason
+                    )
+                    yield self.chunk([done])
+            if body.stream_options and body.stream_options.include_usage:
+                yield self.chunk([], self.usage(generated))
+        except Exception as exc:  # headers are sent: the error travels as an event
+            err = from_engine_error(exc)
+            yield sse_event(error_body(err.message, err.type, err.code))
+        yield DONE

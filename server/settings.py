@@ -1,0 +1,106 @@
+"""Settings: one pydantic-settings object. Every field is a `PALM_*` environment variable
+and a `--kebab-case` flag of `palm-serve serve` with the same name (see cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def default_model_dir() -> Path:
+    """The small model that ships with the project (model/default/ beside the model package)."""
+    from .. import model
+
+    return Path(model.__file__).parent / "default"
+
+
+class Settings(BaseSettings):
+    """Everything `palm-serve serve` can be told. Frozen once built: read, never mutated."""
+
+    model_config = SettingsConfigDict(env_prefix="PALM_", frozen=True, extra="forbid")
+
+    model: Path | None = Field(
+        None,
+        description="model directory (config.json, model.safetensors[, tokenizer.json]); "
+        "default: the model shipped in model/default/",
+    )
+    served_model_name: str | None = Field(
+        None,
+        description="the name /v1/models reports and clients send; default: the directory name",
+    )
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in the container)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="weights and KV-cache dtype"
+    )
+    device: str = Field(
+        "auto", description="torch device: auto (cuda if present), cpu, cuda, cuda:1"
+    )
+    kernel_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="attention kernels: auto (Triton on CUDA, torch otherwise)"
+    )
+    block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
+    kv_cache_memory: ByteSize = Field(
+        ByteSize(512 * MIB), description="memory for the KV-cache pool (bytes, or '512MiB', '2GiB')"
+    )
+    num_kv_blocks: int | None = Field(
+        None, ge=1, description="exact KV pool size in blocks (overrides kv_cache_memory)"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length (prompt + output); default: the model's"
+    )
+    max_num_seqs: int = Field(64, ge=1, description="sequences decoded together in one step")
+    max_num_batched_tokens: int = Field(2048, ge=1, description="token budget of one engine step")
+    enable_prefix_caching: bool = Field(
+        True, description="share KV blocks of common prompt prefixes"
+    )
+    max_queue: int = Field(
+        256, ge=0, description="requests allowed to wait for a slot; past it: 429 with Retry-After"
+    )
+    api_key: SecretStr | None = Field(
+        None, description="if set, /v1/* require 'Authorization: Bearer <key>'"
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS ('*' for any)"
+    )
+    max_request_bytes: int = Field(
+        1 * MIB, ge=1024, description="largest request body; past it: 413"
+    )
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="largest max_tokens a request may ask for"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
+    )
+    chat_template: Path | None = Field(
+        None, description="Jinja2 chat template file for /v1/chat/completions (default: built in)"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="uvicorn log level"
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        # Environment and CLI give one string: "https://a.example,https://b.example".
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"chat template file {value} does not exist")
+        return value
+
+    def model_dir(self) -> Path:
+        return self.model if self.model is not None else default_model_dir()
+
+    def model_name(self) -> str:
+        return self.served_model_name or self.model_dir().resolve().name
