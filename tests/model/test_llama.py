@@ -4,6 +4,8 @@ directory through load_model's dispatch."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -117,3 +119,49 @@ def test_unsupported_hf_features_are_refused() -> None:
     scaled = {**base, "rope_parameters": {"rope_type": "linear", "factor": 2.0}}
     with pytest.raises(ValueError, match="linear"):
         LlamaConfig.from_hf_dict(scaled)
+
+
+class _Pieces:
+    """Token i decodes to "<i>"; prompts are token ids, so encode is never needed."""
+
+    eos_token_id = None
+    bos_token_id = None
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("token-id prompts only")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+async def test_engine_greedy_tokens_equal_transformers_generate() -> None:
+    """Concurrent requests (mixed prefill + decode batches, partial blocks) through the
+    engine give transformers' greedy generate() tokens exactly."""
+    from palm_serve.engine.async_engine import AsyncEngine
+    from palm_serve.engine.config import EngineConfig
+    from palm_serve.engine.sampling_params import SamplingParams
+
+    hf = make_hf_llama(seed=1, eos_token_id=None)
+    ours = to_ours(hf)
+    config = EngineConfig(block_size=4, num_blocks=64, max_num_batched_tokens=16)
+    engine = AsyncEngine.from_model(ours, _Pieces(101), config)
+    prompts = [torch.randint(0, 101, (n,)).tolist() for n in (3, 11, 6, 23)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    async def collect(prompt: list[int]) -> list[int]:
+        return [t async for out in engine.generate(prompt, params) for t in out.new_token_ids]
+
+    await engine.start()
+    try:
+        served = await asyncio.gather(*(collect(p) for p in prompts))
+    finally:
+        await engine.shutdown()
+    for prompt, tokens in zip(prompts, served, strict=True):
+        with torch.no_grad():
+            expected = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None
+            )[0, len(prompt) :]
+        assert tokens == expected.tolist()
