@@ -16,12 +16,11 @@ import pytest
 import torch
 import uvicorn
 from conftest import make_config, make_model
-from prometheus_client.parser import text_string_to_metric_families
-
 from palm_serve.model import load_model, load_tokenizer, save_model_dir
 from palm_serve.server.app import create_app
 from palm_serve.server.serve import load_engine
 from palm_serve.server.settings import Settings
+from prometheus_client.parser import text_string_to_metric_families
 
 # Bytes 0-255 plus id 256 = EOS: the ByteTokenizer fallback (no tokenizer.json).
 VOCAB = 257
@@ -38,13 +37,15 @@ def write_model_dir(path: Path, max_positions: int = 512, seed: int = 0) -> Path
 
 def settings_for(model_dir: Path, **overrides) -> Settings:
     values = dict(
-        model=model_dir, device="cpu", kernel_backend="torch", num_kv_blocks=1024,
-        max_tokens_limit=512, log_level="warning",
+        model=model_dir,
+        device="cpu",
+        kernel_backend="torch",
+        num_kv_blocks=1024,
+        max_tokens_limit=512,
+        log_level="warning",
     )
     values.update(overrides)
     return Settings(**values)
-
-
 
 
 class ServerThread:
@@ -55,8 +56,9 @@ class ServerThread:
         self.settings = settings
         self.engine = load_engine(settings)
         self.app = create_app(settings, self.engine)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning",
-                                timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -1,6 +1,8 @@
 """64 concurrent streaming clients each get exactly their run-alone greedy text; clients
 that disconnect (streaming or not) abort their requests and the KV pool empties."""
 
+# Fixtures come from server_helpers; pytest injects them by parameter name.
+# ruff: noqa: F811
 from __future__ import annotations
 
 import asyncio
@@ -78,8 +80,9 @@ def test_disconnected_clients_are_aborted_and_free_their_blocks(server):
 
     async def leave_mid_stream(client: httpx.AsyncClient, i: int) -> int:
         seen = 0
-        async with aconnect_sse(client, "POST", url,
-                                json={"prompt": f"stream {i}", "stream": True, **long}) as src:
+        async with aconnect_sse(
+            client, "POST", url, json={"prompt": f"stream {i}", "stream": True, **long}
+        ) as src:
             async for _ in src.aiter_sse():
                 seen += 1
                 if seen == 3:
@@ -96,8 +99,9 @@ def test_disconnected_clients_are_aborted_and_free_their_blocks(server):
         async with httpx.AsyncClient(timeout=60) as client:
             seen = await asyncio.gather(*(leave_mid_stream(client, i) for i in range(6)))
         async with httpx.AsyncClient(timeout=60) as client:
-            await asyncio.gather(*(leave_while_waiting(client, i) for i in range(2)),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(leave_while_waiting(client, i) for i in range(2)), return_exceptions=True
+            )
         return seen
 
     assert asyncio.run(main()) == [3] * 6

@@ -1,6 +1,8 @@
 """/v1/generate over real HTTP: JSON and SSE, against the dense no-cache greedy oracle;
 the SSE stream (parsed by httpx-sse, and by curl) reassembles to the non-streaming text."""
 
+# Fixtures come from server_helpers; pytest injects them by parameter name.
+# ruff: noqa: F811
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ import subprocess
 import httpx
 import pytest
 from httpx_sse import connect_sse
-from server_helpers import oracle, model_dir, server  # noqa: F401
+from server_helpers import model_dir, oracle, server  # noqa: F401
 
 PROMPTS = ["Hello", "The quick brown fox", "héllo wörld ✓ ", "a", "0123456789" * 3]
 
@@ -25,8 +27,9 @@ def generate(server, **body) -> dict:
 def stream_events(server, **body) -> list[dict | str]:
     events = []
     with httpx.Client(timeout=60) as client:
-        with connect_sse(client, "POST", f"{server.url}/v1/generate",
-                         json={**body, "stream": True}) as source:
+        with connect_sse(
+            client, "POST", f"{server.url}/v1/generate", json={**body, "stream": True}
+        ) as source:
             assert source.response.headers["content-type"].startswith("text/event-stream")
             for sse in source.iter_sse():
                 events.append(sse.data if sse.data == "[DONE]" else json.loads(sse.data))
@@ -47,8 +50,11 @@ def test_greedy_tokens_equal_the_dense_oracle(server, oracle, prompt):
     assert out["token_ids"] == oracle.greedy(prompt, 12)
     assert out["text"] == oracle.tokenizer.decode(out["token_ids"])
     n_prompt = len(prompt.encode())
-    assert out["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 12,
-                            "total_tokens": n_prompt + 12}
+    assert out["usage"] == {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": 12,
+        "total_tokens": n_prompt + 12,
+    }
     assert out["finish_reason"] == "length"
 
 
@@ -74,8 +80,7 @@ def test_stream_reassembles_to_the_non_streaming_text(server, prompt):
 
 def test_logprobs_equal_the_dense_log_softmax(server, oracle):
     prompt = "Logprobs please"
-    out = generate(server, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
-                   ignore_eos=True)
+    out = generate(server, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, ignore_eos=True)
     ids = list(prompt.encode()) + out["token_ids"]
     ref = oracle.logprobs(ids)
     n = len(prompt.encode())
@@ -85,8 +90,9 @@ def test_logprobs_equal_the_dense_log_softmax(server, oracle):
         assert math.isclose(entry["logprob"], float(row[entry["token_id"]]), abs_tol=1e-4)
         top = [t["token_id"] for t in entry["top_logprobs"]]
         assert top == row.topk(3).indices.tolist()
-    streamed = stream_events(server, prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
-                             ignore_eos=True)
+    streamed = stream_events(
+        server, prompt=prompt, max_tokens=5, temperature=0, logprobs=3, ignore_eos=True
+    )
     assert [e["logprob"] for e in streamed[:-2]] == out["logprobs"]
 
 
@@ -98,15 +104,24 @@ def test_seeded_sampling_is_reproducible(server):
 @pytest.mark.skipif(shutil.which("curl") is None, reason="this machine has no curl binary")
 def test_curl_streaming_and_not(server):
     body = json.dumps({"prompt": "Hello", "max_tokens": 8, "temperature": 0})
-    plain = subprocess.run(["curl", "-sS", f"{server.url}/v1/generate", "-d", body],
-                           capture_output=True, text=True, timeout=60, check=True)
+    plain = subprocess.run(
+        ["curl", "-sS", f"{server.url}/v1/generate", "-d", body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     text = json.loads(plain.stdout)["text"]
-    stream_body = json.dumps({"prompt": "Hello", "max_tokens": 8, "temperature": 0,
-                              "stream": True})
-    streamed = subprocess.run(["curl", "-sSN", f"{server.url}/v1/generate", "-d", stream_body],
-                              capture_output=True, text=True, timeout=60, check=True)
+    stream_body = json.dumps({"prompt": "Hello", "max_tokens": 8, "temperature": 0, "stream": True})
+    streamed = subprocess.run(
+        ["curl", "-sSN", f"{server.url}/v1/generate", "-d", stream_body],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     frames = streamed.stdout.split("\n\n")
     assert frames[-1] == "" and frames[-2] == "data: [DONE]"
     assert all(f.startswith("data: ") for f in frames[:-1])
-    events = [json.loads(f[len("data: "):]) for f in frames[:-2]]
+    events = [json.loads(f[len("data: ") :]) for f in frames[:-2]]
     assert "".join(e["text"] for e in events) == text

@@ -1,6 +1,8 @@
 """The `openai` package against our OpenAI-compatible routes, streaming and not; echo +
 logprobs (prompt scoring) against the dense log-softmax, i.e. perplexity over HTTP."""
 
+# Fixtures come from server_helpers; pytest injects them by parameter name.
+# ruff: noqa: F811
 from __future__ import annotations
 
 import math
@@ -8,9 +10,8 @@ import math
 import httpx
 import openai
 import pytest
-from server_helpers import model_dir, oracle, server  # noqa: F401
-
 from palm_serve.server.chat_template import ChatTemplate
+from server_helpers import model_dir, oracle, server  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,16 @@ def test_completion_equals_our_generate(client, server):
 
 def test_completion_stream_with_usage(client):
     whole = client.completions.create(model="tiny", prompt="Stream", max_tokens=12, temperature=0)
-    chunks = list(client.completions.create(
-        model="tiny", prompt="Stream", max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="Stream",
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     text = "".join(ch.text for c in chunks for ch in c.choices)
     assert text == whole.choices[0].text
     assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == [
@@ -50,8 +57,9 @@ def test_completion_stream_with_usage(client):
 
 
 def test_several_prompts_and_n(client):
-    c = client.completions.create(model="tiny", prompt=["One", "Two"], n=2, max_tokens=4,
-                                  temperature=0)
+    c = client.completions.create(
+        model="tiny", prompt=["One", "Two"], n=2, max_tokens=4, temperature=0
+    )
     assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
     assert c.choices[0].text == c.choices[1].text  # greedy: n copies agree
     assert c.usage.prompt_tokens == 6 and c.usage.completion_tokens == 16
@@ -67,14 +75,16 @@ def test_echo_logprobs_score_the_prompt(client, oracle):
     assert lp.token_logprobs[0] is None and lp.text_offset == list(range(len(ids)))
     ref = oracle.logprobs(ids)
     expected = [float(ref[t - 1, ids[t]]) for t in range(1, len(ids))]
-    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(lp.token_logprobs[1:], expected))
+    pairs = zip(lp.token_logprobs[1:], expected, strict=True)
+    assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in pairs)
     nll = -sum(lp.token_logprobs[1:]) / (len(ids) - 1)
     assert math.isclose(math.exp(nll), math.exp(-sum(expected) / len(expected)), rel_tol=1e-4)
 
 
 def test_echo_with_generation(client):
-    c = client.completions.create(model="tiny", prompt="Echo", max_tokens=3, echo=True,
-                                  logprobs=0, temperature=0)
+    c = client.completions.create(
+        model="tiny", prompt="Echo", max_tokens=3, echo=True, logprobs=0, temperature=0
+    )
     lp = c.choices[0].logprobs
     assert c.choices[0].text.startswith("Echo") and len(lp.tokens) == 4 + 3
     assert lp.token_logprobs[0] is None and all(v is not None for v in lp.token_logprobs[1:])
@@ -82,11 +92,13 @@ def test_echo_with_generation(client):
 
 def test_chat_equals_completion_of_the_template(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
-                                          temperature=0)
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0
+    )
     prompt = ChatTemplate.load(None).render(messages)
-    comp = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
-                                     stop=["\nUser:"])
+    comp = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=10, temperature=0, stop=["\nUser:"]
+    )
     assert chat.choices[0].message.content == comp.choices[0].text
     assert chat.choices[0].message.role == "assistant"
     assert chat.usage.prompt_tokens == len(prompt.encode())
@@ -94,12 +106,19 @@ def test_chat_equals_completion_of_the_template(client):
 
 def test_chat_stream(client):
     messages = [{"role": "user", "content": "Stream a reply"}]
-    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12,
-                                           temperature=0)
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True,
-        stream_options={"include_usage": True},
-    ))
+    whole = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(ch.delta.content or "" for c in chunks for ch in c.choices)
     assert text == whole.choices[0].message.content
@@ -108,17 +127,24 @@ def test_chat_stream(client):
 
 def test_chat_logprobs(client):
     messages = [{"role": "user", "content": "x"}]
-    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4,
-                                          temperature=0, logprobs=True, top_logprobs=2)
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=4, temperature=0, logprobs=True, top_logprobs=2
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens
-    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6
-               for t in content)
+    assert all(
+        len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content
+    )
 
 
 def test_unknown_fields_are_ignored_and_unsupported_ones_refused(client, server):
-    c = client.completions.create(model="tiny", prompt="x", max_tokens=2, user="me",
-                                  extra_body={"some_future_field": 1, "store": False})
+    c = client.completions.create(
+        model="tiny",
+        prompt="x",
+        max_tokens=2,
+        user="me",
+        extra_body={"some_future_field": 1, "store": False},
+    )
     assert len(c.choices) == 1
     with pytest.raises(openai.BadRequestError, match="suffix"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, suffix="y")
