@@ -1,0 +1,161 @@
+"""Bad input gets a 4xx naming the field, never a 500 or a stack trace; API key (401),
+body limit (413), full queue (429 + Retry-After), dead engine (503); the server serves
+correctly afterwards."""
+
+# Fixtures come from server_helpers; pytest injects them by parameter name.
+# ruff: noqa: F811
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+from server_helpers import metric, parse_metrics, running_server, write_model_dir
+
+KEY = "sekret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+GEN, CMPL, CHAT = "/v1/generate", "/v1/completions", "/v1/chat/completions"
+X = {"prompt": "x"}
+
+# (route, JSON body or raw bytes, expected status, text the message must contain)
+MALFORMED = [
+    (GEN, {"prompt": 5}, 400, "prompt"),
+    (GEN, {**X, "max_tokens": -1}, 400, "max_tokens"),
+    (GEN, {**X, "max_tokens": 10**12}, 400, "max_tokens"),
+    (GEN, {**X, "max_tokens": "ten"}, 400, "max_tokens"),
+    (GEN, {**X, "temperature": -0.5}, 400, "temperature"),
+    (GEN, {**X, "top_p": 1.5}, 400, "top_p"),
+    (GEN, {**X, "top_k": -5}, 400, "top_k"),
+    (GEN, {**X, "min_p": 2}, 400, "min_p"),
+    (GEN, {**X, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (GEN, {**X, "presence_penalty": 3}, 400, "presence_penalty"),
+    (GEN, {**X, "logprobs": 50}, 400, "logprobs"),
+    (GEN, {**X, "seed": -1}, 400, "seed"),
+    (GEN, {"prompt": ""}, 400, "prompt"),
+    (GEN, {"prompt": []}, 400, "prompt"),
+    (GEN, {"prompt": [1, 999]}, 400, "prompt"),
+    (GEN, {"prompt": "a" * 600, "max_tokens": 1}, 400, "600 tokens"),
+    (GEN, {"prompt": "a" * 500, "max_tokens": 60}, 400, "512"),
+    (GEN, {**X, "stop": 5}, 400, "stop"),
+    (GEN, {**X, "stop": ["ok", 2]}, 400, "stop"),
+    (GEN, {**X, "stop_token_ids": [99999]}, 400, "stop_token_ids"),
+    (GEN, {**X, "streem": True}, 400, "streem"),
+    (GEN, b'{"prompt": "x", ', 400, "invalid JSON"),
+    (GEN, b"null", 400, "body"),
+    (GEN, [1, 2], 400, "body"),
+    (GEN, {"prompt": "a" * 5000}, 413, "limit of 4096 bytes"),
+    (CMPL, {**X, "n": 0}, 400, "n"),
+    (CMPL, {**X, "max_tokens": 0}, 400, "max_tokens"),
+    (CMPL, {**X, "logit_bias": {"5": 1}}, 400, "logit_bias"),
+    (CHAT, {"messages": []}, 400, "messages"),
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    (CHAT, {"messages": [{"role": "user", "content": "x"}], "tools": [{"x": 1}]}, 400, "tools"),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    model_dir = write_model_dir(tmp_path_factory.mktemp("model") / "tiny")
+    with running_server(
+        model_dir, api_key=KEY, max_request_bytes=4096, max_tokens_limit=64
+    ) as server:
+        yield server
+
+
+def post(server, route: str, body, headers=AUTH) -> httpx.Response:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(
+        f"{server.url}{route}",
+        content=raw,
+        timeout=60,
+        headers={"Content-Type": "application/json", **headers},
+    )
+
+
+def assert_error_shape(r: httpx.Response) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
+    assert "Traceback" not in r.text
+    return body["error"]
+
+
+def test_malformed_requests_get_4xx_naming_the_field(keyed):
+    assert len(MALFORMED) >= 15
+    seen = []
+    for route, body, status, needle in MALFORMED:
+        r = post(keyed, route, body)
+        seen.append((route, str(body)[:40], r.status_code))
+        assert r.status_code == status, (route, body, r.text)
+        assert needle in assert_error_shape(r)["message"], (route, body, r.text)
+    assert all(code < 500 for *_, code in seen)
+    good = post(keyed, GEN, {"prompt": "still works", "max_tokens": 5, "temperature": 0})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 5
+
+
+def test_chunked_body_over_the_limit_is_413(keyed):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"a" * 1000
+        yield b'"}'
+
+    r = httpx.post(f"{keyed.url}{GEN}", content=chunks(), headers=AUTH, timeout=60)
+    assert r.status_code == 413 and "limit" in assert_error_shape(r)["message"]
+
+
+@pytest.mark.parametrize(
+    "headers, code",
+    [
+        ({}, "missing_api_key"),
+        ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
+        ({"Authorization": f"Basic {KEY}"}, "missing_api_key"),
+    ],
+)
+def test_api_key_required(keyed, headers, code):
+    for route in (GEN, CMPL, CHAT):
+        r = post(keyed, route, {"prompt": "x", "messages": []}, headers=headers)
+        assert r.status_code == 401 and assert_error_shape(r)["code"] == code
+    assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 401
+    # Liveness, readiness and scraping stay open (probes and Prometheus carry no key).
+    for route in ("/health", "/ready", "/metrics"):
+        assert httpx.get(f"{keyed.url}{route}", headers=headers).status_code == 200
+
+
+def test_full_queue_is_429_with_retry_after_then_dead_engine_is_503(tmp_path):
+    model_dir = write_model_dir(tmp_path / "long", max_positions=4096)
+    with running_server(model_dir, max_num_seqs=1, max_queue=1, max_tokens_limit=4000) as s:
+        asyncio.run(_fill_queue_then_overflow(s))
+        s.run(s.engine.shutdown())  # what a crashed step loop looks like from outside
+        assert httpx.get(f"{s.url}/ready").status_code == 503
+        r = httpx.post(f"{s.url}{GEN}", json={"prompt": "x"})
+        assert r.status_code == 503 and "engine" in assert_error_shape(r)["message"]
+        assert httpx.get(f"{s.url}/health").status_code == 200
+
+
+async def _fill_queue_then_overflow(s) -> None:
+    long = {"max_tokens": 4000, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=s.url, timeout=60) as client:
+        async with aconnect_sse(client, "POST", GEN, json={"prompt": "A", **long}) as a:
+            events = a.aiter_sse()
+            await anext(events)  # A runs (max_num_seqs=1)
+            b = asyncio.ensure_future(client.post(GEN, json={"prompt": "B", **long}))
+            await _until_waiting(client, 1)  # B waits: the queue (max_queue=1) is full
+            r = await client.post(GEN, json={"prompt": "C", "max_tokens": 1})
+            assert r.status_code == 429, r.text
+            assert r.headers["Retry-After"] == "1"
+            assert assert_error_shape(r)["type"] == "rate_limit_error"
+            assert not b.done()  # A was still running: the 429 came from the full queue
+            b.cancel()
+
+
+async def _until_waiting(client: httpx.AsyncClient, n: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while (
+        metric(parse_metrics((await client.get("/metrics")).text), "palm_num_requests_waiting") != n
+    ):
+        assert time.monotonic() < deadline, "the second request never queued"
+        await asyncio.sleep(0.02)
