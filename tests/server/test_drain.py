@@ -1,0 +1,98 @@
+"""SIGTERM on a real `palm-serve serve` process: /ready turns 503, new requests get 503,
+the stream in flight completes, and the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+from server_helpers import free_port, write_model_dir
+
+MAX_TOKENS = 400  # ~2 s of streaming: far longer than the 503 checks made meanwhile
+
+
+def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the server never became ready")
+
+
+def test_sigterm_drains_then_exits_0(tmp_path):
+    model_dir = write_model_dir(tmp_path / "tiny", max_positions=512)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "palm_serve.server.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--kernel-backend",
+            "torch",
+            "--num-kv-blocks",
+            "256",
+            "--drain-timeout",
+            "60",
+            "--max-tokens-limit",
+            "500",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(url, proc)
+        body = {"prompt": "drain me", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{url}/v1/generate", json=body) as stream,
+        ):
+            lines = stream.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            assert _ready_status(url) == 503
+            refused = httpx.post(f"{url}/v1/generate", json={"prompt": "new"}, timeout=10)
+            assert refused.status_code == 503, refused.text
+            assert "shutting down" in refused.json()["error"]["message"]
+            events = [first] + [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        parsed = [json.loads(e[len("data: ") :]) for e in events[:-1]]
+        assert sum(1 for e in parsed if e.get("token_id") is not None) == MAX_TOKENS
+        assert parsed[-1]["finish_reason"] == "length"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out, err = proc.communicate()
+    assert f"listening on http://127.0.0.1:{port}" in out
+    assert "KV pool  256 blocks x 16 tokens = 4096 tokens" in out and "backend  torch" in out
+
+
+def _ready_status(url: str, seconds: float = 10) -> int:
+    """/ready right after the signal (bounded wait for the handler to have run)."""
+    deadline = time.monotonic() + seconds
+    status = httpx.get(f"{url}/ready", timeout=10).status_code
+    while status != 503 and time.monotonic() < deadline:
+        time.sleep(0.01)
+        status = httpx.get(f"{url}/ready", timeout=10).status_code
+    return status
