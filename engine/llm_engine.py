@@ -97,6 +97,8 @@ class LLMEngine:
         touched = self._take_rejected()
         if not plan.is_empty:
             result = self.runner.execute(plan)
+            self.stats_counters.num_steps += 1
+            self.stats_counters.num_batched_tokens += plan.num_batched_tokens
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)
             for item, lp in zip(plan.scheduled, result.logprobs, strict=True):

@@ -22,3 +22,6 @@ class EngineStats:
     # Requests finished with an error (rejected or failed by a step).
     num_failed: int = 0
     num_finished: int = 0
+    # Model steps run, and tokens they computed (prefill chunks + decodes).
+    num_steps: int = 0
+    num_batched_tokens: int = 0

@@ -1,0 +1,160 @@
+"""Shared helpers of the engine tests: a toy tokenizer, request factory, engine builders,
+and the oracle (greedy tokens checked against the no-cache dense forward)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from palm_serve.engine.block_manager import BlockManager
+from palm_serve.engine.config import EngineConfig
+from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.llm_engine import LLMEngine
+from palm_serve.engine.outputs import RequestOutput
+from palm_serve.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: intra-op threads only contend (over 10x
+    slower under load). Import this into a test module to apply it there; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# A served token may differ from the dense argmax only when its dense logit is this close
+# to the max (float rounding between batched and single computation; DESIGN.md).
+TIE_TOLERANCE = 1e-4
+
+
+class PieceTokenizer:
+    """Token i decodes to a short piece ("a".."z", then "a1".."z1", ...): multi-token stop
+    strings and holding back are easy to reason about; no EOS of its own."""
+
+    eos_token_id = None
+    bos_token_id = None
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        self.pieces = [
+            letters[i % 26] + (str(i // 26) if i >= 26 else "") for i in range(vocab_size)
+        ]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("tests pass token ids")
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def make_context_model(seed: int = 0, **config_overrides):
+    """A tiny model whose greedy choices depend on the context. conftest's make_model
+    (embedding std 1.0, default init elsewhere) is nearly a bigram model: replacing the
+    whole context never changes its argmax, so it cannot catch attention, position or
+    KV-cache errors. Scaling the projections up makes attention matter (~90% of argmaxes
+    change with the context; tests/engine/test_oracle_model.py checks it)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from conftest import make_config, make_model
+
+    model = make_model(make_config(**config_overrides), emb_std=1.0, seed=seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.fused_proj.weight.mul_(3.0)
+            layer.attn_out.weight.mul_(4.0)
+    return model
+
+
+def make_engine(model, num_blocks: int | None = 512, seed: int = 0, **overrides) -> LLMEngine:
+    config = EngineConfig(num_blocks=num_blocks, **overrides)
+    return build_llm_engine(model, PieceTokenizer(model.config.vocab_size), config, seed=seed)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
+
+
+def run(
+    engine: LLMEngine,
+    arrivals: dict[int, list[tuple[str, list[int], SamplingParams]]],
+    max_steps: int = 100_000,
+    on_step=None,
+) -> dict[str, list[RequestOutput]]:
+    """Step until idle; arrivals[k] are added before step k. Returns outputs per request."""
+    outputs: dict[str, list[RequestOutput]] = {}
+    step = 0
+    while step < max_steps and (engine.has_unfinished() or any(k >= step for k in arrivals)):
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add_request(request_id, prompt, params)
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+        if on_step is not None:
+            on_step(step)
+        step += 1
+    assert not engine.has_unfinished(), "the engine did not drain"
+    return outputs
+
+
+def tokens_of(outs: list[RequestOutput]) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def text_of(outs: list[RequestOutput]) -> str:
+    return "".join(o.new_text for o in outs)
+
+
+def check_greedy(model, prompt: list[int], generated: list[int]) -> int:
+    """Every generated token is the dense forward's argmax given the tokens before it
+    (teacher forcing over prompt + output = greedy decoding), or a near-tie. Returns the
+    number of near-ties accepted."""
+    tokens = torch.tensor([prompt + generated[:-1]])
+    with torch.inference_mode():
+        logits = model.forward_dense(tokens)[0, len(prompt) - 1 :].float()  # (G, V)
+    served = torch.tensor(generated)
+    best = logits.max(dim=-1)
+    chosen = logits.gather(1, served.unsqueeze(1)).squeeze(1)
+    mismatch = served != best.indices
+    assert bool((best.values[mismatch] - chosen[mismatch] <= TIE_TOLERANCE).all()), (
+        f"served {generated} but the dense argmax is {best.indices.tolist()}"
+    )
+    return int(mismatch.sum())
+
+
+def assert_pool_whole(engine: LLMEngine) -> None:
+    bm: BlockManager = engine.block_manager
+    assert not engine.has_unfinished() and not engine.seqs
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert bm.usage == 0.0
+
+
+def make_request(
+    request_id: str, prompt: list[int], params: SamplingParams | None = None, vocab_size: int = 97
+):
+    """A Sequence as the engine builds one (for scheduler tests without a model)."""
+    from palm_serve.engine.sequence import Sequence
+    from palm_serve.engine.stop_checker import StopChecker
+    from palm_serve.model.tokenizer import IncrementalDetokenizer
+
+    params = params or greedy(4)
+    tokenizer = PieceTokenizer(vocab_size)
+    return Sequence(
+        request_id=request_id,
+        prompt_token_ids=list(prompt),
+        params=params,
+        generator=torch.Generator().manual_seed(0),
+        stop_checker=StopChecker(IncrementalDetokenizer(tokenizer, prompt), params.stop),
+    )
+
+
+def make_scheduler(num_blocks: int, block_size: int = 4, max_model_len: int = 10_000, **kw):
+    from palm_serve.engine.scheduler import Scheduler
+    from palm_serve.engine.stop_checker import StopRules
+
+    config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **kw)
+    bm = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+    return Scheduler(config, bm, max_model_len, StopRules(eos_token_id=None))

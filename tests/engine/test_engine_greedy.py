@@ -1,0 +1,134 @@
+"""The oracle: greedy tokens served by the engine (any batch mix, chunked prefill,
+preemption, prefix hits, aborts around them) equal greedy decoding by the model's dense
+no-cache forward of the same prompt."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_helpers import (
+    assert_pool_whole,
+    check_greedy,
+    greedy,
+    make_context_model,  # noqa: F401
+    make_engine,
+    run,
+    tokens_of,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_context_model()
+
+
+def random_requests(seed: int, n: int = 32, max_prompt: int = 300, max_steps: int = 60):
+    """n requests: prompt lengths 1..max_prompt, max_tokens 1..40, arriving at random steps."""
+    rng = random.Random(seed)
+    arrivals: dict[int, list] = {}
+    prompts = {}
+    for i in range(n):
+        prompt = [rng.randrange(97) for _ in range(rng.randint(1, max_prompt))]
+        params = greedy(rng.randint(1, 40))
+        prompts[f"r{i}"] = (prompt, params)
+        arrivals.setdefault(rng.randrange(max_steps), []).append((f"r{i}", prompt, params))
+    return arrivals, prompts
+
+
+def check_all(model, outputs, prompts) -> int:
+    ties = 0
+    for request_id, (prompt, params) in prompts.items():
+        outs = outputs[request_id]
+        generated = tokens_of(outs)
+        assert len(generated) == params.max_tokens
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+        assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+        ties += check_greedy(model, prompt, generated)
+    return ties
+
+
+def test_staggered_requests_match_dense_greedy(model) -> None:
+    # A 256-token budget: prompts of up to 300 tokens are prefilled in chunks.
+    engine = make_engine(model, num_blocks=512, max_num_batched_tokens=256)
+    arrivals, prompts = random_requests(seed=1)
+    outputs = run(engine, arrivals)
+    ties = check_all(model, outputs, prompts)
+    assert ties <= 2, f"{ties} near-ties: the test model's logits are not well separated"
+    stats = engine.stats()
+    assert stats.num_preemptions == 0 and stats.num_finished == 32
+    assert stats.generation_tokens == sum(p.max_tokens for _, p in prompts.values())
+    assert_pool_whole(engine)
+
+
+def test_small_pool_preempts_and_outputs_stay_identical(model) -> None:
+    # 40 blocks of 16 tokens for 32 requests of up to 340 tokens: decodes run out of blocks.
+    engine = make_engine(model, num_blocks=40, max_num_batched_tokens=512)
+    arrivals, prompts = random_requests(seed=2, max_steps=20)
+    outputs = run(engine, arrivals)
+    check_all(model, outputs, prompts)
+    assert engine.stats().num_preemptions > 0
+    print(f"preemptions: {engine.stats().num_preemptions}")
+    assert_pool_whole(engine)
+
+
+def test_shared_prefix_is_prefilled_once(model) -> None:
+    engine = make_engine(model, num_blocks=256)
+    rng = random.Random(3)
+    prefix = [rng.randrange(97) for _ in range(200)]  # 12 full blocks of 16 = 192 tokens
+    prompts = {
+        f"p{i}": (prefix + [rng.randrange(97) for _ in range(1 + i)], greedy(8)) for i in range(8)
+    }
+    # Half arrive together (hits on blocks keyed in the same step), half later.
+    arrivals = {0: [], 5: []}
+    for i, (request_id, (prompt, params)) in enumerate(prompts.items()):
+        arrivals[0 if i < 4 else 5].append((request_id, prompt, params))
+    outputs = run(engine, arrivals)
+    check_all(model, outputs, prompts)
+    assert [outputs[r][-1].num_cached_tokens for r in prompts] == [0] + [192] * 7
+    assert engine.stats().prefix_cache_hit_tokens == 7 * 192
+    total = sum(len(p) for p, _ in prompts.values()) + sum(
+        p.max_tokens - 1 for _, p in prompts.values()
+    )
+    assert engine.stats().num_batched_tokens == total - 7 * 192
+    assert_pool_whole(engine)
+
+
+def test_prompt_over_the_context_fails_alone(model) -> None:
+    engine = make_engine(model, num_blocks=64, max_model_len=128)
+    ok_prompt = list(range(50))
+    arrivals = {0: [("long", list(range(90)) * 2, greedy(4)), ("ok", ok_prompt, greedy(6))]}
+    outputs = run(engine, arrivals)
+    (failed,) = outputs["long"]
+    assert failed.finished and failed.finish_reason == "error"
+    assert "180 tokens" in failed.error and "128" in failed.error
+    check_greedy(model, ok_prompt, tokens_of(outputs["ok"]))
+    assert outputs["ok"][-1].finish_reason == "length"
+    assert_pool_whole(engine)
+
+
+def test_aborts_at_random_moments_leave_the_pool_whole(model) -> None:
+    engine = make_engine(model, num_blocks=48, max_num_batched_tokens=128)
+    arrivals, prompts = random_requests(seed=4, n=24, max_steps=30)
+    rng = random.Random(5)
+    abort_at = {request_id: rng.randrange(60) for request_id in list(prompts)[::2]}
+
+    def maybe_abort(step: int) -> None:
+        for request_id, when in abort_at.items():
+            if when == step:
+                engine.abort_request(request_id)
+
+    outputs = run(engine, arrivals, on_step=maybe_abort)
+    aborted = {r for r, outs in outputs.items() if outs[-1].finish_reason == "abort"}
+    assert aborted, "no abort hit a live request"
+    for request_id, (prompt, params) in prompts.items():
+        generated = tokens_of(outputs[request_id])
+        if request_id in aborted:
+            assert len(generated) < params.max_tokens
+            if generated:
+                check_greedy(model, prompt, generated)
+        else:
+            assert len(generated) == params.max_tokens
+            check_greedy(model, prompt, generated)
+    assert engine.stats().num_aborted == len(aborted)
+    assert_pool_whole(engine)

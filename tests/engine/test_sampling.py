@@ -1,0 +1,182 @@
+"""Sampling: per-request random streams, filters and penalties against plain references,
+logprobs and prompt logprobs against the dense forward's log_softmax."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from engine_helpers import (
+    assert_pool_whole,
+    greedy,
+    make_context_model,
+    make_engine,
+    one_torch_thread,  # noqa: F401
+    run,
+    tokens_of,
+)
+from palm_serve.engine.sampler import apply_penalties, sample_rows, top_k_top_p
+from palm_serve.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_context_model()
+
+
+def neighbours(rng: random.Random, n: int) -> list[tuple[list[int], SamplingParams]]:
+    """Requests of every kind: greedy, seeded and unseeded sampling, filters, penalties."""
+    kinds = [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=5, seed=rng.randrange(1000)),
+        dict(temperature=1.3, top_p=0.8, min_p=0.05),
+        dict(temperature=0.9, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4),
+    ]
+    return [
+        (
+            [rng.randrange(97) for _ in range(rng.randint(1, 120))],
+            SamplingParams(max_tokens=rng.randint(1, 30), **kinds[i % len(kinds)]),
+        )
+        for i in range(n)
+    ]
+
+
+def test_seeded_request_is_the_same_alone_and_in_a_batch(model) -> None:
+    rng = random.Random(0)
+    prompt = [rng.randrange(97) for _ in range(40)]
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+    alone = run(make_engine(model), {0: [("me", prompt, params)]})
+    engine = make_engine(model, max_num_batched_tokens=512)
+    others = neighbours(rng, 31)
+    arrivals = {0: [(f"o{i}", p, sp) for i, (p, sp) in enumerate(others[:20])]}
+    arrivals[2] = [("me", prompt, params)] + [
+        (f"o{i}", p, sp) for i, (p, sp) in enumerate(others[20:], 20)
+    ]
+    batched = run(engine, arrivals)
+    assert tokens_of(batched["me"]) == tokens_of(alone["me"])
+    assert len(tokens_of(alone["me"])) == 24
+    reseeded = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, top_k=40, seed=4321)
+    other_seed = run(make_engine(model), {0: [("me", prompt, reseeded)]})
+    assert tokens_of(other_seed["me"]) != tokens_of(alone["me"])
+    assert_pool_whole(engine)
+
+
+def test_unseeded_requests_get_their_own_streams(model) -> None:
+    prompt, params = [5, 6, 7], SamplingParams(max_tokens=20, temperature=1.0)
+    arrivals = {0: [("a", prompt, params), ("b", prompt, params)]}
+    first = run(make_engine(model, seed=7), arrivals)
+    assert tokens_of(first["a"]) != tokens_of(first["b"])
+    again = run(make_engine(model, seed=7), arrivals)  # the engine seed fixes the streams
+    assert tokens_of(again["a"]) == tokens_of(first["a"])
+
+
+def test_sampling_follows_the_tempered_distribution() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(4000, 1)
+    params = [SamplingParams(temperature=0.7)] * 4000
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    drawn = sample_rows(logits, params, gens)
+    freq = torch.bincount(drawn, minlength=5).float() / 4000
+    expected = (logits[0] / 0.7).softmax(-1)
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_top_k_top_p_min_p_match_a_plain_reference() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 30, generator=gen) * 2
+    params = [
+        SamplingParams(top_k=1),
+        SamplingParams(top_k=7),
+        SamplingParams(top_p=0.5),
+        SamplingParams(top_k=10, top_p=0.7),
+        SamplingParams(),
+        SamplingParams(top_p=0.01),
+    ]
+    got = top_k_top_p(logits, params) > float("-inf")
+    for row, p in enumerate(params):
+        order = logits[row].argsort(descending=True).tolist()
+        keep = order[: p.top_k or 30]
+        probs = logits[row, keep].softmax(-1).tolist()
+        mass, nucleus = 0.0, []
+        for token, prob in zip(keep, probs, strict=True):
+            if mass > p.top_p:
+                break
+            nucleus.append(token)
+            mass += prob
+        assert set(torch.nonzero(got[row]).flatten().tolist()) == set(nucleus), row
+    # min-p: only tokens with prob >= min_p * max prob are ever drawn.
+    row = logits[:1].repeat(300, 1)
+    probs = row[0].softmax(-1)
+    drawn = sample_rows(
+        row,
+        [SamplingParams(min_p=0.3)] * 300,
+        [torch.Generator().manual_seed(i) for i in range(300)],
+    )
+    allowed = set(torch.nonzero(probs >= 0.3 * probs.max()).flatten().tolist())
+    assert set(drawn.tolist()) <= allowed and len(set(drawn.tolist())) > 1
+
+
+def test_penalties_match_a_plain_reference() -> None:
+    from engine_helpers import make_request
+
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.3, frequency_penalty=0.2)
+    seq = make_request("x", [1, 2, 2], params, vocab_size=6)
+    seq.token_ids += [2, 3, 3, 3]  # outputs: 2 once, 3 three times
+    plain = make_request("y", [1], SamplingParams(), vocab_size=6)
+    logits = torch.tensor([[1.0, -1.0, 2.0, -0.5, 0.7, 3.0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    got = apply_penalties(logits.clone(), [seq, plain])
+    expected = logits[0].tolist()
+    counts = {2: 1, 3: 3}
+    for t in range(6):
+        if t in (1, 2, 3):  # in prompt or output: repetition penalty, sign-aware
+            expected[t] = expected[t] / 1.5 if expected[t] > 0 else expected[t] * 1.5
+        if t in counts:  # output only: frequency and presence
+            expected[t] -= 0.2 * counts[t] + 0.3
+    assert torch.allclose(got[0], torch.tensor(expected))
+    assert torch.equal(got[1], logits[1])
+
+
+def test_logprobs_are_the_raw_model_distribution(model) -> None:
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    params = SamplingParams(
+        max_tokens=6, temperature=0.8, repetition_penalty=1.2, logprobs=3, seed=3
+    )
+    outs = run(make_engine(model), {0: [("lp", prompt, params)]})["lp"]
+    generated = tokens_of(outs)
+    entries = [e for o in outs for e in o.logprobs]
+    assert [e.token_id for e in entries] == generated
+    with torch.inference_mode():
+        dense = model.forward_dense(torch.tensor([prompt + generated[:-1]]))[0, len(prompt) - 1 :]
+    ref = dense.float().log_softmax(-1)
+    for i, entry in enumerate(entries):
+        assert entry.logprob == pytest.approx(ref[i, entry.token_id].item(), abs=1e-4)
+        top_vals, top_ids = ref[i].topk(3)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
+
+
+def test_prompt_logprobs_bypass_the_prefix_cache(model) -> None:
+    rng = random.Random(9)
+    prompt = [rng.randrange(97) for _ in range(70)]
+    # A small budget prefills in chunks; the first request caches the prompt's blocks.
+    engine = make_engine(model, max_num_batched_tokens=24)
+    arrivals = {
+        0: [("warm", prompt, greedy(2))],
+        6: [("ppl", prompt, SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2))],
+        12: [("hit", prompt + [1], greedy(1))],
+    }
+    outputs = run(engine, arrivals)
+    first = outputs["ppl"][0]
+    assert first.num_cached_tokens == 0  # needed the logits of every prompt position
+    assert outputs["hit"][0].num_cached_tokens == 64  # the cache itself works
+    entries = first.prompt_logprobs
+    assert entries[0] is None and len(entries) == len(prompt)
+    with torch.inference_mode():
+        ref = model.forward_dense(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    for i in range(1, len(prompt)):
+        assert entries[i].token_id == prompt[i]
+        assert entries[i].logprob == pytest.approx(ref[i - 1, prompt[i]].item(), abs=1e-4)
+        assert [t for t, _ in entries[i].top] == ref[i - 1].topk(2).indices.tolist()
+    assert all(o.prompt_logprobs is None for o in outputs["ppl"][1:])
+    assert_pool_whole(engine)
