@@ -120,6 +120,13 @@ def save_checkpoint(path: Path, model: PaLM, opt: torch.optim.Optimizer, state: 
     tmp.replace(path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past the checkpoint: the resumed run writes them again."""
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(x for x in lines if json.loads(x)["step"] <= step))
+
+
 def train_loop(model: PaLM, stream: torch.Tensor, held: list[int], args: TrainArgs) -> dict:
     work = Path(args.work_dir)
     ckpt_path, log_path = work / "checkpoint.pt", work / "log.jsonl"
@@ -130,6 +137,7 @@ def train_loop(model: PaLM, stream: torch.Tensor, held: list[int], args: TrainAr
         model.load_state_dict(saved.pop("model"))
         opt.load_state_dict(saved.pop("optimizer"))
         state = saved
+        _truncate_log(log_path, state["step"])
     start_time = time.monotonic() - state["elapsed"]
     bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps)
     with log_path.open("a") as log:
