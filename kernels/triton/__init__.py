@@ -1,10 +1,9 @@
-"""Triton implementations of the kernels (GPU path). Arrives with the Triton issue."""
+"""Triton implementations of the kernels (the GPU path), with the torch twins' signatures.
 
-from __future__ import annotations
+On the CPU they run only through Triton's interpreter (TRITON_INTERPRET=1, see launch.py)."""
 
+from .kv_cache import write_kv_cache
+from .paged_attention import paged_attention
+from .rotary import rotary_embedding
 
-def _missing(*_args, **_kwargs):
-    raise NotImplementedError("the Triton kernels are not implemented yet")
-
-
-rotary_embedding = write_kv_cache = paged_attention = _missing
+__all__ = ["paged_attention", "rotary_embedding", "write_kv_cache"]

@@ -1,0 +1,28 @@
+"""Where a Triton kernel runs: compiled for CUDA, or through Triton's interpreter on the CPU.
+
+triton 3.9 reads TRITON_INTERPRET (`triton.knobs.runtime.interpret`) when `@triton.jit`
+decorates a function, and triton.language's own helpers (tl.max, tl.sum, tl.cdiv, ...) are
+decorated when `import triton` runs. So interpretation is decided per process, before
+triton is imported: then every kernel here is an InterpretedFunction and runs on CPU
+tensors; otherwise they are JITFunctions and need CUDA tensors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from triton.runtime.interpreter import InterpretedFunction
+
+
+def is_interpreted(kernel: Any) -> bool:
+    return isinstance(kernel, InterpretedFunction)
+
+
+def for_device(kernel: Any, device: torch.device) -> Any:
+    """`kernel`, after checking it can run on `device`."""
+    if device.type != "cuda" and not is_interpreted(kernel):
+        raise RuntimeError(
+            f"Triton kernels run on CUDA, or on the CPU only when TRITON_INTERPRET=1 was set "
+            f"before triton was imported (got a {device} tensor)"
+        )
+    return kernel
