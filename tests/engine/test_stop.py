@@ -1,0 +1,114 @@
+"""Finishing: stop strings across token boundaries (cut exactly, never emitted, held back
+while undecided), stop token ids, EOS and ignore_eos, max_tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_helpers import (
+    PieceTokenizer,
+    assert_pool_whole,
+    greedy,
+    make_context_model,
+    make_engine,
+    one_torch_thread,  # noqa: F401
+    run,
+    text_of,
+    tokens_of,
+)
+from palm_serve.engine.stop_checker import StopChecker
+from palm_serve.model.tokenizer import IncrementalDetokenizer
+
+PROMPT = [10, 20, 30, 40, 50, 60, 70]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_context_model()
+
+
+@pytest.fixture(scope="module")
+def free_run(model) -> tuple[list[int], str]:
+    """Greedy tokens and text of PROMPT with no stop condition but max_tokens."""
+    outs = run(make_engine(model), {0: [("free", PROMPT, greedy(40))]})["free"]
+    return tokens_of(outs), text_of(outs)
+
+
+def token_spans(tokenizer: PieceTokenizer, tokens: list[int]) -> list[tuple[int, int]]:
+    spans, at = [], 0
+    for t in tokens:
+        spans.append((at, at + len(tokenizer.pieces[t])))
+        at += len(tokenizer.pieces[t])
+    return spans
+
+
+def test_stop_checker_holds_back_a_possible_stop_string() -> None:
+    tok = PieceTokenizer(97)
+    checker = StopChecker(IncrementalDetokenizer(tok, []), ("b1c", "zz"))
+    assert checker.add_token(0) is None and checker.take_text(False) == "a"  # "a"
+    assert checker.add_token(1) is None and checker.take_text(False) == ""  # "ab": "b" held
+    assert checker.add_token(53) is None and checker.take_text(False) == "bb2"  # "b2": no
+    assert checker.add_token(25) is None and checker.take_text(False) == ""  # "z" held
+    assert checker.add_token(27) is None and checker.take_text(False) == "z"  # "b1" held
+    assert checker.add_token(2) == "b1c"  # "...b1" + "c" completes "b1c"
+    assert checker.take_text(True) == ""
+    assert checker.text == "abb2z"
+    assert checker.emitted == len("abb2z")
+
+
+@pytest.mark.parametrize("span", [2, 3])
+def test_stop_string_across_tokens_is_cut_exactly(model, free_run, span: int) -> None:
+    tokens, text = free_run
+    tok = PieceTokenizer(97)
+    spans = token_spans(tok, tokens)
+    # A stop string from inside token k-th's piece to inside the piece span - 1 tokens later.
+    rng = random.Random(span)
+    for _ in range(100):
+        k = rng.randrange(3, len(tokens) - span)
+        start = rng.randrange(*spans[k])
+        end = rng.randrange(spans[k + span - 1][0], spans[k + span - 1][1]) + 1
+        stop = text[start:end]
+        if end - start > 1 and text.find(stop) == start:  # its first occurrence
+            break
+    engine = make_engine(model)
+    params = greedy(40, stop=("never-there", stop))
+    outs = run(engine, {0: [("s", PROMPT, params)]})["s"]
+    assert text_of(outs) == text[:start]
+    last = outs[-1]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    # Generation ends with the token that completed the stop string.
+    assert tokens_of(outs) == tokens[: k + span]
+    # Streamed: no increment ever carried part of the stop string.
+    assert len(outs) > 2 and all(stop not in o.new_text for o in outs)
+    assert_pool_whole(engine)
+
+
+def test_eos_stops_unless_ignored(free_run) -> None:
+    tokens, text = free_run
+    k = 12
+    eos = tokens[k]
+    first = tokens.index(eos)
+    model = make_context_model(eos_token_id=eos)  # same seed: same weights
+    outs = run(make_engine(model), {0: [("e", PROMPT, greedy(40))]})["e"]
+    assert tokens_of(outs) == tokens[: first + 1]  # EOS counted as generated...
+    tok = PieceTokenizer(97)
+    assert text_of(outs) == tok.decode(tokens[:first])  # ...but its text is not emitted
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason is None
+    ignored = run(make_engine(model), {0: [("i", PROMPT, greedy(40, ignore_eos=True))]})["i"]
+    assert tokens_of(ignored) == tokens and ignored[-1].finish_reason == "length"
+    assert text_of(ignored) == text
+
+
+def test_stop_token_ids_and_max_tokens(model, free_run) -> None:
+    tokens, _ = free_run
+    stop_id = tokens[9]
+    first = tokens.index(stop_id)
+    outputs = run(
+        make_engine(model),
+        {0: [("t", PROMPT, greedy(40, stop_token_ids=(stop_id,))), ("m", PROMPT, greedy(5))]},
+    )
+    assert tokens_of(outputs["t"]) == tokens[: first + 1]
+    assert outputs["t"][-1].finish_reason == "stop" and outputs["t"][-1].stop_reason == stop_id
+    assert tokens_of(outputs["m"]) == tokens[:5] and outputs["m"][-1].finish_reason == "length"
+    assert outputs["m"][-1].num_generated_tokens == 5
