@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -36,10 +35,16 @@ def triton_backend() -> KernelBackend:
 
 
 def triton_usable(device: torch.device) -> bool:
-    """Triton runs on CUDA, or on the CPU only through its interpreter."""
+    """Triton runs on CUDA, or on the CPU only through its interpreter. triton reads
+    TRITON_INTERPRET when it is imported (kernels/triton/launch.py), so ask triton whether
+    it is interpreting rather than reading the variable now."""
     if device.type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    try:
+        from .triton.launch import interpreter_active
+    except ImportError:  # no triton on this platform
+        return False
+    return interpreter_active()
 
 
 def select_backend(name: BackendName, device: torch.device) -> KernelBackend:
@@ -49,7 +54,8 @@ def select_backend(name: BackendName, device: torch.device) -> KernelBackend:
     if name == "triton":
         if not triton_usable(device):
             raise ValueError(
-                "the triton backend needs a CUDA device, or TRITON_INTERPRET=1 on the CPU"
+                "the triton backend needs a CUDA device, or on the CPU TRITON_INTERPRET=1 "
+                "set before triton is imported"
             )
         return triton_backend()
     if name == "auto":
