@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+
+def interpreter_active() -> bool:
+    """Whether this process imported triton with TRITON_INTERPRET=1 (its own @jit helpers,
+    like tl.cdiv, are then interpreted too, and so is every kernel here)."""
+    return isinstance(tl.cdiv, InterpretedFunction)
 
 
 def is_interpreted(kernel: Any) -> bool:

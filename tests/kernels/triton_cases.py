@@ -141,3 +141,11 @@ def run_triton_model_steps(
     model = PaLM(config, kernels=triton_backend())
     model.load_state_dict(state_dict)
     return run_model_steps(model.eval(), steps, num_blocks, block_size)
+
+
+def selected_backends() -> tuple[str, str]:
+    """(auto, forced triton) backend names on the CPU in this process."""
+    from palm_serve.kernels import select_backend
+
+    cpu = torch.device("cpu")
+    return select_backend("auto", cpu).name, select_backend("triton", cpu).name
