@@ -150,10 +150,10 @@ def table(results: list[dict], loads: list[Load]) -> str:
             "| TPOT p50 ms | ITL p50 ms | out tokens | errors | palm/peer out tok/s "
             "| palm/peer TTFT p50 | palm/peer TTFT p99 |"
         )
-        lines.append("|" + "---|" * 14)
+        lines.append("|" + "---|" * 13)
         for r in results:
             if "skipped" in r and load.name not in r:
-                lines.append(f"| {r['server']} | not run: {r['skipped']} |" + " |" * 12)
+                lines.append(f"| {r['server']} | not run: {r['skipped']} |" + " |" * 11)
                 continue
             m, b = r[load.name], (base or {}).get(load.name)
             ratios = ["-", "-", "-"]

@@ -1,0 +1,182 @@
+"""How far one decode step of the engine is from its matrix multiplies alone.
+
+For each model and batch size B (1-64): the wall time of one engine decode step (scheduler,
+runner, model, sampler, detokenizer: `LLMEngine.step()`) against the time of the same step's
+weight matmuls alone (torch `F.linear` on [B, in] inputs with the model's own weights, same
+threads). The ratio is the engine's overhead: attention over the paged cache, rotary, norms,
+Python. The step is also split into model.forward and runner.execute, by timing wrappers.
+
+    .venv/bin/python bench/roofline.py [--threads 2] [--profile 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from palm_serve.engine.config import EngineConfig
+from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.sampling_params import SamplingParams
+from palm_serve.model import PaLM, PaLMConfig, load_model, load_tokenizer
+from torch import nn
+
+REPO = Path(__file__).resolve().parent.parent
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
+PROMPT_LEN = 32
+
+
+def models(args) -> dict[str, tuple[nn.Module, object]]:
+    out = {}
+    palm_dir = REPO / "model" / "default"
+    if (palm_dir / "model.safetensors").is_file():
+        out["palm-default"] = _load(palm_dir)
+    else:  # the colleague's trained default is not there yet: a random PaLM of similar size
+        config = PaLMConfig(vocab_size=32000, dim=512, depth=8, heads=8, dim_head=64)
+        out["palm-random (no model/default)"] = (PaLM(config).eval(), _Ids(32000))
+    llama_dir = REPO / "bench" / ".venvs" / "models" / "tiny-llama"
+    if (llama_dir / "model.safetensors").is_file():
+        out["tiny-llama"] = _load(llama_dir)
+    return out
+
+
+def _load(path: Path):
+    model = load_model(path)
+    return model, load_tokenizer(path, model.config.vocab_size)
+
+
+class _Ids:
+    """A tokenizer stand-in for a random model: token i decodes to one letter."""
+
+    eos_token_id = bos_token_id = None
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % self.vocab_size for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def matmul_weights(model: nn.Module) -> list[torch.Tensor]:
+    """Every weight a decode step multiplies by: the Linear layers, then the logits matrix."""
+    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    head = getattr(model, "lm_head", None)
+    if head is None:  # tied logits: the token embedding
+        emb = getattr(model, "token_emb", None) or model.embed_tokens
+        weights.append(emb.weight)
+    return weights
+
+
+@torch.inference_mode()
+def time_matmuls(model: nn.Module, batch: int, repeats: int) -> float:
+    weights = matmul_weights(model)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    for w in weights:  # warm-up
+        F.linear(inputs[w.shape[1]], w)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+class Timer:
+    """Wraps a bound method and adds up its wall time."""
+
+    def __init__(self, obj: object, name: str) -> None:
+        self.total, self.fn = 0.0, getattr(obj, name)
+        setattr(obj, name, self)
+
+    def __call__(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.total += time.perf_counter() - t0
+
+
+def time_engine_step(model, tokenizer, batch: int, steps: int) -> dict[str, float]:
+    """Median decode-step time with `batch` running sequences (prompts of PROMPT_LEN)."""
+    config = EngineConfig(num_blocks=batch * 8 + 8, max_num_seqs=max(batch, 1))
+    engine = build_llm_engine(model, tokenizer, config, seed=0)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        prompt = torch.randint(3, model.config.vocab_size, (PROMPT_LEN,), generator=gen)
+        engine.add_request(f"r{i}", prompt.tolist(), params)
+    while engine.scheduler.waiting:  # prefill everyone, then measure pure decode steps
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    runner = Timer(engine.runner, "execute")
+    forward = Timer(model, "forward")
+    samples = []
+    try:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            samples.append(time.perf_counter() - t0)
+    finally:
+        del model.forward  # drop the instance attribute: the class method again
+    return {
+        "step": statistics.median(samples),
+        "runner": runner.total / steps,
+        "forward": forward.total / steps,
+    }
+
+
+def profile_step(model, tokenizer, batch: int) -> str:
+    """torch.profiler over a few decode steps: where the non-matmul time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        time_engine_step(model, tokenizer, batch, 5)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
+    p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name, (model, tokenizer) in models(args).items():
+        model.eval().requires_grad_(False)
+        print(
+            f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"{args.threads} threads, decode with {PROMPT_LEN}-token prompts"
+        )
+        print("| batch | engine step ms | model.forward ms | matmuls ms | step / matmuls |")
+        print("|---|---|---|---|---|")
+        for batch in map(int, args.batches.split(",")):
+            t = time_engine_step(model, tokenizer, batch, args.steps)
+            mm = time_matmuls(model, batch, max(args.steps, 10))
+            rows.append({"model": name, "batch": batch, **t, "matmuls": mm})
+            print(
+                f"| {batch} | {t['step'] * 1e3:.1f} | {t['forward'] * 1e3:.1f} | "
+                f"{mm * 1e3:.1f} | {t['step'] / mm:.2f}x |",
+                flush=True,
+            )
+        if args.profile:
+            print(f"\n### {name}: torch.profiler, batch {args.profile}\n```")
+            print(profile_step(model, tokenizer, args.profile))
+            print("```")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
