@@ -9,7 +9,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.openapi.utils import get_openapi
 
 from . import routes_chat, routes_completions  # noqa: F401  (they register on routes_openai)
 from .chat_template import ChatTemplate
@@ -17,6 +16,7 @@ from .errors import install_error_handlers
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from .openapi import served_schema
 from .routes_generate import router as generate_router
 from .routes_openai import router as openai_router
 from .routes_ops import router as ops_router
@@ -48,7 +48,8 @@ def create_app(settings: Settings, engine: Any, lifecycle: Lifecycle | None = No
         app.include_router(router)
     install_error_handlers(app)
     _add_middlewares(app, settings)
-    app.openapi = lambda: _openapi(app, settings)  # type: ignore[method-assign]
+    vocab_size = engine.model_config.vocab_size
+    app.openapi = lambda: served_schema(app, settings, vocab_size)  # type: ignore[method-assign]
     return app
 
 
@@ -65,27 +66,3 @@ def _add_middlewares(app: FastAPI, settings: Settings) -> None:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )
-
-
-def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
-    """The schema as served: max_tokens bounded by this server's limit, and 400 (not 422)
-    for schema errors, which is what the error handler returns."""
-    if app.openapi_schema is None:
-        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-        for component in schema.get("components", {}).get("schemas", {}).values():
-            for name, prop in component.get("properties", {}).items():
-                if name in ("max_tokens", "max_completion_tokens"):
-                    _bound(prop, settings.max_tokens_limit)
-        for path in schema.get("paths", {}).values():
-            for operation in path.values():
-                operation.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        app.openapi_schema = schema
-    return app.openapi_schema
-
-
-def _bound(prop: dict[str, Any], limit: int) -> None:
-    for variant in prop.get("anyOf", [prop]):
-        if variant.get("type") == "integer":
-            variant["maximum"] = limit

@@ -104,14 +104,15 @@ def _is_type_tag(part: Any) -> bool:
 
 
 def _tag_name(tag: str) -> str:
-    name = tag.replace("constrained-", "")
-    return {
-        "str": "a string",
-        "list[str]": "a list of strings",
-        "list[int]": "a list of token ids",
-        "list[list[int]]": "a list of token-id lists",
-        "int": "an integer",
-    }.get(name, name)
+    if tag.startswith("list[list["):
+        return "a list of token-id lists"
+    if tag.startswith("list["):
+        return (
+            "a list of token ids"
+            if "int" in tag
+            else "a list of " + ("strings" if "str" in tag else "objects")
+        )
+    return {"str": "a string", "constrained-str": "a string", "int": "an integer"}.get(tag, tag)
 
 
 def _short(value: Any) -> str:

@@ -19,7 +19,7 @@ from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
 from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse
 from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
-from .routes_generate import check_max_tokens, sampling_kwargs, usage
+from .routes_generate import default_max_tokens, sampling_kwargs, usage
 from .routes_openai import check_model, reject_unsupported, router
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
@@ -34,8 +34,8 @@ def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     return list(p)
 
 
-def _params(body: CompletionRequest, choice: int) -> SamplingParams:
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+def _params(state: ServerState, body: CompletionRequest, choice: int) -> SamplingParams:
+    max_tokens = default_max_tokens(state, body.max_tokens)
     if max_tokens == 0 and not body.echo:
         raise bad_request(
             "max_tokens: 0 is only allowed with echo (to score the prompt)", "max_tokens"
@@ -59,12 +59,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
-    check_max_tokens(state, body.max_tokens or 0)
     prompts, started = _prompts(body), []
     try:
         for prompt in prompts:
             for i in range(body.n):
-                started.append(start(state, prompt, _params(body, i), "cmpl"))
+                started.append(start(state, prompt, _params(state, body, i), "cmpl"))
     except BaseException:
         release_all(started)
         raise

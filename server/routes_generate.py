@@ -15,7 +15,7 @@ from ..engine.sampling_params import SamplingParams
 from .errors import bad_request, error_body, from_engine_error
 from .generation import collect, make_params, start
 from .logprobs import generate_logprob
-from .protocol import GenerateRequest, SamplingFields
+from .protocol import DEFAULT_MAX_TOKENS, GenerateRequest, SamplingFields
 from .responses import GenerateResponse, GenerateStreamEvent, Usage
 from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
 from .sse import DONE, SSEResponse, sse_event
@@ -28,6 +28,13 @@ def check_max_tokens(state: ServerState, max_tokens: int, name: str = "max_token
     limit = state.settings.max_tokens_limit
     if max_tokens > limit:
         raise bad_request(f"{name}: {max_tokens} is over this server's limit of {limit}", name)
+
+
+def default_max_tokens(state: ServerState, asked: int | None) -> int:
+    if asked is not None:
+        check_max_tokens(state, asked)
+        return asked
+    return min(DEFAULT_MAX_TOKENS, state.settings.max_tokens_limit)
 
 
 def sampling_kwargs(body: SamplingFields) -> dict:
@@ -63,9 +70,10 @@ def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 )
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     state = get_state(request)
-    check_max_tokens(state, body.max_tokens)
     params = make_params(
-        max_tokens=body.max_tokens, logprobs=body.logprobs, **sampling_kwargs(body)
+        max_tokens=default_max_tokens(state, body.max_tokens),
+        logprobs=body.logprobs,
+        **sampling_kwargs(body),
     )
     run = start(state, body.prompt, params, "gen")
     if body.stream:
