@@ -159,8 +159,11 @@ def main() -> None:
             f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
             f"{args.threads} threads, decode with {PROMPT_LEN}-token prompts"
         )
-        print("| batch | engine step ms | model.forward ms | matmuls ms | step / matmuls |")
-        print("|---|---|---|---|---|")
+        print(
+            "| batch | engine step ms | runner.execute ms | model.forward ms | matmuls ms "
+            "| step / matmuls |"
+        )
+        print("|---|---|---|---|---|---|")
         for batch in map(int, args.batches.split(",")):
             t = time_engine_step(model, tokenizer, batch, args.steps)
             mm = time_matmuls(model, batch, max(args.steps, 10))
