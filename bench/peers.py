@@ -18,7 +18,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -179,9 +179,12 @@ def main() -> None:
     p.add_argument("--servers", default=",".join(ALL), help="comma-separated, palm-serve first")
     p.add_argument("--runs", type=int, help="runs per load (default: the workload's)")
     p.add_argument("--port", type=int, default=18234)
+    p.add_argument("--num-requests", type=int, help="override every load's request count")
     args = p.parse_args()
     spec = dict(WORKLOADS[args.workload])
     spec["runs"] = args.runs or spec["runs"]
+    if args.num_requests:
+        spec["loads"] = [replace(ld, num_requests=args.num_requests) for ld in spec["loads"]]
     if not (MODEL_DIR / "model.safetensors").is_file():
         sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
     RESULTS.mkdir(parents=True, exist_ok=True)
