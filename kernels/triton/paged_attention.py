@@ -15,6 +15,8 @@ kernel merges the parts in split order, so the result is deterministic."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +205,43 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int]:
     return block_m, block_m // group
 
 
+@dataclass(frozen=True)
+class _Plan:
+    grid: tuple[int, int, int]  # (query tiles incl. gaps, K/V heads, splits)
+    constexprs: dict
+
+    @property
+    def num_splits(self) -> int:
+        return self.grid[2]
+
+
+def _plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, num_seqs: int,
+          num_splits: int | None) -> _Plan:  # fmt: skip
+    """Tiles and splits from shapes alone (no device sync)."""
+    num_tokens, num_heads, head_dim = q.shape
+    n_kv, group = k_cache.shape[2], num_heads // k_cache.shape[2]
+    block_m, block_q = tile_shape(num_tokens, num_seqs, group)
+    grid_tiles = num_tokens // block_q + num_seqs
+    if num_splits is None:
+        max_steps = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], BLOCK_N)
+        live_tiles = min(num_tokens, grid_tiles)
+        num_splits = choose_num_splits(live_tiles, n_kv, max_steps, num_sms(q.device))
+    constexprs = dict(
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m,
+        BLOCK_Q=block_q,
+        BLOCK_N=BLOCK_N,
+        NUM_SPLITS=num_splits,
+        # numpy has no bf16 matmul: the interpreter upcasts the operands, which is exact
+        # (bf16 x bf16 products fit fp32; the tensor cores also accumulate in fp32).
+        DOT_FP32=q.dtype == torch.bfloat16 and is_interpreted(_paged_attention_kernel),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return _Plan((grid_tiles, n_kv, num_splits), constexprs)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -227,48 +266,29 @@ def paged_attention(
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
     num_tokens, num_heads, head_dim = q.shape
-    num_seqs, n_kv = context_lens.shape[0], k_cache.shape[2]
+    num_seqs = context_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    block_m, block_q = tile_shape(num_tokens, num_seqs, num_heads // n_kv)
-    grid_tiles = num_tokens // block_q + num_seqs
-    if num_splits is None:
-        max_steps = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], BLOCK_N)
-        live_tiles = min(num_tokens, grid_tiles)
-        num_splits = choose_num_splits(live_tiles, n_kv, max_steps, num_sms(q.device))
-    constexprs = dict(
-        GROUP=num_heads // n_kv,
-        HEAD_DIM=head_dim,
-        D_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        BLOCK_N=BLOCK_N,
-        NUM_SPLITS=num_splits,
-        # numpy has no bf16 matmul: the interpreter upcasts the operands, which is exact
-        # (bf16 x bf16 products fit fp32; the tensor cores also accumulate in fp32).
-        DOT_FP32=q.dtype == torch.bfloat16 and is_interpreted(_paged_attention_kernel),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    if num_splits == 1:
-        target, ml = out, out  # ml unused
-    else:
-        target = q.new_empty((num_splits, num_tokens, num_heads, head_dim), dtype=torch.float32)
-        ml = q.new_empty((2, num_splits, num_tokens, num_heads), dtype=torch.float32)
-    kernel = for_device(_paged_attention_kernel, q.device)
-    kernel[(grid_tiles, n_kv, num_splits)](
+    plan = _plan(q, k_cache, block_tables, num_seqs, num_splits)
+    split = plan.num_splits > 1
+    target, ml = out, out  # without splits the kernel writes out and never touches ml
+    if split:  # fp32 partials [splits, T, H, D] and their (max, sum) [2, splits, T, H]
+        target = q.new_empty((plan.num_splits, *q.shape), dtype=torch.float32)
+        ml = q.new_empty((2, plan.num_splits, num_tokens, num_heads), dtype=torch.float32)
+    for_device(_paged_attention_kernel, q.device)[plan.grid](
         q, k_cache, v_cache, target, ml, block_tables, query_start_loc, context_lens,
         scale * LOG2_E, num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        target.stride(0) if num_splits > 1 else 0, target.stride(-3), target.stride(-2),
+        target.stride(0) if split else 0, target.stride(-3), target.stride(-2),
         block_tables.stride(0),
-        num_heads, num_tokens * num_heads, ml.stride(0) if num_splits > 1 else 0,
+        num_heads, num_tokens * num_heads, ml.stride(0) if split else 0,
         k_cache.shape[1],
-        **constexprs,
+        **plan.constexprs,
         **LAUNCH_OPTIONS,
     )  # fmt: skip
-    if num_splits > 1:
-        _merge(target, ml, out, num_splits)
+    if split:
+        _merge(target, ml, out, plan.num_splits)
     return out
 
 
