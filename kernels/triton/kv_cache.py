@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import for_device
+from .launch import COMPILE_OPTIONS, for_device
 
 
 @triton.jit
@@ -81,6 +81,7 @@ def write_kv_cache(
         D_PAD=triton.next_power_of_2(head_dim),
         HEADS_PAD=triton.next_power_of_2(n_kv_heads),
         num_warps=1 if n_kv_heads * head_dim <= 512 else 4,
+        **COMPILE_OPTIONS,
     )
 
 

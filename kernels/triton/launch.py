@@ -14,6 +14,10 @@ import torch
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+# Fused multiply-add on (triton 3.9's default, which 3.10 flips): pinned so every build of
+# these kernels rounds alike, and so triton does not warn about the coming change.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 
 def interpreter_active() -> bool:
     """Whether this process imported triton with TRITON_INTERPRET=1 (its own @jit helpers,

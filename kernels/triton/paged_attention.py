@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import for_device, is_interpreted
+from .launch import COMPILE_OPTIONS, for_device, is_interpreted
 from .split_policy import choose_num_splits, num_sms
 
 BLOCK_N = 64  # keys per inner step
@@ -192,8 +192,8 @@ def _merge_splits_kernel(
 
 
 # One place for the launch options, so the AOT compile test builds what runs.
-LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2}
-MERGE_OPTIONS = {"num_warps": 4, "num_stages": 1}
+LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2, **COMPILE_OPTIONS}
+MERGE_OPTIONS = {"num_warps": 4, "num_stages": 1, **COMPILE_OPTIONS}
 MERGE_TILE = 4096  # fp32 elements of output a merge program combines (32 rows at D=128)
 
 

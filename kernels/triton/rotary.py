@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import for_device
+from .launch import COMPILE_OPTIONS, for_device
 
 
 @triton.jit
@@ -97,6 +97,7 @@ def rotary_embedding(
         HEADS_PAD=triton.next_power_of_2(n_q_heads),
         USE_XPOS=xpos_scale_cache is not None,
         num_warps=1 if n_q_heads * head_dim <= 1024 else 4,
+        **COMPILE_OPTIONS,
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import triton
-from palm_serve.kernels.triton.launch import is_interpreted
+from palm_serve.kernels.triton.launch import COMPILE_OPTIONS, is_interpreted
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -34,6 +34,9 @@ pytestmark = pytest.mark.skipif(
     reason="TRITON_INTERPRET=1 was set when this process imported triton: nothing can compile",
 )
 
+# What the wrappers launch with at these sizes (H=32, D=64/128; Hkv=1).
+ROTARY_OPTIONS = {"num_warps": 4, **COMPILE_OPTIONS}
+WRITE_OPTIONS = {"num_warps": 1, **COMPILE_OPTIONS}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16")
 CAPS = (80, 90)
@@ -168,7 +171,7 @@ def test_rotary_and_cache_write_compile(cap: int, head_dim: int) -> None:
             }
         )
         constexprs = dict(HALF=head_dim // 2, HALF_PAD=head_dim // 2, HEADS_PAD=32, USE_XPOS=True)
-        compiled = _compile(rotary._rotary_kernel, sig, constexprs, cap, {"num_warps": 4})
+        compiled = _compile(rotary._rotary_kernel, sig, constexprs, cap, ROTARY_OPTIONS)
         _report(f"rotary {dtype} D={head_dim}", cap, compiled)
 
         sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}",
@@ -190,7 +193,7 @@ def test_rotary_and_cache_write_compile(cap: int, head_dim: int) -> None:
             }
         )
         constexprs = dict(HEAD_DIM=head_dim, D_PAD=head_dim, HEADS_PAD=1)
-        compiled = _compile(kv_cache._write_kv_cache_kernel, sig, constexprs, cap, {"num_warps": 1})
+        compiled = _compile(kv_cache._write_kv_cache_kernel, sig, constexprs, cap, WRITE_OPTIONS)
         _report(f"write_kv_cache {dtype} D={head_dim}", cap, compiled)
 
 
