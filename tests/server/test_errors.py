@@ -19,6 +19,7 @@ KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 GEN, CMPL, CHAT = "/v1/generate", "/v1/completions", "/v1/chat/completions"
 X = {"prompt": "x"}
+ORIGIN = "https://app.example"
 
 # (route, JSON body or raw bytes, expected status, text the message must contain)
 MALFORMED = [
@@ -61,7 +62,7 @@ MALFORMED = [
 def keyed(tmp_path_factory):
     model_dir = write_model_dir(tmp_path_factory.mktemp("model") / "tiny")
     with running_server(
-        model_dir, api_key=KEY, max_request_bytes=4096, max_tokens_limit=64
+        model_dir, api_key=KEY, max_request_bytes=4096, max_tokens_limit=64, cors_origins=ORIGIN
     ) as server:
         yield server
 
@@ -159,3 +160,19 @@ async def _until_waiting(client: httpx.AsyncClient, n: int, seconds: float = 30)
     ):
         assert time.monotonic() < deadline, "the second request never queued"
         await asyncio.sleep(0.02)
+
+
+def test_cors_for_the_configured_origin_only(keyed):
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = httpx.options(f"{keyed.url}{GEN}", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.options(
+        f"{keyed.url}{GEN}", headers={**preflight, "Origin": "https://evil.example"}
+    )
+    assert "access-control-allow-origin" not in other.headers
+    r = post(keyed, GEN, {"prompt": "x", "max_tokens": 1}, headers={**AUTH, "Origin": ORIGIN})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
