@@ -63,7 +63,9 @@ class Settings(BaseSettings):
         256, ge=0, description="requests allowed to wait for a slot; past it: 429 with Retry-After"
     )
     api_key: SecretStr | None = Field(
-        None, description="if set, /v1/* require 'Authorization: Bearer <key>'"
+        None,
+        description="if set, every route but /health, /ready, /metrics and the docs "
+        "needs 'Authorization: Bearer <key>'",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS ('*' for any)"
