@@ -44,15 +44,15 @@ class Load:
 
 WORKLOADS = {
     # 16 concurrent requests of 64 prompt + 64 output tokens, all at once.
-    "smoke": dict(concurrency=16, runs=3, loads=[Load("burst-16x64", 16, "64", "64", "inf")]),
+    "smoke": dict(concurrency=16, runs=3, loads=[Load("burst", 16, "64", "64", "inf")]),
     # 200 requests, prompts 32-512 and outputs 16-256 tokens (uniform): all at once, and as a
     # Poisson stream near saturation (0.9x palm-serve's own burst request rate).
     "standard": dict(
         concurrency=32,
         runs=3,
         loads=[
-            Load("burst-200", 200, "32-512", "16-256", "inf"),
-            Load("poisson-200", 200, "32-512", "16-256", "auto"),
+            Load("burst", 200, "32-512", "16-256", "inf"),
+            Load("poisson", 200, "32-512", "16-256", "auto"),
         ],
     ),
 }
