@@ -190,20 +190,14 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     rates: dict = {}
     results = []
+    out = RESULTS / f"peers-{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     for name in args.servers.split(","):
         server = ALL[name]()
         print(f"== {name} (load average {load_average()})", file=sys.stderr, flush=True)
         results.append(bench_server(server, spec, args, rates))
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out = RESULTS / f"peers-{args.workload}-{stamp}.json"
-    out.write_text(
-        json.dumps(
-            {"workload": args.workload, "spec": repr(spec), "results": results},
-            indent=1,
-            default=str,
-        )
-        + "\n"
-    )
+        # Saved after every server: a long run cut short keeps what it measured.
+        payload = {"workload": args.workload, "spec": repr(spec), "results": results}
+        out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(
         f"# workload {args.workload}: concurrency {spec['concurrency']}, medians of "
         f"{spec['runs']} run(s), 2 threads, fp32; results in {out}"
