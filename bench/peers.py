@@ -152,8 +152,9 @@ def table(results: list[dict], loads: list[Load]) -> str:
         )
         lines.append("|" + "---|" * 13)
         for r in results:
-            if "skipped" in r and load.name not in r:
-                lines.append(f"| {r['server']} | not run: {r['skipped']} |" + " |" * 11)
+            if load.name not in r:
+                why = r.get("skipped", "not in this run")
+                lines.append(f"| {r['server']} | not run: {why} |" + " |" * 11)
                 continue
             m, b = r[load.name], (base or {}).get(load.name)
             ratios = ["-", "-", "-"]
@@ -180,11 +181,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, help="runs per load (default: the workload's)")
     p.add_argument("--port", type=int, default=18234)
     p.add_argument("--num-requests", type=int, help="override every load's request count")
+    p.add_argument("--from-json", type=Path, help="print the table of a saved run and exit")
     args = p.parse_args()
     spec = dict(WORKLOADS[args.workload])
     spec["runs"] = args.runs or spec["runs"]
     if args.num_requests:
         spec["loads"] = [replace(ld, num_requests=args.num_requests) for ld in spec["loads"]]
+    if args.from_json:  # re-print the table of a saved (possibly partial) run
+        print(table(json.loads(args.from_json.read_text())["results"], spec["loads"]))
+        return
     if not (MODEL_DIR / "model.safetensors").is_file():
         sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
     RESULTS.mkdir(parents=True, exist_ok=True)
