@@ -174,6 +174,28 @@ def table(results: list[dict], loads: list[Load]) -> str:
     return "\n".join(lines)
 
 
+def comparison_plot(results: list[dict], loads: list[Load], path: Path) -> None:
+    """Bars per server: output tok/s and TTFT p50, one pair of panels per load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(loads), 2, figsize=(10, 2.8 * len(loads)), dpi=80, squeeze=False)
+    for row, load in zip(axes, loads, strict=True):
+        ran = [r for r in results if load.name in r]
+        names = [r["server"] for r in ran]
+        row[0].barh(names, [r[load.name]["output_throughput"] for r in ran], color="tab:blue")
+        row[0].set(title=f"{load.name}: output tokens/s (higher is better)")
+        row[1].barh(names, [r[load.name]["ttft_ms"]["p50"] for r in ran], color="tab:red")
+        row[1].set(title=f"{load.name}: TTFT p50, ms (lower is better)")
+        for ax in row:
+            ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="smoke")
@@ -188,7 +210,9 @@ def main() -> None:
     if args.num_requests:
         spec["loads"] = [replace(ld, num_requests=args.num_requests) for ld in spec["loads"]]
     if args.from_json:  # re-print the table of a saved (possibly partial) run
-        print(table(json.loads(args.from_json.read_text())["results"], spec["loads"]))
+        saved = json.loads(args.from_json.read_text())["results"]
+        print(table(saved, spec["loads"]))
+        comparison_plot(saved, spec["loads"], args.from_json.with_suffix(".png"))
         return
     if not (MODEL_DIR / "model.safetensors").is_file():
         sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
@@ -208,6 +232,7 @@ def main() -> None:
         f"{spec['runs']} run(s), 2 threads, fp32; results in {out}"
     )
     print(table(results, spec["loads"]))
+    comparison_plot(results, spec["loads"], out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
