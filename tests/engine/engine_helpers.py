@@ -13,10 +13,11 @@ from palm_serve.engine.outputs import RequestOutput
 from palm_serve.engine.sampling_params import SamplingParams
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
-    """Tiny models on a shared 2-core machine: intra-op threads only contend (over 10x
-    slower under load). Import this into a test module to apply it there; restored after."""
+    """Tiny models on a shared 2-core machine: intra-op threads only contend (10-30x
+    slower under load). Assign it in a test module (`one_torch_thread =
+    engine_helpers.one_torch_thread`) to apply it there; restored after the module."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

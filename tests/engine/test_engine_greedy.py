@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import random
 
+import engine_helpers
 import pytest
 from engine_helpers import (
     assert_pool_whole,
     check_greedy,
     greedy,
-    make_context_model,  # noqa: F401
+    make_context_model,
     make_engine,
     run,
     tokens_of,
 )
+
+# autouse: one intra-op thread while these tests run (see engine_helpers)
+one_torch_thread = engine_helpers.one_torch_thread
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import engine_helpers
 import torch
-from engine_helpers import make_context_model, one_torch_thread  # noqa: F401
+from engine_helpers import make_context_model
+
+# autouse: one intra-op thread while these tests run (see engine_helpers)
+one_torch_thread = engine_helpers.one_torch_thread
 
 
 def test_context_model_depends_on_the_context_and_separates_logits() -> None:

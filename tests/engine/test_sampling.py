@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import engine_helpers
 import pytest
 import torch
 from engine_helpers import (
@@ -12,12 +13,14 @@ from engine_helpers import (
     greedy,
     make_context_model,
     make_engine,
-    one_torch_thread,  # noqa: F401
     run,
     tokens_of,
 )
 from palm_serve.engine.sampler import apply_penalties, sample_rows, top_k_top_p
 from palm_serve.engine.sampling_params import SamplingParams
+
+# autouse: one intra-op thread while these tests run (see engine_helpers)
+one_torch_thread = engine_helpers.one_torch_thread
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from engine_helpers import greedy, make_request, make_scheduler, one_torch_thread  # noqa: F401
+import engine_helpers
+from engine_helpers import greedy, make_request, make_scheduler
 from palm_serve.engine.sequence import SequenceStatus
+
+# autouse: one intra-op thread while these tests run (see engine_helpers)
+one_torch_thread = engine_helpers.one_torch_thread
 
 
 def plan_of(plan) -> list[tuple[str, int, int, bool]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import engine_helpers
 import pytest
 from engine_helpers import (
     PieceTokenizer,
@@ -12,13 +13,15 @@ from engine_helpers import (
     greedy,
     make_context_model,
     make_engine,
-    one_torch_thread,  # noqa: F401
     run,
     text_of,
     tokens_of,
 )
 from palm_serve.engine.stop_checker import StopChecker
 from palm_serve.model.tokenizer import IncrementalDetokenizer
+
+# autouse: one intra-op thread while these tests run (see engine_helpers)
+one_torch_thread = engine_helpers.one_torch_thread
 
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
 
