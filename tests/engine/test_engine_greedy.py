@@ -17,6 +17,7 @@ from engine_helpers import (
     run,
     tokens_of,
 )
+from palm_serve.engine.sampling_params import SamplingParams
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread
@@ -27,14 +28,26 @@ def model():
     return make_context_model()
 
 
-def random_requests(seed: int, n: int = 32, max_prompt: int = 300, max_steps: int = 60):
-    """n requests: prompt lengths 1..max_prompt, max_tokens 1..40, arriving at random steps."""
+def random_requests(
+    seed: int,
+    n: int = 32,
+    max_prompt: int = 300,
+    max_steps: int = 60,
+    max_new: int = 40,
+    sampled: bool = False,
+):
+    """n requests: prompt lengths 1..max_prompt, max_tokens 1..max_new, arriving at random
+    steps; greedy, or (sampled=True) seeded temperature sampling."""
     rng = random.Random(seed)
     arrivals: dict[int, list] = {}
     prompts = {}
     for i in range(n):
         prompt = [rng.randrange(97) for _ in range(rng.randint(1, max_prompt))]
-        params = greedy(rng.randint(1, 40))
+        max_tokens = rng.randint(1, max_new)
+        if sampled:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_k=20, seed=i)
+        else:
+            params = greedy(max_tokens)
         prompts[f"r{i}"] = (prompt, params)
         arrivals.setdefault(rng.randrange(max_steps), []).append((f"r{i}", prompt, params))
     return arrivals, prompts
@@ -65,15 +78,32 @@ def test_staggered_requests_match_dense_greedy(model) -> None:
     assert_pool_whole(engine)
 
 
-def test_small_pool_preempts_and_outputs_stay_identical(model) -> None:
-    # 40 blocks of 16 tokens for 32 requests of up to 340 tokens: decodes run out of blocks.
-    engine = make_engine(model, num_blocks=40, max_num_batched_tokens=512)
-    arrivals, prompts = random_requests(seed=2, max_steps=20)
+@pytest.mark.parametrize(
+    "num_blocks, budget, max_prompt, max_new",
+    [(40, 512, 300, 40), (12, 128, 100, 80)],  # 640 and 192 tokens of KV for 32 requests
+)
+def test_small_pool_preempts_and_outputs_stay_identical(
+    model, num_blocks: int, budget: int, max_prompt: int, max_new: int
+) -> None:
+    engine = make_engine(model, num_blocks=num_blocks, max_num_batched_tokens=budget)
+    shape = dict(max_steps=20, max_prompt=max_prompt, max_new=max_new)
+    arrivals, prompts = random_requests(seed=2, **shape)
     outputs = run(engine, arrivals)
     check_all(model, outputs, prompts)
-    assert engine.stats().num_preemptions > 0
-    print(f"preemptions: {engine.stats().num_preemptions}")
+    stats = engine.stats()
+    assert stats.num_preemptions > 0
+    print(
+        f"{num_blocks} blocks: {stats.num_preemptions} preemptions, "
+        f"{stats.prefix_cache_hit_tokens} prefix-hit tokens, {stats.num_steps} steps"
+    )
     assert_pool_whole(engine)
+    # Seeded sampling too: preemption and recompute do not change a request's tokens.
+    arrivals, prompts = random_requests(seed=2, sampled=True, **shape)
+    small = run(make_engine(model, num_blocks=num_blocks, max_num_batched_tokens=budget), arrivals)
+    ample = run(make_engine(model, num_blocks=512), arrivals)
+    assert {r: tokens_of(o) for r, o in small.items()} == {
+        r: tokens_of(o) for r, o in ample.items()
+    }
 
 
 def test_shared_prefix_is_prefilled_once(model) -> None:
