@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from types import FrameType
 
 import uvicorn
@@ -45,10 +46,19 @@ class Ticket:
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout: float) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        lifecycle: Lifecycle,
+        drain_timeout: float,
+        on_drain_timeout: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(config)
         self.lifecycle = lifecycle
         self.drain_timeout = drain_timeout
+        # Called when requests are still running at the deadline: stopping the engine ends
+        # them with finish_reason "abort", so their streams close cleanly instead of being cut.
+        self.on_drain_timeout = on_drain_timeout
         self.drain_deadline: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -64,11 +74,13 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.drain_deadline is not None and not self.should_exit:
             timed_out = time.monotonic() >= self.drain_deadline
-            if self.lifecycle.inflight == 0 or timed_out:
-                left = self.lifecycle.inflight
-                log.info(
-                    "drain %s; shutting down",
-                    f"timed out with {left} request(s) left" if timed_out else "complete",
-                )
+            left = self.lifecycle.inflight
+            if left == 0 or timed_out:
+                if left:
+                    log.warning("drain timed out with %d request(s) running: aborting", left)
+                    if self.on_drain_timeout is not None:
+                        await self.on_drain_timeout()
+                else:
+                    log.info("drain complete; shutting down")
                 self.should_exit = True
         return await super().on_tick(counter)

@@ -115,5 +115,5 @@ def run_server(settings: Settings, engine: Any) -> int:
         access_log=settings.log_level == "debug",
     )
     print(summary(settings, engine), flush=True)
-    DrainingServer(config, lifecycle, settings.drain_timeout).run()
+    DrainingServer(config, lifecycle, settings.drain_timeout, engine.shutdown).run()
     return 0

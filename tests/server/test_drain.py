@@ -28,10 +28,9 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise AssertionError("the server never became ready")
 
 
-def test_sigterm_drains_then_exits_0(tmp_path):
-    model_dir = write_model_dir(tmp_path / "tiny", max_positions=512)
+def start_server(tmp_path, drain_timeout: float, max_positions: int = 512):
+    model_dir = write_model_dir(tmp_path / "tiny", max_positions=max_positions)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -47,11 +46,11 @@ def test_sigterm_drains_then_exits_0(tmp_path):
             "--kernel-backend",
             "torch",
             "--num-kv-blocks",
-            "256",
+            "512",
             "--drain-timeout",
-            "60",
+            str(drain_timeout),
             "--max-tokens-limit",
-            "500",
+            str(max_positions - 16),
             "--log-level",
             "warning",
         ],
@@ -59,33 +58,66 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
-        body = {"prompt": "drain me", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
-        with (
-            httpx.Client(timeout=60) as client,
-            client.stream("POST", f"{url}/v1/generate", json=body) as stream,
-        ):
-            lines = stream.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc, url
+
+
+def stream_through_sigterm(proc, url: str, max_tokens: int, during) -> list[dict]:
+    """Stream one request; SIGTERM after its first event; `during()` runs right then."""
+    body = {"prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", f"{url}/v1/generate", json=body) as stream,
+    ):
+        lines = stream.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        proc.send_signal(signal.SIGTERM)
+        during()
+        events = [first] + [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: ") :]) for e in events[:-1]]
+
+
+def test_sigterm_drains_then_exits_0(tmp_path):
+    proc, url = start_server(tmp_path, drain_timeout=60)
+    try:
+
+        def refused_meanwhile() -> None:
             assert _ready_status(url) == 503
             refused = httpx.post(f"{url}/v1/generate", json={"prompt": "new"}, timeout=10)
             assert refused.status_code == 503, refused.text
             assert "shutting down" in refused.json()["error"]["message"]
-            events = [first] + [line for line in lines if line.startswith("data: ")]
-        assert events[-1] == "data: [DONE]"
-        parsed = [json.loads(e[len("data: ") :]) for e in events[:-1]]
-        assert sum(1 for e in parsed if e.get("token_id") is not None) == MAX_TOKENS
-        assert parsed[-1]["finish_reason"] == "length"
+
+        events = stream_through_sigterm(proc, url, MAX_TOKENS, refused_meanwhile)
+        assert sum(1 for e in events if e.get("token_id") is not None) == MAX_TOKENS
+        assert events[-1]["finish_reason"] == "length"
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
     out, err = proc.communicate()
-    assert f"listening on http://127.0.0.1:{port}" in out
-    assert "KV pool  256 blocks x 16 tokens = 4096 tokens" in out and "backend  torch" in out
+    assert f"listening on {url}" in out
+    assert "KV pool  512 blocks x 16 tokens = 8192 tokens" in out and "backend  torch" in out
+
+
+def test_drain_timeout_aborts_what_still_runs_and_exits_0(tmp_path):
+    # 4000 tokens take the tiny model far longer than the 1 s drain timeout.
+    proc, url = start_server(tmp_path, drain_timeout=1, max_positions=4096)
+    try:
+        events = stream_through_sigterm(proc, url, 4000, lambda: None)
+        assert events[-1]["finish_reason"] == "abort"
+        assert events[-1]["usage"]["completion_tokens"] < 4000
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
 
 
 def _ready_status(url: str, seconds: float = 10) -> int:
