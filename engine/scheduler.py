@@ -86,8 +86,8 @@ class Scheduler:
 
     def _schedule_running(self, seq: Sequence, budget: int, plan: SchedulerOutput) -> int:
         num_new = min(seq.num_uncomputed_tokens, budget)
-        planned = {id(s.seq) for s in plan.scheduled}
         while not self.block_manager.allocate(seq, num_new):
+            planned = {id(s.seq) for s in plan.scheduled}
             victims = [s for s in self.running if id(s) not in planned]
             victim = victims[-1]  # the newest unplanned; seq itself is among them
             self._preempt(victim, plan)
