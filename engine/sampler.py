@@ -143,6 +143,7 @@ def token_logprobs(
     one host transfer per tensor (no per-token .item())."""
     chosen = logprobs.gather(1, tokens.long().unsqueeze(1)).squeeze(1).tolist()
     token_list = tokens.tolist()
+    num_top = min(num_top, logprobs.shape[-1])
     if num_top == 0:
         return [TokenLogprob(t, lp) for t, lp in zip(token_list, chosen, strict=True)]
     top_values, top_ids = logprobs.topk(num_top, dim=-1)

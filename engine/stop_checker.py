@@ -45,10 +45,14 @@ class StopChecker:
         # A stop string ending in the new text starts at most max_stop_len - 1 chars before it.
         search_from = max(0, len(self.text) - self.max_stop_len + 1)
         self.text += delta
-        hits = [(i, s) for s in self.stop if (i := self.text.find(s, search_from)) != -1]
+        # The stop string that ends first wins (what token-by-token text would have hit
+        # first, whatever the tokenization); on a tie the longer one, which starts earlier.
+        hits = [
+            (i + len(s), i, s) for s in self.stop if (i := self.text.find(s, search_from)) != -1
+        ]
         if not hits:
             return None
-        index, stop = min(hits)
+        _, index, stop = min(hits)
         self.text = self.text[:index]
         return stop
 

@@ -17,6 +17,8 @@ from engine_helpers import (
     text_of,
     tokens_of,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from palm_serve.engine.stop_checker import StopChecker
 from palm_serve.model.tokenizer import IncrementalDetokenizer
 
@@ -115,3 +117,32 @@ def test_stop_token_ids_and_max_tokens(model, free_run) -> None:
     assert outputs["t"][-1].finish_reason == "stop" and outputs["t"][-1].stop_reason == stop_id
     assert tokens_of(outputs["m"]) == tokens[:5] and outputs["m"][-1].finish_reason == "length"
     assert outputs["m"][-1].num_generated_tokens == 5
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 96), min_size=1, max_size=30),
+    stops=st.lists(st.text(alphabet="abc12", min_size=1, max_size=5), max_size=4),
+)
+def test_stop_checker_emits_exactly_the_text_before_the_first_stop(tokens, stops) -> None:
+    tok = PieceTokenizer(97)
+    checker = StopChecker(IncrementalDetokenizer(tok, []), tuple(stops))
+    emitted, hit = "", None
+    for t in tokens:
+        hit = checker.add_token(t)
+        emitted += checker.take_text(final=hit is not None)
+        if hit is not None:
+            break
+    else:
+        checker.flush()
+        emitted += checker.take_text(final=True)
+    full = tok.decode(tokens)
+    firsts = [(full.find(s) + len(s), full.find(s), s) for s in stops if s in full]
+    if firsts:
+        # The stop string completed first (by its end) wins; output is cut at its start.
+        end, start, _ = min(firsts)
+        assert hit is not None and (full.find(hit) + len(hit), full.find(hit)) == (end, start)
+        assert emitted == full[:start]
+        assert all(s not in emitted for s in stops)
+    else:
+        assert hit is None and emitted == full
