@@ -55,16 +55,19 @@ def sample_rows(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> torch.Tensor:
     """logits [R, V] of non-greedy rows -> [R] token ids."""
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype).unsqueeze(1)
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
+    temps = temps.unsqueeze(1)
     logits = logits / temps
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         logits = top_k_top_p(logits, params)
     probs = logits.softmax(dim=-1)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype).unsqueeze(1)
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)
+        min_p = min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
     # One uniform per row from the row's own generator: the only randomness of the step.
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(probs.dtype)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(dev, probs.dtype)
     cdf = probs.cumsum(dim=-1)  # (R, V)
     target = (u * cdf[:, -1]).unsqueeze(1)
     # right=True: the first token whose cumulative mass exceeds the target (never a zero one).
@@ -75,11 +78,13 @@ def sample_rows(
 def top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask (-inf) tokens outside each row's top-k, then outside its nucleus top-p."""
     vocab = logits.shape[1]
-    ks = torch.tensor([p.top_k or vocab for p in params]).unsqueeze(1)
+    dev = logits.device
+    ks = torch.tensor([p.top_k or vocab for p in params], device=dev).unsqueeze(1)
     # top_p = 1 keeps everything; 2 avoids dropping a tail token to rounding (cum > 1.0).
-    ps = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params]).unsqueeze(1)
+    ps = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=dev)
+    ps = ps.unsqueeze(1)
     ordered, order = logits.sort(dim=-1, descending=True)
-    ordered = ordered.masked_fill(torch.arange(vocab).unsqueeze(0) >= ks, NEG_INF)
+    ordered = ordered.masked_fill(torch.arange(vocab, device=dev).unsqueeze(0) >= ks, NEG_INF)
     probs = ordered.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # the first token always survives
     ordered = ordered.masked_fill(mass_before > ps.to(probs.dtype), NEG_INF)
@@ -95,18 +100,24 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     tokens; presence and frequency (OpenAI) over output tokens only."""
     rows = [i for i, s in enumerate(seqs) if _penalized(s.params)]
     sub = logits[rows]
-    counts = _token_counts([seqs[i].output_token_ids for i in rows], sub.shape)
+    counts = _token_counts([seqs[i].output_token_ids for i in rows], sub.shape).to(sub.device)
     in_prompt = _token_counts([seqs[i].prompt_token_ids for i in rows], sub.shape) > 0
+    in_prompt = in_prompt.to(sub.device)
     params = [seqs[i].params for i in rows]
-    rep = torch.tensor([p.repetition_penalty for p in params]).unsqueeze(1)
+    rep = _column([p.repetition_penalty for p in params], sub.device)
     seen = in_prompt | (counts > 0)
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
-    freq = torch.tensor([p.frequency_penalty for p in params]).unsqueeze(1)
-    pres = torch.tensor([p.presence_penalty for p in params]).unsqueeze(1)
+    freq = _column([p.frequency_penalty for p in params], sub.device)
+    pres = _column([p.presence_penalty for p in params], sub.device)
     sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
     logits[rows] = sub
     return logits
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    """[N] Python values -> [N, 1] float32 tensor, for per-row parameters."""
+    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
 
 
 def _token_counts(token_lists: list[list[int]], shape: torch.Size) -> torch.Tensor:
