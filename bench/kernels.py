@@ -60,7 +60,6 @@ def paged_batch(q_lens: list[int], ctx_lens: list[int], heads: int, head_dim: in
 def bench_attention(q_lens, ctx_lens, heads, head_dim, dtype, peak: float, label: str) -> None:
     from palm_serve.kernels.triton import paged_attention
 
-    split_policy = importlib.import_module("palm_serve.kernels.triton.split_policy")
     pa = importlib.import_module("palm_serve.kernels.triton.paged_attention")
     cache_bytes = 2 * sum(ctx_lens) * head_dim * dtype.itemsize
     if cache_bytes > MAX_CACHE_BYTES:
@@ -68,10 +67,7 @@ def bench_attention(q_lens, ctx_lens, heads, head_dim, dtype, peak: float, label
     q, k_cache, v_cache, tables, qsl, ctx = paged_batch(q_lens, ctx_lens, heads, head_dim, dtype)
     out = torch.empty_like(q)
     moved = cache_bytes + 2 * q.numel() * dtype.itemsize
-    block_m, block_q = pa.tile_shape(q.shape[0], len(ctx_lens), heads)
-    tiles = min(q.shape[0], q.shape[0] // block_q + len(ctx_lens))
-    max_steps = -(-tables.shape[1] * BLOCK_SIZE // pa.BLOCK_N)
-    splits = split_policy.choose_num_splits(tiles, 1, max_steps, split_policy.num_sms(q.device))
+    splits = pa.plan_launch(q, k_cache, tables, len(ctx_lens)).num_splits
     args = (q, k_cache, v_cache, tables, qsl, ctx, head_dim**-0.5)
     ms = median_ms(lambda: paged_attention(*args, out=out))
     ms_one = median_ms(lambda: paged_attention(*args, out=out, num_splits=1))

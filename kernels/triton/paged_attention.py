@@ -24,7 +24,7 @@ import triton.language as tl
 from .launch import COMPILE_OPTIONS, for_device, is_interpreted
 from .split_policy import choose_num_splits, num_sms
 
-BLOCK_N = 64  # keys per inner step
+BLOCK_N = 64  # keys per inner step (fp16 / bf16)
 LOG2_E = 1.4426950408889634
 
 
@@ -136,7 +136,10 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        p_in = p.to(v_cache_ptr.dtype.element_ty)  # P at the cache's precision, as the MMA sees it
+        if DOT_FP32:
+            p_in = p_in.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_row = q_row[:, None] * stride_ot + head[:, None] * stride_oh
@@ -193,6 +196,10 @@ def _merge_splits_kernel(
 
 # One place for the launch options, so the AOT compile test builds what runs.
 LAUNCH_OPTIONS = {"num_warps": 4, "num_stages": 2, **COMPILE_OPTIONS}
+# fp32 keeps exact fp32 dots (FMA, no tensor cores: a GPU serves fp16 / bf16), which spill
+# at 64 keys x 4 warps; 32 keys x 8 warps do not (182 registers on sm_80).
+FP32_BLOCK_N = 32
+FP32_LAUNCH_OPTIONS = {"num_warps": 8, "num_stages": 2, **COMPILE_OPTIONS}
 MERGE_OPTIONS = {"num_warps": 4, "num_stages": 1, **COMPILE_OPTIONS}
 MERGE_TILE = 4096  # fp32 elements of output a merge program combines (32 rows at D=128)
 
@@ -206,24 +213,27 @@ def tile_shape(num_tokens: int, num_seqs: int, group: int) -> tuple[int, int]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class LaunchPlan:
     grid: tuple[int, int, int]  # (query tiles incl. gaps, K/V heads, splits)
     constexprs: dict
+    options: dict  # num_warps, num_stages, ...
 
     @property
     def num_splits(self) -> int:
         return self.grid[2]
 
 
-def _plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, num_seqs: int,
-          num_splits: int | None) -> _Plan:  # fmt: skip
-    """Tiles and splits from shapes alone (no device sync)."""
+def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor,
+                num_seqs: int, num_splits: int | None = None) -> LaunchPlan:  # fmt: skip
+    """Tiles, splits and options from shapes alone (no device sync)."""
     num_tokens, num_heads, head_dim = q.shape
     n_kv, group = k_cache.shape[2], num_heads // k_cache.shape[2]
     block_m, block_q = tile_shape(num_tokens, num_seqs, group)
     grid_tiles = num_tokens // block_q + num_seqs
+    fp32 = q.dtype == torch.float32
+    block_n = FP32_BLOCK_N if fp32 else BLOCK_N
     if num_splits is None:
-        max_steps = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], BLOCK_N)
+        max_steps = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
         live_tiles = min(num_tokens, grid_tiles)
         num_splits = choose_num_splits(live_tiles, n_kv, max_steps, num_sms(q.device))
     constexprs = dict(
@@ -232,14 +242,15 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tensor, nu
         D_PAD=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         # numpy has no bf16 matmul: the interpreter upcasts the operands, which is exact
         # (bf16 x bf16 products fit fp32; the tensor cores also accumulate in fp32).
         DOT_FP32=q.dtype == torch.bfloat16 and is_interpreted(_paged_attention_kernel),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16 / bf16
     )
-    return _Plan((grid_tiles, n_kv, num_splits), constexprs)
+    options = FP32_LAUNCH_OPTIONS if fp32 else LAUNCH_OPTIONS
+    return LaunchPlan((grid_tiles, n_kv, num_splits), constexprs, options)
 
 
 def paged_attention(
@@ -269,7 +280,7 @@ def paged_attention(
     num_seqs = context_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    plan = _plan(q, k_cache, block_tables, num_seqs, num_splits)
+    plan = plan_launch(q, k_cache, block_tables, num_seqs, num_splits)
     split = plan.num_splits > 1
     target, ml = out, out  # without splits the kernel writes out and never touches ml
     if split:  # fp32 partials [splits, T, H, D] and their (max, sum) [2, splits, T, H]
@@ -285,7 +296,7 @@ def paged_attention(
         num_heads, num_tokens * num_heads, ml.stride(0) if split else 0,
         k_cache.shape[1],
         **plan.constexprs,
-        **LAUNCH_OPTIONS,
+        **plan.options,
     )  # fmt: skip
     if split:
         _merge(target, ml, out, plan.num_splits)

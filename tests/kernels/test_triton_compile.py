@@ -94,11 +94,13 @@ def _attention_signature(dtype: str, split: bool) -> dict[str, str]:
     return sig
 
 
-def _attention_constexprs(head_dim: int, group: int, decode: bool, splits: int) -> dict:
+def _attention_constexprs(head_dim: int, group: int, decode: bool, splits: int,
+                          fp32: bool = False) -> dict:  # fmt: skip
     block_m, block_q = paged_attention.tile_shape(1 if decode else 2, 1, group)
+    block_n = paged_attention.FP32_BLOCK_N if fp32 else paged_attention.BLOCK_N
     return dict(GROUP=group, HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=block_m,
-                BLOCK_Q=block_q, BLOCK_N=paged_attention.BLOCK_N, NUM_SPLITS=splits,
-                DOT_FP32=False, DOT_PRECISION="tf32")  # fmt: skip
+                BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=splits, DOT_FP32=False,
+                DOT_PRECISION="ieee" if fp32 else "tf32")  # fmt: skip
 
 
 # (label, group, decode tiles?, splits): the mixed-batch tile, and a split decode tile.
@@ -125,6 +127,19 @@ def test_paged_attention_compiles_with_tensor_cores(cap: int, dtype: str, head_d
         assert mma, f"no tensor-core instruction in the sm_{cap} PTX ({label}, {dtype}, {head_dim})"
         assert cap == 90 or "wgmma" not in ptx
         print(f"  tensor cores: {mma.group(0)}")
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_paged_attention_compiles_in_fp32(cap: int) -> None:
+    """fp32 (exact FMA dots, its own tile and warps): compiles within shared memory."""
+    compiled = _compile(
+        paged_attention._paged_attention_kernel,
+        _attention_signature("fp32", split=False),
+        _attention_constexprs(128, 8, decode=False, splits=1, fp32=True),
+        cap,
+        dict(paged_attention.FP32_LAUNCH_OPTIONS),
+    )
+    _report("paged_attention[mixed] fp32 D=128", cap, compiled)
 
 
 @pytest.mark.parametrize("cap", CAPS)

@@ -28,7 +28,7 @@ def test_rotary(dtype, head_dim, heads, kv_heads, xpos) -> None:
     args = (fused, heads, kv_heads, positions, cos_sin, xpos_cache)
     expected = rotate_fused("palm_serve.kernels", *args)
     actual, _ = worker().call("triton_cases", "rotate_fused", TRITON, *args)
-    assert_matches(actual, expected)
+    print(f"rotary {dtype} D={head_dim} xpos={xpos}: {assert_matches(actual, expected):.3g}")
     assert torch.equal(actual[:, -1], fused[:, -1])
 
 
