@@ -69,7 +69,16 @@ def test_staggered_requests_match_dense_greedy(model) -> None:
     # A 256-token budget: prompts of up to 300 tokens are prefilled in chunks.
     engine = make_engine(model, num_blocks=512, max_num_batched_tokens=256)
     arrivals, prompts = random_requests(seed=1)
-    outputs = run(engine, arrivals)
+    seen = []
+
+    def watch(_step: int) -> None:
+        stats, bm = engine.stats(), engine.block_manager
+        assert stats.kv_cache_usage == bm.num_used_blocks / bm.num_blocks
+        assert stats.num_running == len(engine.scheduler.running) <= 64
+        seen.append((stats.num_running, stats.kv_cache_usage))
+
+    outputs = run(engine, arrivals, on_step=watch)
+    assert max(n for n, _ in seen) > 1 and 0 < max(u for _, u in seen) <= 1
     ties = check_all(model, outputs, prompts)
     assert ties <= 2, f"{ties} near-ties: the test model's logits are not well separated"
     stats = engine.stats()
@@ -165,4 +174,31 @@ def test_aborts_at_random_moments_leave_the_pool_whole(model) -> None:
             assert len(generated) == params.max_tokens
             check_greedy(model, prompt, generated)
     assert engine.stats().num_aborted == len(aborted)
+    assert_pool_whole(engine)
+
+
+def test_a_llama_model_is_served_through_the_same_narrow_interface() -> None:
+    """Grouped-query attention (2 K/V heads), untied head: the engine only uses config
+    fields, forward, compute_logits and KVCache.allocate."""
+    import torch
+    from palm_serve.model.llama import Llama
+    from palm_serve.model.llama_config import LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=97,
+        dim=32,
+        depth=2,
+        heads=4,
+        n_kv_heads=2,
+        dim_head=8,
+        ff_inner=64,
+        max_positions=512,
+    )
+    llama = Llama(config).eval().requires_grad_(False)
+    engine = make_engine(llama, num_blocks=24, max_num_batched_tokens=128)
+    arrivals, prompts = random_requests(seed=6, n=12, max_prompt=150, max_steps=10, max_new=30)
+    outputs = run(engine, arrivals)
+    check_all(llama, outputs, prompts)
+    assert engine.stats().num_preemptions > 0
     assert_pool_whole(engine)
