@@ -25,6 +25,7 @@ import torch
 
 # The interpreter runs tl.dot as numpy matmuls of small tiles; a multi-threaded OpenBLAS
 # on a busy machine spins its threads and makes each one ~1000x slower (40 ms vs 40 us).
+CALL_TIMEOUT_S = 300
 CHILD_ENV = {"TRITON_INTERPRET": "1", "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
@@ -79,10 +80,23 @@ class InterpreterWorker:
         if not self._conn.recv():
             raise RuntimeError("the worker's kernels are not interpreted")
 
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
     def call(self, module: str, name: str, *args: Any, **kwargs: Any) -> tuple[Any, tuple]:
-        """module.name(*args, **kwargs) in the worker -> (result, args after the call)."""
-        self._conn.send((module, name, _dumps((args, kwargs))))
-        ok, payload = self._conn.recv()
+        """module.name(*args, **kwargs) in the worker -> (result, args after the call).
+
+        A worker that hangs (say a kernel loop that never ends) is killed after
+        CALL_TIMEOUT_S and one that dies (a wild pointer) is replaced by the next worker()."""
+        try:
+            self._conn.send((module, name, _dumps((args, kwargs))))
+            if not self._conn.poll(CALL_TIMEOUT_S):
+                self._process.kill()
+                raise AssertionError(f"{module}.{name} did not return in {CALL_TIMEOUT_S} s")
+            ok, payload = self._conn.recv()
+        except (EOFError, OSError):
+            raise AssertionError(f"the interpreter worker died in {module}.{name}") from None
         if not ok:
             raise AssertionError(f"{module}.{name} failed in the interpreter worker:\n{payload}")
         return _loads(payload)
@@ -104,7 +118,7 @@ def worker() -> InterpreterWorker:
     a second rootless conftest.py would shadow tests/conftest.py as the module `conftest`
     that other test directories import helpers from)."""
     global _worker
-    if _worker is None:
+    if _worker is None or not _worker.alive:
         _worker = InterpreterWorker()
         atexit.register(_worker.close)
     return _worker
