@@ -1,6 +1,6 @@
 """Train the default model: a small PaLM of our own architecture on the King James Bible.
 
-    python -m palm_serve.model.train --out model/default            # ~35 min on 2 cores
+    python -m palm_serve.model.train --out model/default            # see MODEL_CARD.md
     python -m palm_serve.model.train --out model/default --resume   # after an interruption
 
 The model is palm_serve.model.PaLM trained through forward_dense, which shares every
@@ -50,19 +50,20 @@ class TrainArgs:
     ff_mult: int = 4
     max_positions: int = 1024
     context: int = 256
-    batch_size: int = 16
-    steps: int = 2000
+    batch_size: int = 8
+    steps: int = 300
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup: int = 100
+    warmup: int = 40
     weight_decay: float = 0.1
     clip: float = 1.0
     seed: int = 0
-    ckpt_every: int = 100
-    eval_every: int = 250
-    eval_tokens: int = 16384
+    ckpt_every: int = 50
+    eval_every: int = 100
+    eval_tokens: int = 8192
     threads: int = 2
     resume: bool = False
+    stop_after: int = 0  # > 0: stop after this step's checkpoint (resume later)
 
 
 def train_tokenizer(documents: list[str], vocab_size: int, path: Path) -> HFTokenizer:
@@ -139,7 +140,8 @@ def train_loop(model: PaLM, stream: torch.Tensor, held: list[int], args: TrainAr
         state = saved
         _truncate_log(log_path, state["step"])
     start_time = time.monotonic() - state["elapsed"]
-    bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps)
+    end = min(args.steps, args.stop_after or args.steps)
+    bar = tqdm(range(state["step"], end), initial=state["step"], total=args.steps)
     with log_path.open("a") as log:
         for step in bar:
             for group in opt.param_groups:
@@ -167,7 +169,7 @@ def train_loop(model: PaLM, stream: torch.Tensor, held: list[int], args: TrainAr
             log.write(json.dumps(record) + "\n")
             log.flush()
             state = {"step": step + 1, "elapsed": record["elapsed"]}
-            if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+            if (step + 1) % args.ckpt_every == 0 or step + 1 == end:
                 save_checkpoint(ckpt_path, model, opt, state)
     return state
 
@@ -233,6 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     model = PaLM(config).train()
     print(f"{sum(p.numel() for p in model.parameters()):,} parameters")
     state = train_loop(model, torch.tensor(streams["train"]), streams["heldout"], args)
+    if state["step"] < args.steps:
+        print(f"stopped after step {state['step']}: continue with --resume")
+        return
     docs = {"all": all_docs, "heldout": held_docs}
     metrics = write_outputs(args, model, tokenizer, docs, streams, state)
     print(json.dumps({k: v for k, v in metrics.items() if k != "args"}, indent=2))
