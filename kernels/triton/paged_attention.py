@@ -29,6 +29,21 @@ LOG2_E = 1.4426950408889634
 
 
 @triton.jit
+def _sequence_of_tile(query_start_loc_ptr, num_seqs, tile, BLOCK_Q: tl.constexpr):
+    """Sequence s owns the query tiles from qsl[s] // BLOCK_Q + s on (a numbering with gaps
+    that needs no host-side tile map, so no sync): the last s whose first tile is <= tile."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr,  # [T, H, D]
     k_cache_ptr,  # [NB, BS, Hkv, D]
@@ -67,17 +82,7 @@ def _paged_attention_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
-    # Sequence s owns tiles from qsl[s] // BLOCK_Q + s on (no host-side tile map, so no
-    # sync): binary search for the last s whose first tile is <= this one.
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    seq = lo - 1
+    seq = _sequence_of_tile(query_start_loc_ptr, num_seqs, tile, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile_tok = (tile - q_start // BLOCK_Q - seq) * BLOCK_Q  # first new token of this tile
