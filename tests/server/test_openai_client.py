@@ -6,17 +6,19 @@ logprobs (prompt scoring) against the dense log-softmax, i.e. perplexity over HT
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from palm_serve.server.chat_template import ChatTemplate
-from server_helpers import model_dir, oracle, server  # noqa: F401
+from server_helpers import model_dir, oracle, running_server, server  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def client(server) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
 
 
 def plain_generate(server, prompt: str, **body) -> dict:
@@ -150,3 +152,18 @@ def test_unknown_fields_are_ignored_and_unsupported_ones_refused(client, server)
         client.completions.create(model="tiny", prompt="x", max_tokens=2, suffix="y")
     with pytest.raises(openai.NotFoundError, match="not served here"):
         client.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+
+
+def test_chat_template_file_replaces_the_built_in_one(model_dir, tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}>")
+    messages = [{"role": "user", "content": "Hi there"}]
+    rendered = "<user>Hi there\n>"
+    with running_server(model_dir, chat_template=template) as s:
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, temperature=0
+        )
+        comp = client.completions.create(model="tiny", prompt=rendered, max_tokens=6, temperature=0)
+    assert chat.usage.prompt_tokens == len(rendered.encode())
+    assert chat.choices[0].message.content == comp.choices[0].text
