@@ -16,7 +16,7 @@ from .model_runner import ModelRunner
 from .outputs import FinishReason, RequestOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 from .stats import EngineStats
 from .stop_checker import StopChecker
 
@@ -68,12 +68,11 @@ class LLMEngine:
         self.seqs[request_id] = seq
         if not prompt_token_ids or len(prompt_token_ids) >= self.max_model_len:
             # Fails alone at the next step; validate() catches this earlier for the server.
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason = "error"
-            seq.error = (
+            message = (
                 f"prompt has {len(prompt_token_ids)} tokens; the context length (max_model_len) "
                 f"is {self.max_model_len}, so at most {self.max_model_len - 1} fit"
             )
+            self.scheduler.reject(seq, message)
             self._rejected.append(seq)
             return
         self.scheduler.add(seq)

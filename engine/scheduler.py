@@ -137,11 +137,17 @@ class Scheduler:
 
     def _reject(self, seq: Sequence, plan: SchedulerOutput) -> None:
         self.waiting.popleft()
-        need = seq.num_tokens
         capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        seq.error = f"the sequence needs {need} tokens of KV cache; the pool holds {capacity}"
-        self._finish(seq, "error")
+        self.reject(
+            seq,
+            f"the sequence needs {seq.num_tokens} tokens of KV cache; the pool holds {capacity}",
+        )
         plan.rejected.append(seq)
+
+    def reject(self, seq: Sequence, message: str) -> None:
+        """Finish a sequence that can never be served (it holds no blocks)."""
+        seq.error = message
+        self._finish(seq, "error")
 
     # ---- applying results ----------------------------------------------------------------
 
