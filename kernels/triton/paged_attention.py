@@ -183,11 +183,11 @@ def _merge_splits_kernel(
     row_ok = row < num_rows
     mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     m_max = tl.load(ml_ptr + row, mask=row_ok, other=0.0)  # split 0 holds key 0: finite
-    for sp in tl.static_range(1, NUM_SPLITS):
+    for sp in range(1, NUM_SPLITS):
         m_max = tl.maximum(m_max, tl.load(ml_ptr + sp * num_rows + row, mask=row_ok, other=0.0))
     num = tl.zeros([BLOCK_R, D_PAD], tl.float32)
     den = tl.zeros([BLOCK_R], tl.float32)
-    for sp in tl.static_range(NUM_SPLITS):
+    for sp in range(NUM_SPLITS):
         m_s = tl.load(ml_ptr + sp * num_rows + row, mask=row_ok, other=0.0)
         w = tl.math.exp2(m_s - m_max)  # 0 for an empty split (m_s = -inf)
         den += w * tl.load(ml_ptr + stride_ml + sp * num_rows + row, mask=row_ok, other=1.0)

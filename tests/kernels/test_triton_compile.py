@@ -129,7 +129,7 @@ def test_paged_attention_compiles_with_tensor_cores(cap: int, dtype: str, head_d
         print(f"  tensor cores: {mma.group(0)}")
 
 
-@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("cap", [80])  # one target: fp32 is not a GPU serving dtype
 def test_paged_attention_compiles_in_fp32(cap: int) -> None:
     """fp32 (exact FMA dots, its own tile and warps): compiles within shared memory."""
     compiled = _compile(
