@@ -75,20 +75,54 @@ def sample_rows(
     return index.clamp_(max=logits.shape[1] - 1)
 
 
+# torch's CPU sort of a whole vocabulary is slow (~26 ms for 32 rows of 4096 on one core);
+# topk of a few hundred candidates is ~10x cheaper and a trained model's nucleus almost
+# always lies within them. Checked per row (so a row's result never depends on its
+# neighbours); a row whose nucleus reaches past the candidates is redone with a full sort.
+NUCLEUS_CANDIDATES = 256
+
+
 def top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Mask (-inf) tokens outside each row's top-k, then outside its nucleus top-p."""
+    """Mask (-inf) tokens outside each row's top-k, then outside its nucleus top-p (the
+    smallest most-likely set whose mass reaches top_p, over the top-k renormalized)."""
     vocab = logits.shape[1]
-    dev = logits.device
-    ks = torch.tensor([p.top_k or vocab for p in params], device=dev).unsqueeze(1)
-    # top_p = 1 keeps everything; 2 avoids dropping a tail token to rounding (cum > 1.0).
-    ps = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=dev)
-    ps = ps.unsqueeze(1)
-    ordered, order = logits.sort(dim=-1, descending=True)
-    ordered = ordered.masked_fill(torch.arange(vocab, device=dev).unsqueeze(0) >= ks, NEG_INF)
-    probs = ordered.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # the first token always survives
-    ordered = ordered.masked_fill(mass_before > ps.to(probs.dtype), NEG_INF)
-    return torch.full_like(logits, NEG_INF).scatter(1, order, ordered)
+    width = min(vocab, max(NUCLEUS_CANDIDATES, *(p.top_k for p in params)))
+    kept, fits = _filter_candidates(logits, params, width)
+    if width < vocab and not bool(fits.all()):
+        rows = torch.nonzero(~fits).flatten().tolist()
+        kept[rows] = _filter_candidates(logits[rows], [params[i] for i in rows], vocab)[0]
+    return kept
+
+
+def _filter_candidates(
+    logits: torch.Tensor, params: list[SamplingParams], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k / top-p over each row's `width` best tokens: (filtered logits [N, V], [N] bool
+    True where that is exact: the candidates hold the top-k set or pass the nucleus)."""
+    vocab, dev = logits.shape[1], logits.device
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    ps = torch.tensor([p.top_p for p in params], dtype=logits.dtype, device=dev)
+    has_k, has_p = ks < vocab, ps < 1
+    if width < vocab:
+        ordered, order = logits.topk(width, dim=-1)  # sorted, most likely first
+    else:
+        ordered, order = logits.sort(dim=-1, descending=True)
+    ordered = ordered.masked_fill(torch.arange(width, device=dev) >= ks.unsqueeze(1), NEG_INF)
+    # Probabilities over the top-k set, or over the whole vocabulary when there is no top-k.
+    norm = torch.where(
+        has_k.unsqueeze(1),
+        ordered.logsumexp(dim=-1, keepdim=True),
+        logits.logsumexp(dim=-1, keepdim=True),
+    )
+    probs = (ordered - norm).exp()
+    cum = probs.cumsum(dim=-1)
+    drop = (cum - probs > ps.unsqueeze(1)) & has_p.unsqueeze(1)  # the first token stays
+    filtered = torch.full_like(logits, NEG_INF).scatter(
+        1, order, ordered.masked_fill(drop, NEG_INF)
+    )
+    active = (has_k | has_p).unsqueeze(1)
+    fits = has_k | ~has_p | (cum[:, -1] > ps)
+    return torch.where(active, filtered, logits), fits
 
 
 def _penalized(p: SamplingParams) -> bool:

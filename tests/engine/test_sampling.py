@@ -85,9 +85,26 @@ def test_sampling_follows_the_tempered_distribution() -> None:
     assert (freq - expected).abs().max() < 0.03
 
 
-def test_top_k_top_p_min_p_match_a_plain_reference() -> None:
+def nucleus_reference(row: torch.Tensor, p: SamplingParams) -> set[int]:
+    """Top-k then top-p by the book: sort, renormalize, keep until the mass reaches top_p."""
+    order = row.argsort(descending=True).tolist()
+    keep = order[: p.top_k or len(order)]
+    probs = row[keep].double().softmax(-1).tolist()
+    mass, nucleus = 0.0, []
+    for token, prob in zip(keep, probs, strict=True):
+        if p.top_p < 1 and mass > p.top_p:  # top_p = 1 keeps all (no rounding)
+            break
+        nucleus.append(token)
+        mass += prob
+    return set(nucleus)
+
+
+@pytest.mark.parametrize("vocab, scale", [(30, 2.0), (1000, 6.0), (1000, 0.5)])
+def test_top_k_top_p_min_p_match_a_plain_reference(vocab: int, scale: float) -> None:
+    """vocab 1000: peaked rows take the top-256-candidates path, flat rows (scale 0.5, a
+    nucleus of hundreds of tokens) the full-sort fallback."""
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(6, 30, generator=gen) * 2
+    logits = torch.randn(7, vocab, generator=gen) * scale
     params = [
         SamplingParams(top_k=1),
         SamplingParams(top_k=7),
@@ -95,19 +112,15 @@ def test_top_k_top_p_min_p_match_a_plain_reference() -> None:
         SamplingParams(top_k=10, top_p=0.7),
         SamplingParams(),
         SamplingParams(top_p=0.01),
+        SamplingParams(top_p=0.95),
     ]
     got = top_k_top_p(logits, params) > float("-inf")
     for row, p in enumerate(params):
-        order = logits[row].argsort(descending=True).tolist()
-        keep = order[: p.top_k or 30]
-        probs = logits[row, keep].softmax(-1).tolist()
-        mass, nucleus = 0.0, []
-        for token, prob in zip(keep, probs, strict=True):
-            if mass > p.top_p:
-                break
-            nucleus.append(token)
-            mass += prob
-        assert set(torch.nonzero(got[row]).flatten().tolist()) == set(nucleus), row
+        assert set(torch.nonzero(got[row]).flatten().tolist()) == nucleus_reference(logits[row], p)
+
+
+def test_min_p_keeps_tokens_near_the_top() -> None:
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0))
     # min-p: only tokens with prob >= min_p * max prob are ever drawn.
     row = logits[:1].repeat(300, 1)
     probs = row[0].softmax(-1)
