@@ -14,6 +14,9 @@ from .sampler import Sampler, token_logprobs
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .sequence import Sequence
 
+# Prompt positions whose logits are materialized at once (prompt logprobs).
+PROMPT_LOGPROB_ROWS = 256
+
 
 @dataclass
 class StepResult:
@@ -40,18 +43,17 @@ class ModelRunner:
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
         due = [i for i, it in enumerate(items) if it.sample]
         last_rows = meta.query_start_loc[1:].long() - 1  # (S,)
-        prompt_rows, prompt_jobs = self._prompt_rows(items, meta.query_start_loc.tolist())
-        rows = torch.cat([last_rows[due], prompt_rows]) if prompt_jobs else last_rows[due]
-        logits = self.model.compute_logits(hidden[rows]).float()  # (rows, V)
         sampled: list[int | None] = [None] * len(items)
         logprobs: list[TokenLogprob | None] = [None] * len(items)
         if due:
-            out = self.sampler(logits[: len(due)], [items[i].seq for i in due])
+            logits = self.model.compute_logits(hidden[last_rows[due]]).float()  # (due, V)
+            out = self.sampler(logits, [items[i].seq for i in due])
             for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
                 sampled[i], logprobs[i] = token, lp
         result = StepResult(sampled, logprobs)
+        prompt_rows, prompt_jobs = self._prompt_rows(items, meta.query_start_loc.tolist())
         if prompt_jobs:
-            result.prompt_logprobs = self._prompt_logprobs(logits[len(due) :], prompt_jobs)
+            result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows, prompt_jobs)
         return result
 
     def prepare(
@@ -105,11 +107,18 @@ class ModelRunner:
         return torch.tensor(rows, dtype=torch.long, device=self.device), jobs
 
     def _prompt_logprobs(
-        self, logits: torch.Tensor, jobs: list[tuple[Sequence, list[int]]]
+        self, hidden: torch.Tensor, rows: torch.Tensor, jobs: list[tuple[Sequence, list[int]]]
     ) -> list[tuple[Sequence, list[TokenLogprob]]]:
+        """fp32 log_softmax of the logits of `rows`, PROMPT_LOGPROB_ROWS at a time: a whole
+        chunk of [2048, vocab] logits at once would be hundreds of MB for a real vocabulary."""
         targets = torch.tensor([t for _, ids in jobs for t in ids], dtype=torch.long)
         num_top = max(seq.params.prompt_logprobs or 0 for seq, _ in jobs)
-        entries = token_logprobs(logits.log_softmax(dim=-1), targets.to(logits.device), num_top)
+        entries: list[TokenLogprob] = []
+        for start in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+            piece = rows[start : start + PROMPT_LOGPROB_ROWS]
+            logits = self.model.compute_logits(hidden[piece]).float()
+            goal = targets[start : start + PROMPT_LOGPROB_ROWS].to(logits.device)
+            entries += token_logprobs(logits.log_softmax(dim=-1), goal, num_top)
         result, offset = [], 0
         for seq, ids in jobs:
             chunk = entries[offset : offset + len(ids)]

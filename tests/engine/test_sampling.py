@@ -172,7 +172,10 @@ def test_logprobs_are_the_raw_model_distribution(model) -> None:
         assert [v for _, v in entry.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
 
 
-def test_prompt_logprobs_bypass_the_prefix_cache(model) -> None:
+def test_prompt_logprobs_bypass_the_prefix_cache(model, monkeypatch) -> None:
+    from palm_serve.engine import model_runner
+
+    monkeypatch.setattr(model_runner, "PROMPT_LOGPROB_ROWS", 5)  # slices of a chunk, too
     rng = random.Random(9)
     prompt = [rng.randrange(97) for _ in range(70)]
     # A small budget prefills in chunks; the first request caches the prompt's blocks.
