@@ -47,6 +47,10 @@ def test_bad_settings_exit_2_with_a_message(argv, message, capsys):
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
     from palm_serve.server import serve
 
-    monkeypatch.setattr(serve, "default_model_dir", lambda: tmp_path / "default")
+    from palm_serve.server import settings
+
+    # Settings resolves the default; serve names it in the message: both must see tmp_path.
+    for module in (serve, settings):
+        monkeypatch.setattr(module, "default_model_dir", lambda: tmp_path / "default")
     assert serve.serve({}) == 2
     assert "no default model is present" in capsys.readouterr().err
