@@ -23,10 +23,19 @@ def make_config(**overrides) -> PaLMConfig:
 
 
 def make_model(config: PaLMConfig | None = None, emb_std: float = 1.0, seed: int = 0) -> PaLM:
-    """A random tiny model; a larger embedding scale keeps greedy choices away from ties."""
+    """A random tiny model whose greedy choices depend on the context and whose top logits
+    are well separated. With the default init (embedding std 0.02) logits nearly tie, and
+    with only the embedding scaled up the model is nearly a bigram model: replacing the
+    whole context never changes its argmax, so a greedy oracle could not catch attention,
+    position or KV-cache errors. Scaling the projections up makes attention matter
+    (tests/engine/test_oracle_model.py checks both properties)."""
     torch.manual_seed(seed)
     model = PaLM(config or make_config())
     torch.nn.init.normal_(model.token_emb.weight, std=emb_std)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.fused_proj.weight.mul_(3.0)
+            layer.attn_out.weight.mul_(4.0)
     return model.eval().requires_grad_(False)
 
 

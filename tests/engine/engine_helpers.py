@@ -51,23 +51,14 @@ class PieceTokenizer:
 
 
 def make_context_model(seed: int = 0, **config_overrides):
-    """A tiny model whose greedy choices depend on the context. conftest's make_model
-    (embedding std 1.0, default init elsewhere) is nearly a bigram model: replacing the
-    whole context never changes its argmax, so it cannot catch attention, position or
-    KV-cache errors. Scaling the projections up makes attention matter (~90% of argmaxes
-    change with the context; tests/engine/test_oracle_model.py checks it)."""
+    """conftest's make_model: greedy choices depend on the context (see its docstring)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent.parent))
     from conftest import make_config, make_model
 
-    model = make_model(make_config(**config_overrides), emb_std=1.0, seed=seed)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.fused_proj.weight.mul_(3.0)
-            layer.attn_out.weight.mul_(4.0)
-    return model
+    return make_model(make_config(**config_overrides), emb_std=1.0, seed=seed)
 
 
 def make_engine(model, num_blocks: int | None = 512, seed: int = 0, **overrides) -> LLMEngine:
