@@ -1,4 +1,4 @@
-"""The paged KV cache: per layer, K and V of shape [num_blocks, block_size, n_kv_heads, head_dim]."""
+"""The paged KV cache: per layer, K and V of [num_blocks, block_size, n_kv_heads, head_dim]."""
 
 from __future__ import annotations
 

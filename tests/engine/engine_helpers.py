@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from palm_serve.engine.block_manager import BlockManager
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine

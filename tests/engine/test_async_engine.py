@@ -8,20 +8,22 @@ from __future__ import annotations
 import asyncio
 import random
 
-import engine_helpers
 import pytest
-from engine_helpers import (
-    PieceTokenizer,
-    check_greedy,
-    greedy,
-    make_context_model,
-)
+
 from palm_serve.engine.async_engine import AsyncEngine
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.errors import EngineDeadError, InvalidRequestError
 from palm_serve.engine.factory import build_engine
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import ByteTokenizer, save_model_dir
+
+import engine_helpers
+from engine_helpers import (
+    PieceTokenizer,
+    check_greedy,
+    greedy,
+    make_context_model,
+)
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread

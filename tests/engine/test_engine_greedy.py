@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import random
 
-import engine_helpers
 import pytest
+
+from palm_serve.engine.sampling_params import SamplingParams
+
+import engine_helpers
 from engine_helpers import (
     assert_pool_whole,
     check_greedy,
@@ -17,7 +20,6 @@ from engine_helpers import (
     run,
     tokens_of,
 )
-from palm_serve.engine.sampling_params import SamplingParams
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread
@@ -181,6 +183,7 @@ def test_a_llama_model_is_served_through_the_same_narrow_interface() -> None:
     """Grouped-query attention (2 K/V heads), untied head: the engine only uses config
     fields, forward, compute_logits and KVCache.allocate."""
     import torch
+
     from palm_serve.model.llama import Llama
     from palm_serve.model.llama_config import LlamaConfig
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import engine_helpers
 import torch
+
+import engine_helpers
 from engine_helpers import make_context_model
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import random
 
-import engine_helpers
 import pytest
 import torch
+
+from palm_serve.engine.sampler import apply_penalties, sample_rows, top_k_top_p
+from palm_serve.engine.sampling_params import SamplingParams
+
+import engine_helpers
 from engine_helpers import (
     assert_pool_whole,
     greedy,
@@ -16,8 +20,6 @@ from engine_helpers import (
     run,
     tokens_of,
 )
-from palm_serve.engine.sampler import apply_penalties, sample_rows, top_k_top_p
-from palm_serve.engine.sampling_params import SamplingParams
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from palm_serve.engine.sequence import SequenceStatus
+
 import engine_helpers
 from engine_helpers import greedy, make_request, make_scheduler
-from palm_serve.engine.sequence import SequenceStatus
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread

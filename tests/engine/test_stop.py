@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import random
 
-import engine_helpers
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from palm_serve.engine.stop_checker import StopChecker
+from palm_serve.model.tokenizer import IncrementalDetokenizer
+
+import engine_helpers
 from engine_helpers import (
     PieceTokenizer,
     assert_pool_whole,
@@ -17,10 +23,6 @@ from engine_helpers import (
     text_of,
     tokens_of,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from palm_serve.engine.stop_checker import StopChecker
-from palm_serve.model.tokenizer import IncrementalDetokenizer
 
 # autouse: one intra-op thread while these tests run (see engine_helpers)
 one_torch_thread = engine_helpers.one_torch_thread

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_worker import worker
+
 from palm_serve.kernels import select_backend
 from palm_serve.kernels.triton.launch import interpreter_active
+
+from interpreter_worker import worker
 
 
 def test_cpu_process_without_interpreter_refuses_triton() -> None:

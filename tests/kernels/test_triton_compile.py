@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import triton
-from palm_serve.kernels.triton.launch import COMPILE_OPTIONS, is_interpreted
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+
+from palm_serve.kernels.triton.launch import COMPILE_OPTIONS, is_interpreted
 
 # The package re-exports functions under the modules' names, so fetch the modules.
 kv_cache = importlib.import_module("palm_serve.kernels.triton.kv_cache")

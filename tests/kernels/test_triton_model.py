@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from conftest import make_config, make_model
 from interpreter_worker import worker
 from triton_cases import Step, assert_matches, run_model_steps

@@ -11,8 +11,10 @@ import importlib
 
 import pytest
 import torch
-from interpreter_worker import worker
+
 from palm_serve.kernels import paged_attention as torch_paged_attention
+
+from interpreter_worker import worker
 from triton_cases import FP32_ATOL_ATTENTION, assert_matches, make_paged_batch
 
 split_policy = importlib.import_module("palm_serve.kernels.triton.split_policy")

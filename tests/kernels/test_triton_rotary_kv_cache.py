@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from interpreter_worker import worker
+
 from palm_serve.kernels import build_cos_sin_cache, build_xpos_scale_cache, write_kv_cache
+
+from interpreter_worker import worker
 from triton_cases import assert_matches, rotate_fused
 
 TRITON = "palm_serve.kernels.triton"

@@ -10,8 +10,9 @@ import json
 import math
 from pathlib import Path
 
-import palm_serve.model
 import pytest
+
+import palm_serve.model
 from palm_serve.model import HFTokenizer, PaLM, load_model, load_tokenizer
 from palm_serve.model.corpus import read_documents, split_documents
 from palm_serve.model.perplexity import (

@@ -7,9 +7,10 @@ import random
 
 import pytest
 import torch
-from conftest import make_config, make_model
 
 from palm_serve.model import AttentionMetadata, KVCache, PaLM
+
+from conftest import make_config, make_model
 
 TOLERANCE = 1e-4
 CONFIGS = {

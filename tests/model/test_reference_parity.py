@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import palm_pytorch_class, palm_rlhf_class
 
 from palm_serve.model import AttentionMetadata, KVCache, PaLM
 from palm_serve.model.convert import convert_module
+
+from reference import palm_pytorch_class, palm_rlhf_class
 
 TOLERANCE = 1e-4
 

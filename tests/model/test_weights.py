@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_config, make_model
-from reference import palm_pytorch_class, palm_rlhf_class
 
 from palm_serve.model import CheckpointError, load_model, save_model_dir
 from palm_serve.model.convert import convert_state_dict, read_checkpoint
 from palm_serve.server.cli import main as cli_main
+
+from conftest import make_config, make_model
+from reference import palm_pytorch_class, palm_rlhf_class
 
 
 def test_save_load_round_trip_is_exact(tmp_path: Path) -> None:

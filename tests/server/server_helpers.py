@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
-from conftest import make_config, make_model
+from prometheus_client.parser import text_string_to_metric_families
+
 from palm_serve.model import load_model, load_tokenizer, save_model_dir
 from palm_serve.server.app import create_app
 from palm_serve.server.serve import load_engine
 from palm_serve.server.settings import Settings
-from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import make_config, make_model
 
 # Bytes 0-255 plus id 256 = EOS: the ByteTokenizer fallback (no tokenizer.json).
 VOCAB = 257

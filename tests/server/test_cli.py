@@ -4,6 +4,7 @@ the same name, a flag wins over the environment; without a model it says so."""
 from __future__ import annotations
 
 import pytest
+
 from palm_serve.server.cli import SETTINGS_FIELDS, build_parser, main
 from palm_serve.server.settings import Settings
 
@@ -45,9 +46,7 @@ def test_bad_settings_exit_2_with_a_message(argv, message, capsys):
 
 
 def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
-    from palm_serve.server import serve
-
-    from palm_serve.server import settings
+    from palm_serve.server import serve, settings
 
     # Settings resolves the default; serve names it in the message: both must see tmp_path.
     for module in (serve, settings):

@@ -12,6 +12,7 @@ import time
 
 import httpx
 from httpx_sse import aconnect_sse
+
 from server_helpers import metric, model_dir, parse_metrics, server  # noqa: F401
 
 N_CLIENTS = 64

@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import palm_serve.model
 import pytest
+
+import palm_serve.model
 from palm_serve.model import PaLM, load_model, load_tokenizer
 from palm_serve.model.corpus import read_documents
 from palm_serve.model.perplexity import dense_nll, encode_documents, greedy_dense, windows
+
 from server_helpers import ServerThread, running_server
 
 MODEL_DIR = Path(palm_serve.model.__file__).parent / "default"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from palm_serve.engine.stats import EngineStats
 from palm_serve.server.metrics import Metrics
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+
 from server_helpers import free_port, write_model_dir
 
 MAX_TOKENS = 400  # ~2 s of streaming: far longer than the 503 checks made meanwhile

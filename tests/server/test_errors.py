@@ -13,6 +13,7 @@ import time
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
+
 from server_helpers import metric, parse_metrics, running_server, write_model_dir
 
 KEY = "sekret"

@@ -13,6 +13,7 @@ import subprocess
 import httpx
 import pytest
 from httpx_sse import connect_sse
+
 from server_helpers import model_dir, oracle, server  # noqa: F401
 
 PROMPTS = ["Hello", "The quick brown fox", "héllo wörld ✓ ", "a", "0123456789" * 3]

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+
 from server_helpers import free_port, metric, model_dir, parse_metrics, server  # noqa: F401
 
 PROMPTS = ["first prompt", "second", "a third, longer prompt", "4", "five five"]

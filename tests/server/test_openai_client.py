@@ -11,7 +11,9 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
+
 from palm_serve.server.chat_template import ChatTemplate
+
 from server_helpers import model_dir, oracle, running_server, server  # noqa: F401
 
 

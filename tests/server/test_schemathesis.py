@@ -18,6 +18,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
 from server_helpers import model_dir, running_server  # noqa: F401
 
 EXAMPLES = 25
