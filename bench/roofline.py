@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import PaLM, PaLMConfig, load_model, load_tokenizer
-from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -119,6 +120,7 @@ def time_engine_step(model, tokenizer, batch: int, steps: int) -> dict[str, floa
         engine.step()
     runner = Timer(engine.runner, "execute")
     forward = Timer(model, "forward")
+    logits = Timer(model, "compute_logits")
     samples = []
     try:
         for _ in range(steps):
@@ -126,11 +128,12 @@ def time_engine_step(model, tokenizer, batch: int, steps: int) -> dict[str, floa
             engine.step()
             samples.append(time.perf_counter() - t0)
     finally:
-        del model.forward  # drop the instance attribute: the class method again
+        del model.forward, model.compute_logits  # the class methods again
     return {
         "step": statistics.median(samples),
         "runner": runner.total / steps,
         "forward": forward.total / steps,
+        "logits": logits.total / steps,
     }
 
 
@@ -160,17 +163,19 @@ def main() -> None:
             f"{args.threads} threads, decode with {PROMPT_LEN}-token prompts"
         )
         print(
-            "| batch | engine step ms | runner.execute ms | model.forward ms | matmuls ms "
-            "| step / matmuls |"
+            "| batch | engine step ms | runner.execute ms | model.forward ms "
+            "| compute_logits ms | matmuls ms | step / matmuls |"
         )
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for batch in map(int, args.batches.split(",")):
             t = time_engine_step(model, tokenizer, batch, args.steps)
             mm = time_matmuls(model, batch, max(args.steps, 10))
             rows.append({"model": name, "batch": batch, **t, "matmuls": mm})
+            cells = [t["step"], t["runner"], t["forward"], t["logits"], mm]
             print(
-                f"| {batch} | {t['step'] * 1e3:.1f} | {t['forward'] * 1e3:.1f} | "
-                f"{mm * 1e3:.1f} | {t['step'] / mm:.2f}x |",
+                f"| {batch} | "
+                + " | ".join(f"{c * 1e3:.1f}" for c in cells)
+                + f" | {t['step'] / mm:.2f}x |",
                 flush=True,
             )
         if args.profile:
