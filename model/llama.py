@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import KernelBackend, build_cos_sin_cache, torch_backend
-from ..kernels.rotary import rotate
+from .attention import DenseRotary, RotaryTables, dense_causal_attention, paged_self_attention
 from .attention_metadata import AttentionMetadata
 from .kv_cache import KVCache
 from .llama_config import LlamaConfig
@@ -80,6 +80,10 @@ class Llama(nn.Module):
 
     # ---- serving: flattened tokens over the paged cache -------------------------------
 
+    @property
+    def rotary_tables(self) -> RotaryTables:
+        return RotaryTables(self.cos_sin_cache)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -90,21 +94,12 @@ class Llama(nn.Module):
         """input_ids, positions [T] -> final-normed hidden states [T, dim].
 
         Writes this step's K/V to the cache at meta.slot_mapping, then attends."""
-        ops, c = self.kernels, self.config
+        rotary, scale = self.rotary_tables, self.config.attention_scale
         x = self.embed_tokens(input_ids)  # (T, dim)
         for i, layer in enumerate(self.layers):
             q, k, v = layer.project(x)
-            q, k = q.contiguous(), k.contiguous()
-            ops.rotary_embedding(q, k, positions, self.cos_sin_cache, None)
-            ops.write_kv_cache(k, v.contiguous(), kv_cache.k[i], kv_cache.v[i], meta.slot_mapping)
-            attn = ops.paged_attention(
-                q,
-                kv_cache.k[i],
-                kv_cache.v[i],
-                meta.block_tables,
-                meta.query_start_loc,
-                meta.context_lens,
-                c.attention_scale,
+            attn = paged_self_attention(
+                self.kernels, q, k, v, positions, rotary, kv_cache, i, meta, scale
             )
             x = layer.finish(x, attn)
         return self.norm(x)
@@ -119,21 +114,10 @@ class Llama(nn.Module):
     def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B, N] -> logits [B, N, vocab], causal, positions 0..N-1."""
         c = self.config
-        n = tokens.shape[1]
-        if n > c.max_positions:
-            raise ValueError(f"sequence of {n} tokens exceeds max_positions {c.max_positions}")
-        half = c.dim_head // 2
-        cos_sin = self.cos_sin_cache[:n].float()
-        cos, sin = cos_sin[:, None, :half], cos_sin[:, None, half:]  # (N, 1, D/2)
-        group = c.heads // c.n_kv_heads
+        rope = DenseRotary(self.rotary_tables, tokens.shape[1], c.max_positions)
         x = self.embed_tokens(tokens)  # (B, N, dim)
         for layer in self.layers:
             q, k, v = layer.project(x)  # q (B, N, H, D), k v (B, N, Hkv, D)
-            q = rotate(q, cos, sin).transpose(1, 2)  # (B, H, N, D)
-            k = rotate(k, cos, sin).transpose(1, 2).repeat_interleave(group, dim=1)
-            v = v.transpose(1, 2).repeat_interleave(group, dim=1)
-            attn = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=c.attention_scale
-            )  # (B, H, N, D)
-            x = layer.finish(x, attn.transpose(1, 2).to(x.dtype))
+            attn = dense_causal_attention(q, k, v, rope, c.attention_scale)
+            x = layer.finish(x, attn.to(x.dtype))
         return self.compute_logits(self.norm(x))
