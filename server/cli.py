@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .settings import Settings
+# torch's OpenMP threads spin at barriers by default. The engine's threads share the cores
+# with the event loop (HTTP, SSE), and a spinning or descheduled worker then stalls every
+# parallel region: a decode attention step measured 1 ms with one thread, 80-200 ms with two
+# while another thread was busy, 2 ms with PASSIVE. libgomp reads this when torch loads, so
+# it is set before anything imports torch; a value the user set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .settings import Settings  # noqa: E402
 
 SETTINGS_FIELDS = tuple(Settings.model_fields)
 

@@ -24,6 +24,10 @@ def serve(given: dict[str, Any]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if settings.num_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
     engine = load_engine(settings)
     return run_server(settings, engine)
 
@@ -80,6 +84,12 @@ def load_engine(settings: Settings):
     return engine
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def summary(settings: Settings, engine: Any) -> str:
     mc, device = engine.model_config, resolve_device(settings.device)
     tokens = engine.num_blocks * engine.block_size
@@ -89,7 +99,8 @@ def summary(settings: Settings, engine: Any) -> str:
         f"  model    {settings.model_name()} ({Path(settings.model_dir()).resolve()}): "
         f"{mc.depth} layers, dim {mc.dim}, vocab {mc.vocab_size}",
         f"  context  {engine.max_model_len} tokens",
-        f"  backend  {engine.backend_name} ({settings.dtype}, {device})",
+        f"  backend  {engine.backend_name} ({settings.dtype}, {device}, "
+        f"{_torch_threads()} CPU threads)",
         f"  KV pool  {engine.num_blocks} blocks x {engine.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     kernel_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="attention kernels: auto (Triton on CUDA, torch otherwise)"
     )
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on the CPU; default: torch's (one per core)"
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     kv_cache_memory: ByteSize = Field(
         ByteSize(512 * MIB), description="memory for the KV-cache pool (bytes, or '512MiB', '2GiB')"

@@ -53,3 +53,15 @@ def test_missing_default_model_is_a_clear_error(monkeypatch, tmp_path, capsys):
         monkeypatch.setattr(module, "default_model_dir", lambda: tmp_path / "default")
     assert serve.serve({}) == 2
     assert "no default model is present" in capsys.readouterr().err
+
+
+def test_readme_settings_table_lists_every_setting():
+    from pathlib import Path
+
+    from palm_serve.server.settings import Settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [
+        name for name in Settings.model_fields if f"`PALM_{name.upper()}`" not in readme
+    ]
+    assert not missing, f"README's settings table lacks {missing}"
