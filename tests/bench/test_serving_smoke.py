@@ -16,9 +16,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 
 from report import format_report, write_json  # noqa: E402
-from server_helpers import running_server, write_model_dir  # noqa: E402
 from serving import LoadConfig, run_load  # noqa: E402
 from workloads import BenchRequest, LengthSpec  # noqa: E402
+
+from server_helpers import running_server, write_model_dir  # noqa: E402
 
 OUTPUT_LEN = 8
 
