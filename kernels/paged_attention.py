@@ -7,6 +7,7 @@ the new tokens must already be in the cache (write_kv_cache runs first)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def paged_attention(
@@ -56,19 +57,16 @@ def _attend_one(
     context_len: int,
     scale: float,
 ) -> torch.Tensor:
-    q_len, n_heads, head_dim = q.shape
-    n_kv = k_cache.shape[2]
-    group = n_heads // n_kv
+    """One sequence's chunk of q_len new tokens over its whole context."""
+    q_len = q.shape[0]
     k = _gather(k_cache, block_table, context_len).float().transpose(0, 1)  # (Hkv, L, D)
     v = _gather(v_cache, block_table, context_len).float().transpose(0, 1)
-    qg = q.float().view(q_len, n_kv, group, head_dim).permute(1, 2, 0, 3)  # (Hkv, G, Q, D)
-    scores = torch.einsum("hgqd,hld->hgql", qg, k) * scale
     q_pos = torch.arange(context_len - q_len, context_len).unsqueeze(1)  # (Q, 1)
-    k_pos = torch.arange(context_len).unsqueeze(0)  # (1, L)
-    scores.masked_fill_(k_pos > q_pos, float("-inf"))
-    probs = scores.softmax(dim=-1)
-    o = torch.einsum("hgql,hld->hgqd", probs, v)  # (Hkv, G, Q, D)
-    return o.permute(2, 0, 1, 3).reshape(q_len, n_heads, head_dim).to(q.dtype)
+    visible = torch.arange(context_len).unsqueeze(0) <= q_pos  # (Q, L)
+    o = F.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k, v, attn_mask=visible, scale=scale, enable_gqa=True
+    )  # (H, Q, D); query head h reads K/V head h // (H / Hkv)
+    return o.transpose(0, 1).to(q.dtype)
 
 
 def _decode_batch(
@@ -82,25 +80,23 @@ def _decode_batch(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """All single-token decodes at once, padded to the longest context and masked."""
+    """All single-token decodes at once, gathered token by token, padded and masked."""
     n_heads, head_dim = q.shape[1], q.shape[2]
-    n_kv, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = n_heads // n_kv
+    block_size, n_kv = k_cache.shape[1], k_cache.shape[2]
+    batch = len(decodes)
     rows = torch.tensor([starts[s] for s in decodes], dtype=torch.long)
     ctx = torch.tensor([lens[s] for s in decodes], dtype=torch.long)
-    max_len = int(ctx.max())
-    n_blocks = (max_len + block_size - 1) // block_size
-    tables = block_tables[decodes, :n_blocks].long()  # (B, nb)
-    # Unused table entries may hold anything; clamp so the gather stays in range (masked).
-    tables = tables.clamp(0, k_cache.shape[0] - 1)
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].float()  # (B, L, Hkv, D)
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].float()
-    qg = q[rows].float().view(len(decodes), n_kv, group, head_dim)  # (B, Hkv, G, D)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
-    pad = torch.arange(max_len).unsqueeze(0) >= ctx.unsqueeze(1)  # (B, L)
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    # Padding rows read other blocks (or stale slots): zero them so 0 * NaN cannot leak in.
-    v = v.masked_fill(pad[:, :, None, None], 0.0)
-    probs = scores.softmax(dim=-1)
-    o = torch.einsum("bhgl,blhd->bhgd", probs, v)
-    out[rows] = o.reshape(len(decodes), n_heads, head_dim).to(q.dtype)
+    pos = torch.arange(int(ctx.max()))
+    visible = pos.unsqueeze(0) < ctx.unsqueeze(1)  # (B, L)
+    # Padding re-reads the sequence's position 0: written, so finite, and masked out. (Any
+    # other slot could hold NaN, and a masked probability of 0 times NaN is still NaN.)
+    pos = torch.where(visible, pos, 0)
+    tables = block_tables[decodes].long()
+    slots = tables.gather(1, pos // block_size) * block_size + pos % block_size  # (B, L)
+    k = k_cache.view(-1, n_kv, head_dim)[slots].float().transpose(1, 2)  # (B, Hkv, L, D)
+    v = v_cache.view(-1, n_kv, head_dim)[slots].float().transpose(1, 2)
+    qg = q[rows].float().view(batch, n_kv, n_heads // n_kv, head_dim)  # (B, Hkv, G, D)
+    o = F.scaled_dot_product_attention(
+        qg, k, v, attn_mask=visible[:, None, None, :], scale=scale
+    )  # (B, Hkv, G, D): the G query heads of a K/V head share one gathered K/V
+    out[rows] = o.reshape(batch, n_heads, head_dim).to(q.dtype)
