@@ -75,6 +75,7 @@ class Llama(nn.Module):
             self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         nn.init.normal_(self.embed_tokens.weight, std=0.02)
         # HF's rotary: inv_freq = 1 / theta^(2i/D), cos/sin of positions * inv_freq, rotate-half.
+        self.logits_head: nn.Module | None = None
         cos_sin = build_cos_sin_cache(config.dim_head, config.max_positions, config.rope_theta)
         self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
 
@@ -104,10 +105,14 @@ class Llama(nn.Module):
             x = layer.finish(x, attn)
         return self.norm(x)
 
+    def logits_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, dim] -> [N, vocab] (untied head, or the embedding when tied)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        if self.logits_head is not None:  # the same weight, prepacked (model/cpu_linear.py)
+            return self.logits_head(hidden)
+        return F.linear(hidden, self.logits_weight())
 
     # ---- dense: [B, N] with no cache -----------------------------------------------------
 

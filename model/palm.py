@@ -82,6 +82,7 @@ class PaLM(nn.Module):
                 config.dim_head, config.max_positions, config.xpos_scale_base
             )
         self.register_buffer("xpos_scale_cache", xpos, persistent=False)
+        self.logits_head: nn.Module | None = None
 
     # ---- serving: flattened tokens over the paged cache -------------------------------
 
@@ -109,8 +110,13 @@ class PaLM(nn.Module):
             x = layer.combine(x, attn, ff)
         return self.norm(x)
 
+    def logits_weight(self) -> torch.Tensor:
+        return self.token_emb.weight  # tied
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits tied to the token embedding: hidden [N, dim] -> [N, vocab]."""
+        if self.logits_head is not None:  # the same weight, prepacked (model/cpu_linear.py)
+            return self.logits_head(hidden)
         return F.linear(hidden, self.token_emb.weight)
 
     # ---- dense: [B, N] with no cache -----------------------------------------------------

@@ -79,6 +79,7 @@ def load_engine(settings: Settings):
             dtype=settings.dtype,
             device=device,
             kernel_backend=settings.kernel_backend,
+            prepack_cpu_linears=settings.cpu_prepacked_linears,
         )
         bar.update(1)
     return engine

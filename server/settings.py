@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on the CPU; default: torch's (one per core)"
     )
+    cpu_prepacked_linears: bool = Field(
+        True,
+        description="on a CPU in float32, reorder the weights once for oneDNN "
+        "(faster small-batch matmuls)",
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     kv_cache_memory: ByteSize = Field(
         ByteSize(512 * MIB), description="memory for the KV-cache pool (bytes, or '512MiB', '2GiB')"

@@ -1,0 +1,68 @@
+"""Linear layers with their weights reordered once into oneDNN's blocked layout (CPU, fp32).
+
+torch's F.linear hands MKL the plain [out, in] weight, and MKL repacks it on every call:
+for the small batches of decoding that copy costs as much as the multiply (the logits of
+a 32000-word vocabulary at batch 16: 17 ms with F.linear, 7 ms prepacked). vLLM's CPU
+backend prepacks for the same reason. The ops are torch's own (inductor uses them when it
+freezes CPU models) but private, so everything falls back to nn.Linear without them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# oneDNN picks its blocking for this batch size; other sizes still work (measured faster
+# than F.linear from 1 to 512 rows).
+BATCH_HINT = 16
+
+
+def prepacking_available() -> bool:
+    ops = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+    )
+
+
+class PrepackedLinear(nn.Module):
+    """y = x @ weight.T with the weight in oneDNN's layout. Inference only (no autograd)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def prepack_linears(model: nn.Module) -> int:
+    """Swap every bias-free fp32 CPU nn.Linear of the model for a PrepackedLinear, and give
+    the model a prepacked logits head (models read `logits_head` when it is set). Returns
+    how many were swapped: 0 where prepacking is unavailable or does not apply."""
+    if not prepacking_available():
+        return 0
+    swapped = 0
+    logits_weight = model.logits_weight()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            # An untied head stays an nn.Linear: logits_head below is its packed twin.
+            if _packable(child) and child.weight is not logits_weight:
+                setattr(parent, name, PrepackedLinear(child.weight))
+                swapped += 1
+    if logits_weight.device.type == "cpu" and logits_weight.dtype == torch.float32:
+        model.logits_head = PrepackedLinear(logits_weight)
+        swapped += 1
+    return swapped
+
+
+def _packable(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+    )
