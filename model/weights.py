@@ -25,8 +25,12 @@ class CheckpointError(ValueError):
 
 
 def expected_shapes(config: PaLMConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every tensor a PaLM of this config is made of."""
-    return {name: tuple(p.shape) for name, p in PaLM(config).state_dict().items()}
+    """Name -> shape of every tensor a PaLM of this config is made of. Built on the meta
+    device: shapes only, so checking a checkpoint neither allocates nor initialises a
+    second model beside the one being loaded."""
+    with torch.device("meta"):
+        model = PaLM(config)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def check_state_dict(state: dict[str, torch.Tensor], config: PaLMConfig, source: str) -> None:
