@@ -42,19 +42,21 @@ def _prompt(state: ServerState, body: ChatCompletionRequest) -> str:
         raise bad_request(str(exc), "messages") from None
 
 
-def _params(
-    state: ServerState, body: ChatCompletionRequest, prompt: str, choice: int
-) -> SamplingParams:
+def _max_tokens(state: ServerState, body: ChatCompletionRequest, prompt: str) -> int:
     max_tokens = body.max_completion_tokens or body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if max_tokens is None:  # as much as the context leaves, within the server's limit
         room = state.engine.max_model_len - len(state.engine.tokenizer.encode(prompt))
         max_tokens = max(1, min(state.settings.max_tokens_limit, room))
     check_max_tokens(state, max_tokens, name)
-    kwargs = sampling_kwargs(body)
+    return max_tokens
+
+
+def _params(
+    state: ServerState, body: ChatCompletionRequest, max_tokens: int, choice: int
+) -> SamplingParams:
+    kwargs = sampling_kwargs(body, choice)
     kwargs["stop"] = tuple(dict.fromkeys(state.chat_template.stop + kwargs["stop"]))
-    if body.seed is not None:
-        kwargs["seed"] = (body.seed + choice) % (2**63)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return make_params(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
 
@@ -70,9 +72,10 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response | Chat
     check_model(state, body.model)
     reject_unsupported(body)
     prompt, started = _prompt(state, body), []
+    max_tokens = _max_tokens(state, body, prompt)  # the prompt is encoded once, not per choice
     try:
         for i in range(body.n):
-            started.append(start(state, prompt, _params(state, body, prompt, i), "chatcmpl"))
+            started.append(start(state, prompt, _params(state, body, max_tokens, i), "chatcmpl"))
     except BaseException:
         release_all(started)
         raise

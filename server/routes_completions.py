@@ -40,9 +40,7 @@ def _params(state: ServerState, body: CompletionRequest, choice: int) -> Samplin
         raise bad_request(
             "max_tokens: 0 is only allowed with echo (to score the prompt)", "max_tokens"
         )
-    kwargs = sampling_kwargs(body)
-    if body.seed is not None:  # n seeded choices must differ, and stay reproducible
-        kwargs["seed"] = (body.seed + choice) % (2**63)
+    kwargs = sampling_kwargs(body, choice)
     echo_lp = body.logprobs if body.echo else None
     return make_params(
         max_tokens=max(1, max_tokens), logprobs=body.logprobs, prompt_logprobs=echo_lp, **kwargs

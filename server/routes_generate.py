@@ -37,8 +37,11 @@ def default_max_tokens(state: ServerState, asked: int | None) -> int:
     return min(DEFAULT_MAX_TOKENS, state.settings.max_tokens_limit)
 
 
-def sampling_kwargs(body: SamplingFields) -> dict:
-    """The SamplingParams fields every route shares, from the request body."""
+def sampling_kwargs(body: SamplingFields, choice: int = 0) -> dict:
+    """The SamplingParams fields every route shares, from the request body. Choice k of a
+    seeded request with n > 1 draws from seed + k: the n choices differ and each stays
+    reproducible."""
+    seed = None if body.seed is None else (body.seed + choice) % (2**63)
     return dict(
         temperature=body.temperature,
         top_p=body.top_p,
@@ -50,7 +53,7 @@ def sampling_kwargs(body: SamplingFields) -> dict:
         stop=body.stop_tuple(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-        seed=body.seed,
+        seed=seed,
     )
 
 
