@@ -42,7 +42,7 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
         due = [i for i, it in enumerate(items) if it.sample]
-        last_rows = meta.query_start_loc[1:].long() - 1  # (S,)
+        last_rows = meta.last_token_indices()  # (S,)
         sampled: list[int | None] = [None] * len(items)
         logprobs: list[TokenLogprob | None] = [None] * len(items)
         if due:
