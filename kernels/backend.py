@@ -13,26 +13,36 @@ BackendName = Literal["auto", "torch", "triton"]
 
 @dataclass(frozen=True)
 class KernelBackend:
-    """The three kernels the model calls, all with the torch twins' signatures."""
+    """The three kernels the model calls, all with the torch twins' signatures, and the
+    per-step plan paged_attention takes (plan_paged_attention's signature; None where the
+    implementation needs none)."""
 
     name: str
     rotary_embedding: Callable[..., None]
     write_kv_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    plan_paged_attention: Callable[..., object | None]
 
 
 def torch_backend() -> KernelBackend:
     from .kv_cache import write_kv_cache
-    from .paged_attention import paged_attention
+    from .paged_attention import paged_attention, plan_paged_attention
     from .rotary import rotary_embedding
 
-    return KernelBackend("torch", rotary_embedding, write_kv_cache, paged_attention)
+    return KernelBackend(
+        "torch", rotary_embedding, write_kv_cache, paged_attention, plan_paged_attention
+    )
 
 
 def triton_backend() -> KernelBackend:
     from .triton import paged_attention, rotary_embedding, write_kv_cache
 
-    return KernelBackend("triton", rotary_embedding, write_kv_cache, paged_attention)
+    return KernelBackend("triton", rotary_embedding, write_kv_cache, paged_attention, _no_plan)
+
+
+def _no_plan(*args: object) -> None:
+    """The Triton kernel reads the tables on the device itself: nothing to prepare."""
+    return None
 
 
 def triton_usable(device: torch.device) -> bool:

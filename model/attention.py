@@ -25,34 +25,50 @@ class RotaryTables:
     xpos_scale: torch.Tensor | None = None
 
 
-def paged_self_attention(
-    kernels: KernelBackend,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    rotary: RotaryTables,
-    kv_cache: KVCache,
-    layer: int,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """q [T, H, D], k and v [T, Hkv, D] of this step's tokens -> [T, H, D].
+class PagedSelfAttention:
+    """One step's self-attention over the paged cache, called once per layer. What is the
+    same for every layer (the kernels' plan of the batch) is prepared once, here."""
 
-    Rotates q and k, writes k and v into the layer's cache, then attends over the cache."""
-    q, k = q.contiguous(), k.contiguous()
-    kernels.rotary_embedding(q, k, positions, rotary.cos_sin, rotary.xpos_scale)
-    k_cache, v_cache = kv_cache.k[layer], kv_cache.v[layer]
-    kernels.write_kv_cache(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
-    return kernels.paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        meta.block_tables,
-        meta.query_start_loc,
-        meta.context_lens,
-        scale,
-    )
+    def __init__(
+        self,
+        kernels: KernelBackend,
+        positions: torch.Tensor,
+        rotary: RotaryTables,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> None:
+        self.kernels, self.positions, self.rotary = kernels, positions, rotary
+        self.kv_cache, self.meta, self.scale = kv_cache, meta, scale
+        self.plan = kernels.plan_paged_attention(
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            kv_cache.block_size,
+            kv_cache.k[0].shape[2],
+        )
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] of this step's tokens -> [T, H, D].
+
+        Rotates q and k, writes k and v into the layer's cache, then attends over it."""
+        q, k = q.contiguous(), k.contiguous()
+        rotary, meta = self.rotary, self.meta
+        self.kernels.rotary_embedding(q, k, self.positions, rotary.cos_sin, rotary.xpos_scale)
+        k_cache, v_cache = self.kv_cache.k[layer], self.kv_cache.v[layer]
+        self.kernels.write_kv_cache(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
+        return self.kernels.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.context_lens,
+            self.scale,
+            plan=self.plan,
+        )
 
 
 class DenseRotary:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import KernelBackend, build_cos_sin_cache, build_xpos_scale_cache, torch_backend
-from .attention import DenseRotary, RotaryTables, dense_causal_attention, paged_self_attention
+from .attention import DenseRotary, PagedSelfAttention, RotaryTables, dense_causal_attention
 from .attention_metadata import AttentionMetadata
 from .config import PaLMConfig
 from .kv_cache import KVCache
@@ -100,13 +100,13 @@ class PaLM(nn.Module):
         """input_ids, positions [T] -> final-normed hidden states [T, dim].
 
         Writes this step's K/V to the cache at meta.slot_mapping, then attends."""
-        rotary, scale = self.rotary_tables, self.config.attention_scale
+        attend = PagedSelfAttention(
+            self.kernels, positions, self.rotary_tables, kv_cache, meta, self.config.attention_scale
+        )
         x = self.token_emb(input_ids)  # (T, dim)
         for i, layer in enumerate(self.layers):
             q, k, v, ff = layer.project(x)
-            attn = paged_self_attention(
-                self.kernels, q, k, v, positions, rotary, kv_cache, i, meta, scale
-            )
+            attn = attend(i, q, k, v)
             x = layer.combine(x, attn, ff)
         return self.norm(x)
 

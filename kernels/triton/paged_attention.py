@@ -267,6 +267,7 @@ def paged_attention(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    plan: None = None,
     *,
     num_splits: int | None = None,
 ) -> torch.Tensor:
@@ -274,8 +275,8 @@ def paged_attention(
     query_start_loc [S+1] int32; context_lens [S] int32 (new tokens included). Query i of a
     sequence with q_len new tokens sits at position context_len - q_len + i.
 
-    Returns out [T, H, D] in q's dtype. num_splits overrides the split-K policy (tests,
-    benchmarks)."""
+    Returns out [T, H, D] in q's dtype. plan: the backend's per-step plan, always None here
+    (the twin's signature). num_splits overrides the split-K policy (tests, benchmarks)."""
     _check(q, k_cache, v_cache, block_tables, query_start_loc, context_lens)
     if out is None:
         out = torch.empty_like(q)

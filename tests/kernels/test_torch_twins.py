@@ -6,12 +6,14 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
 import torch
 
 from palm_serve.kernels import (
     build_cos_sin_cache,
     build_xpos_scale_cache,
     paged_attention,
+    plan_paged_attention,
     rotary_embedding,
     write_kv_cache,
 )
@@ -76,36 +78,66 @@ def _naive_attention(q, keys, values, scale):
     return out
 
 
-def test_paged_attention_matches_naive_loops() -> None:
-    rng = random.Random(0)
-    block_size, heads, n_kv, d = 4, 4, 2, 8
-    plan = [(9, 1), (6, 6), (1, 1), (13, 5), (4, 1)]  # (context, new tokens)
-    k_cache = torch.full((40, block_size, n_kv, d), float("nan"))
-    v_cache = torch.full((40, block_size, n_kv, d), float("nan"))
-    pool = list(range(40))
+def _paged_batch(rng: random.Random, seqs, block_size: int, heads: int, n_kv: int, d: int):
+    """Caches poisoned with NaN outside the written tokens, shuffled block tables, and per
+    sequence (q, keys, values) for (context, new tokens) in seqs."""
+    k_cache = torch.full((48, block_size, n_kv, d), float("nan"))
+    v_cache = torch.full((48, block_size, n_kv, d), float("nan"))
+    pool = list(range(48))
     rng.shuffle(pool)
-    tables, contexts, qs = [], [], []
-    for ctx, new in plan:
+    tables, per_seq, starts = [], [], [0]
+    for ctx, new in seqs:
         table = [pool.pop() for _ in range(-(-ctx // block_size))]
         keys, values = torch.randn(ctx, n_kv, d), torch.randn(ctx, n_kv, d)
         for t in range(ctx):
             k_cache[table[t // block_size], t % block_size] = keys[t]
             v_cache[table[t // block_size], t % block_size] = values[t]
-        tables.append(table + [0] * (4 - len(table)))
-        contexts.append((keys, values))
-        qs.append(torch.randn(new, heads, d))
-    starts = [0]
-    for _, new in plan:
+        tables.append(table + [0] * (5 - len(table)))
+        per_seq.append((torch.randn(new, heads, d), keys, values))
         starts.append(starts[-1] + new)
-    out = paged_attention(
-        torch.cat(qs),
+    args = (
+        torch.cat([q for q, _, _ in per_seq]),
         k_cache,
         v_cache,
         torch.tensor(tables, dtype=torch.int32),
         torch.tensor(starts, dtype=torch.int32),
-        torch.tensor([c for c, _ in plan], dtype=torch.int32),
-        scale=d**-0.5,
+        torch.tensor([c for c, _ in seqs], dtype=torch.int32),
     )
-    for s, (keys, values) in enumerate(contexts):
-        expected = _naive_attention(qs[s], keys, values, d**-0.5)
+    return args, per_seq, starts
+
+
+BATCHES = {
+    "mixed": [(9, 1), (6, 6), (1, 1), (13, 5), (4, 1)],
+    "decodes only": [(9, 1), (1, 1), (17, 1), (4, 1)],
+    "chunks only": [(6, 6), (13, 5)],
+}
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_paged_attention_matches_naive_loops(batch: str, n_kv: int) -> None:
+    block_size, heads, d = 4, 4, 8
+    args, per_seq, starts = _paged_batch(
+        random.Random(0), BATCHES[batch], block_size, heads, n_kv, d
+    )
+    out = paged_attention(*args, scale=d**-0.5)
+    for s, (q, keys, values) in enumerate(per_seq):
+        expected = _naive_attention(q, keys, values, d**-0.5)
         torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_plan_serves_every_layer() -> None:
+    """A model plans once per step and reuses the plan (and its gather buffers) for every
+    layer's cache: each layer's result must equal planning afresh."""
+    rng = random.Random(1)
+    block_size, heads, n_kv, d = 4, 4, 2, 8
+    seqs = BATCHES["mixed"]
+    q, k0, v0, tables, starts, lens = _paged_batch(rng, seqs, block_size, heads, n_kv, d)[0]
+    _, k1, v1, _, _, _ = _paged_batch(random.Random(1), seqs, block_size, heads, n_kv, d)[0]
+    k1, v1 = k1 * 2 - 1, v1 * 3  # a second layer: same tables, different contents
+    plan = plan_paged_attention(tables, starts, lens, block_size, n_kv)
+    for k_cache, v_cache in ((k0, v0), (k1, v1), (k0, v0)):
+        planned = paged_attention(q, k_cache, v_cache, tables, starts, lens, 0.3, plan=plan)
+        fresh = paged_attention(q, k_cache, v_cache, tables, starts, lens, 0.3)
+        assert torch.equal(planned, fresh)
+        assert not planned.isnan().any()
