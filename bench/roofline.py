@@ -1,12 +1,15 @@
 """How far one decode step of the engine is from its matrix multiplies alone.
 
 For each model and batch size B (1-64): the wall time of one engine decode step (scheduler,
-runner, model, sampler, detokenizer: `LLMEngine.step()`) against the time of the same step's
-weight matmuls alone (torch `F.linear` on [B, in] inputs with the model's own weights, same
-threads). The ratio is the engine's overhead: attention over the paged cache, rotary, norms,
-Python. The step is also split into model.forward and runner.execute, by timing wrappers.
+runner, model, sampler, detokenizer: `LLMEngine.step()`) with B sequences holding
+--prompt-len tokens each, against the time of the same step's weight matmuls alone: the
+model's own linear modules called on [B, in] inputs, same threads. The model is set up as
+the server sets it up, so with --cpu-prepacked-linears (the default) both sides use the
+oneDNN-prepacked weights; --no-prepack compares plain nn.Linear with F.linear. The ratio is
+the engine's overhead: attention over the paged cache, rotary, norms, Python. The step is
+also split into model.forward and runner.execute, by timing wrappers.
 
-    .venv/bin/python bench/roofline.py [--threads 2] [--profile 32]
+    .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import PaLM, PaLMConfig, load_model, load_tokenizer
+from palm_serve.model.cpu_linear import PrepackedLinear, prepack_linears
 
 REPO = Path(__file__).resolve().parent.parent
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -65,27 +69,32 @@ class _Ids:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-def matmul_weights(model: nn.Module) -> list[torch.Tensor]:
-    """Every weight a decode step multiplies by: the Linear layers, then the logits matrix."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-    head = getattr(model, "lm_head", None)
-    if head is None:  # tied logits: the token embedding
-        emb = getattr(model, "token_emb", None) or model.embed_tokens
-        weights.append(emb.weight)
-    return weights
+def matmuls(model: nn.Module) -> list[tuple[int, object]]:
+    """Every matmul a decode step runs, as (in_features, callable): the model's linear
+    modules (prepacked or not, as the model holds them), then its logits matrix."""
+    out = []
+    for module in model.modules():
+        if isinstance(module, PrepackedLinear):  # logits_head is one of these when set
+            out.append((module.in_features, module))
+        elif isinstance(module, nn.Linear) and module is not getattr(model, "lm_head", None):
+            out.append((module.in_features, module))
+    if model.logits_head is None:  # F.linear on the head's weight, as compute_logits does
+        weight = model.logits_weight()
+        out.append((weight.shape[1], lambda x, w=weight: F.linear(x, w)))
+    return out
 
 
 @torch.inference_mode()
 def time_matmuls(model: nn.Module, batch: int, repeats: int) -> float:
-    weights = matmul_weights(model)
-    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
-    for w in weights:  # warm-up
-        F.linear(inputs[w.shape[1]], w)
+    ops = matmuls(model)
+    inputs = {n: torch.randn(batch, n) for n, _ in ops}
+    for n, op in ops:  # warm-up
+        op(inputs[n])
     samples = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        for w in weights:
-            F.linear(inputs[w.shape[1]], w)
+        for n, op in ops:
+            op(inputs[n])
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
 
@@ -105,14 +114,21 @@ class Timer:
             self.total += time.perf_counter() - t0
 
 
-def time_engine_step(model, tokenizer, batch: int, steps: int) -> dict[str, float]:
-    """Median decode-step time with `batch` running sequences (prompts of PROMPT_LEN)."""
-    config = EngineConfig(num_blocks=batch * 8 + 8, max_num_seqs=max(batch, 1))
+def time_engine_step(
+    model, tokenizer, batch: int, steps: int, prompt_len: int = PROMPT_LEN
+) -> dict[str, float]:
+    """Median decode-step time with `batch` running sequences (prompts of prompt_len)."""
+    blocks_per_seq = (prompt_len + steps + 8) // 16 + 2
+    config = EngineConfig(
+        num_blocks=batch * blocks_per_seq + 8,
+        max_num_seqs=max(batch, 1),
+        max_num_batched_tokens=max(2048, prompt_len),
+    )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):
-        prompt = torch.randint(3, model.config.vocab_size, (PROMPT_LEN,), generator=gen)
+        prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=gen)
         engine.add_request(f"r{i}", prompt.tolist(), params)
     while engine.scheduler.waiting:  # prefill everyone, then measure pure decode steps
         engine.step()
@@ -137,12 +153,12 @@ def time_engine_step(model, tokenizer, batch: int, steps: int) -> dict[str, floa
     }
 
 
-def profile_step(model, tokenizer, batch: int) -> str:
+def profile_step(model, tokenizer, batch: int, prompt_len: int) -> str:
     """torch.profiler over a few decode steps: where the non-matmul time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_engine_step(model, tokenizer, batch, 5)
+        time_engine_step(model, tokenizer, batch, 5, prompt_len)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
 
 
@@ -151,6 +167,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens per sequence")
+    p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear and F.linear")
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
     args = p.parse_args()
@@ -158,9 +176,11 @@ def main() -> None:
     rows = []
     for name, (model, tokenizer) in models(args).items():
         model.eval().requires_grad_(False)
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        prepacked = 0 if args.no_prepack else prepack_linears(model)
         print(
-            f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
-            f"{args.threads} threads, decode with {PROMPT_LEN}-token prompts"
+            f"\n## {name}: {params:.1f}M params, {args.threads} threads, decode with "
+            f"{args.prompt_len}-token prompts, {prepacked} prepacked linears"
         )
         print(
             "| batch | engine step ms | runner.execute ms | model.forward ms "
@@ -168,9 +188,11 @@ def main() -> None:
         )
         print("|---|---|---|---|---|---|---|")
         for batch in map(int, args.batches.split(",")):
-            t = time_engine_step(model, tokenizer, batch, args.steps)
+            t = time_engine_step(model, tokenizer, batch, args.steps, args.prompt_len)
             mm = time_matmuls(model, batch, max(args.steps, 10))
-            rows.append({"model": name, "batch": batch, **t, "matmuls": mm})
+            rows.append(
+                {"model": name, "batch": batch, "prompt_len": args.prompt_len, **t, "matmuls": mm}
+            )
             cells = [t["step"], t["runner"], t["forward"], t["logits"], mm]
             print(
                 f"| {batch} | "
@@ -180,7 +202,7 @@ def main() -> None:
             )
         if args.profile:
             print(f"\n### {name}: torch.profiler, batch {args.profile}\n```")
-            print(profile_step(model, tokenizer, args.profile))
+            print(profile_step(model, tokenizer, args.profile, args.prompt_len))
             print("```")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
