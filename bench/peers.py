@@ -97,8 +97,8 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
     try:
         result["startup_s"] = running.wait_ready()
         warm_up(running.url, server)
-        for load in spec["loads"]:
-            result[load.name] = run_one_load(server, running.url, load, spec, args, rates)
+        for index, load in enumerate(spec["loads"]):
+            result[load.name] = run_one_load(server, running.url, load, index, spec, args, rates)
     except Exception as exc:  # noqa: BLE001
         result["skipped"] = f"{type(exc).__name__}: {exc}"[:400]
     finally:
@@ -106,15 +106,13 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
     return result
 
 
-def run_one_load(server: Server, url: str, load: Load, spec: dict, args, rates: dict) -> dict:
+def run_one_load(
+    server: Server, url: str, load: Load, index: int, spec: dict, args, rates: dict
+) -> dict:
+    """spec["runs"] runs of one load. Every run draws new prompts (seed 1000 * index + run,
+    the same for every server): repeating a run's prompts would let the servers with a
+    prefix cache (all but transformers) skip the prefill from the second run on."""
     rate = rates.get(load.name, float("inf")) if load.rate == "auto" else float(load.rate)
-    requests = make_requests(
-        load.num_requests,
-        LengthSpec.parse(load.input_len),
-        LengthSpec.parse(load.output_len),
-        MODEL_DIR / "tokenizer.json",
-        0,
-    )
     cfg = LoadConfig(
         base_url=url,
         model=server.model_field,
@@ -125,16 +123,24 @@ def run_one_load(server: Server, url: str, load: Load, spec: dict, args, rates: 
         label=f"{server.name} {load.name}",
     )
     reports = []
-    for _ in range(spec["runs"]):
+    for run in range(spec["runs"]):
+        requests = make_requests(
+            load.num_requests,
+            LengthSpec.parse(load.input_len),
+            LengthSpec.parse(load.output_len),
+            MODEL_DIR / "tokenizer.json",
+            1000 * index + run,
+        )
         before = load_average()
         report = asyncio.run(run_load(requests, cfg))
         report["load_average"] = before
         results = report.pop("results")
         reports.append(report)
     plot(results, report, RESULTS / f"{args.workload}-{load.name}-{server.name}.png")
+    summary = median_report(reports)
     if server.name == "palm-serve" and load.rate == "inf":
-        rates[load.name.replace("burst", "poisson")] = 0.9 * report["request_throughput"]
-    return {**median_report(reports), "rate": rate}
+        rates[load.name.replace("burst", "poisson")] = 0.9 * summary["request_throughput"]
+    return {**summary, "rate": rate}
 
 
 def table(results: list[dict], loads: list[Load]) -> str:
