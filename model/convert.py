@@ -135,4 +135,3 @@ def convert_module(
 ) -> tuple[PaLMConfig, dict[str, torch.Tensor]]:
     """Convert an in-memory reference model."""
     return convert_state_dict(module.state_dict(), layout, **overrides)
-

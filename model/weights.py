@@ -48,9 +48,7 @@ def check_state_dict(state: dict[str, torch.Tensor], config: PaLMConfig, source:
         raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(extra[:5])}")
 
 
-def save_model_dir(
-    path: str | Path, config: PaLMConfig, state: dict[str, torch.Tensor]
-) -> None:
+def save_model_dir(path: str | Path, config: PaLMConfig, state: dict[str, torch.Tensor]) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     check_state_dict(state, config, str(path))
