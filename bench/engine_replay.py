@@ -1,0 +1,100 @@
+"""A serving workload straight through LLMEngine, without HTTP: what the serving layer costs.
+
+The same kind of requests bench/serving.py sends (seeded prompt and output lengths, text
+prompts tokenized by the model's tokenizer) are all added at once to an engine set up as
+the server sets it up (prepacked linears, --max-num-seqs), then `step()` runs until every
+request is done. Compare its output tok/s with bench/serving.py's burst figure against
+`palm-serve serve` on the same model: the difference is HTTP, SSE, the event loop and the
+client sharing the cores. OpenMP reads its environment when torch loads, so run it as
+`OMP_WAIT_POLICY=PASSIVE python bench/engine_replay.py` to match the server's default.
+
+    .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
+        [--output-len 16-256] [--max-num-seqs 32] [--seed 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from workloads import LengthSpec, make_requests
+
+from palm_serve.engine.config import EngineConfig
+from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.sampling_params import SamplingParams
+from palm_serve.model import load_model, load_tokenizer
+from palm_serve.model.cpu_linear import prepack_linears
+
+TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama"
+
+
+def replay(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(args.model, model.config.vocab_size)
+    if not args.no_prepack:
+        prepack_linears(model)
+    requests = make_requests(
+        args.num_requests,
+        LengthSpec.parse(args.input_len),
+        LengthSpec.parse(args.output_len),
+        args.model / "tokenizer.json",
+        args.seed,
+    )
+    blocks = sum((r.prompt_len + r.output_len) // 16 + 2 for r in requests)
+    config = EngineConfig(
+        num_blocks=blocks, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048
+    )
+    engine = build_llm_engine(model, tokenizer, config, seed=0)
+    prompt_tokens = 0
+    for i, request in enumerate(requests):
+        ids = tokenizer.encode(request.prompt)
+        prompt_tokens += len(ids)
+        params = SamplingParams(max_tokens=request.output_len, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"r{i}", ids, params)
+    steps, t0 = 0, time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    seconds = time.perf_counter() - t0
+    output_tokens = sum(r.output_len for r in requests)
+    return {
+        "requests": len(requests),
+        "steps": steps,
+        "seconds": seconds,
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
+        "output_throughput": output_tokens / seconds,
+        "total_token_throughput": (output_tokens + prompt_tokens) / seconds,
+        "mean_step_ms": seconds / steps * 1e3,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=TINY_LLAMA, help="a model directory")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--input-len", default="32-512", help="as bench/serving.py")
+    p.add_argument("--output-len", default="16-256", help="as bench/serving.py")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    report = replay(args)
+    print(
+        f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
+        f"{report['output_throughput']:.0f} output tok/s, "
+        f"{report['total_token_throughput']:.0f} total tok/s, "
+        f"mean step {report['mean_step_ms']:.1f} ms"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
