@@ -17,6 +17,7 @@ from palm_serve.kernels import (
     rotary_embedding,
     write_kv_cache,
 )
+from palm_serve.kernels.paged_attention import SPLIT_COST, group_decodes
 
 
 def _naive_rotary(x: torch.Tensor, pos: int, base: float, xpos: float | None) -> torch.Tensor:
@@ -110,17 +111,22 @@ BATCHES = {
     "mixed": [(9, 1), (6, 6), (1, 1), (13, 5), (4, 1)],
     "decodes only": [(9, 1), (1, 1), (17, 1), (4, 1)],
     "chunks only": [(6, 6), (13, 5)],
+    "decodes of two lengths": [(9, 1), (3, 1), (9, 1), (6, 6), (3, 1), (9, 1)],
 }
 
 
+@pytest.mark.parametrize("split_cost", [SPLIT_COST, 0], ids=["one group", "group per length"])
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
 @pytest.mark.parametrize("batch", sorted(BATCHES))
-def test_paged_attention_matches_naive_loops(batch: str, n_kv: int) -> None:
+def test_paged_attention_matches_naive_loops(batch: str, n_kv: int, split_cost: int) -> None:
     block_size, heads, d = 4, 4, 8
     args, per_seq, starts = _paged_batch(
         random.Random(0), BATCHES[batch], block_size, heads, n_kv, d
     )
-    out = paged_attention(*args, scale=d**-0.5)
+    plan = plan_paged_attention(*args[3:], block_size, n_kv, split_cost=split_cost)
+    lengths = {ctx for ctx, new in BATCHES[batch] if new == 1}
+    assert len(plan.decode_groups) == (len(lengths) if split_cost == 0 else bool(lengths))
+    out = paged_attention(*args, scale=d**-0.5, plan=plan)
     for s, (q, keys, values) in enumerate(per_seq):
         expected = _naive_attention(q, keys, values, d**-0.5)
         torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected, atol=1e-5, rtol=1e-5)
@@ -141,3 +147,23 @@ def test_one_plan_serves_every_layer() -> None:
         fresh = paged_attention(q, k_cache, v_cache, tables, starts, lens, 0.3)
         assert torch.equal(planned, fresh)
         assert not planned.isnan().any()
+
+
+def test_group_decodes_cuts_padding_where_it_pays() -> None:
+    lens = list(range(768, 31, -23))  # 33 decodes, uniform lengths
+    random.Random(0).shuffle(lens)
+    groups = group_decodes(lens, split_cost=512, max_groups=4)
+    assert sorted(i for g in groups for i in g) == list(range(len(lens)))
+    spans = [(max(lens[i] for i in g), min(lens[i] for i in g)) for g in groups]
+    assert all(
+        low >= spans[n + 1][0] for n, (_, low) in enumerate(spans[:-1])
+    )  # disjoint, longest first
+    padded = sum(len(g) * top for g, (top, _) in zip(groups, spans, strict=True))
+    assert len(groups) == 4 and padded < 0.7 * len(lens) * 768
+    assert group_decodes(lens, split_cost=10**9) == [
+        sorted(range(len(lens)), key=lambda i: -lens[i])
+    ]
+    assert group_decodes([700, 40, 40, 40], split_cost=512) == [[0], [1, 2, 3]]  # an outlier
+    assert group_decodes([700, 40, 40, 40], split_cost=2048) == [[0, 1, 2, 3]]  # not worth it
+    assert group_decodes([40, 40, 40], split_cost=0) == [[0, 1, 2]]
+    assert group_decodes([]) == []
