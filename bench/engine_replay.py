@@ -44,7 +44,9 @@ def replay(args: argparse.Namespace) -> dict:
         args.model / "tokenizer.json",
         args.seed,
     )
-    blocks = sum((r.prompt_len + r.output_len) // 16 + 2 for r in requests)
+    block_size = EngineConfig().block_size
+    # Room for every request at once: the replay measures steps, not preemption.
+    blocks = sum((r.prompt_len + r.output_len) // block_size + 2 for r in requests)
     config = EngineConfig(
         num_blocks=blocks, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048
     )
