@@ -112,31 +112,63 @@ void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
   }
 }
 
-// Keys [begin, end) of one split for every query of the task, chunk by chunk.
+// The K and V rows of a split's keys, a chunk at a time, through the block table. A
+// running (block, offset) rather than a division per key, which would cost more than the
+// key's dot product at small head_dim.
+template <typename T>
+class RowWalker {
+ public:
+  RowWalker(const Problem& p, const Task& t, const T* k_cache, const T* v_cache, int32_t begin)
+      : table_(p.tables + int64_t(t.seq) * p.table_width),
+        block_size_(p.block_size),
+        row_stride_(p.kv_heads * p.dim),
+        block_(begin / p.block_size),
+        offset_(begin % p.block_size),
+        k_(k_cache + t.kv_head * p.dim),
+        v_(v_cache + t.kv_head * p.dim) {}
+
+  // The next n keys' rows into k[0, n) and v[0, n); k is padded to kKeyChunk with a row
+  // that may be read but is never weighted (dot_keys works in eights).
+  void next(int n, const T** k, const T** v) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t row = (int64_t(table_[block_]) * block_size_ + offset_) * row_stride_;
+      k[i] = k_ + row;
+      v[i] = v_ + row;
+      if (++offset_ == block_size_) {
+        offset_ = 0;
+        ++block_;
+      }
+    }
+    for (int i = n; i < kKeyChunk; ++i) k[i] = k[0];
+  }
+
+ private:
+  const int32_t* table_;
+  int64_t block_size_, row_stride_, block_, offset_;
+  const T* k_;
+  const T* v_;
+};
+
+// Keys [begin, end) of one split for every query of the task, chunk by chunk; each chunk's
+// rows, loaded once, serve all the task's query rows and the G query heads of its K/V head.
 template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
-  const int32_t* table = p.tables + int64_t(t.seq) * p.table_width;
-  const T* kp[kKeyChunk];
-  const T* vp[kKeyChunk];
+  RowWalker<T> walker(p, t, k_cache, v_cache, begin);
+  const T* k[kKeyChunk];
+  const T* v[kKeyChunk];
   alignas(32) float w[kKeyChunk];
   for (int32_t j0 = begin; j0 < end; j0 += kKeyChunk) {
     const int n = std::min(kKeyChunk, end - j0);
-    for (int i = 0; i < n; ++i) {
-      const int64_t pos = j0 + i;
-      const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-      kp[i] = k_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
-      vp[i] = v_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
-    }
-    for (int i = n; i < kKeyChunk; ++i) kp[i] = kp[0];  // read, never weighted
+    walker.next(n, k, v);
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;
-        dot_keys(st.q.data() + qi * p.dim, kp, visible, int(p.dim), p.scale, w);
+        dot_keys(st.q.data() + qi * p.dim, k, visible, int(p.dim), p.scale, w);
         const float alpha = softmax_chunk(w, visible, st.m[qi], st.l[qi]);
-        scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, vp, visible, int(p.dim));
+        scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, v, visible, int(p.dim));
       }
     }
   }
