@@ -54,9 +54,10 @@ def make_batch(q_lens: list[int], lens: list[int], shape: tuple[int, int, int], 
 def batches(shape: tuple[int, int, int]) -> dict[str, tuple]:
     rng = random.Random(0)
     decodes = [rng.randint(48, 768) for _ in range(32)]
+    mixed_q, mixed_ctx = [256, 256] + [1] * 30, [256, 512] + decodes[:30]
     return {
         "32 decodes": make_batch([1] * 32, decodes, shape),
-        "2 chunks + 30 decodes": make_batch([256, 256] + [1] * 30, [256, 512] + decodes[:30], shape),
+        "2 chunks + 30 decodes": make_batch(mixed_q, mixed_ctx, shape),
         "512-token prompt": make_batch([512], [512], shape),
     }
 
