@@ -21,7 +21,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 NAME = "palm_cpu_kernels"
-SOURCES = ("paged_attention.cpp",)
+SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp")
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
 
@@ -79,7 +79,9 @@ def load(verbose: bool = False) -> None:
         cpp_extension.load(
             name=NAME,
             sources=[str(SOURCE_DIR / s) for s in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", *isa],
+            # fp-contract off: no FMA the source does not ask for (rotary_kv_cache.cpp
+            # equals the twins bit for bit only if each product is rounded as in torch).
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(directory),
@@ -101,6 +103,18 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("palm_cpu::paged_attention_out")
     def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out):
+        return None
+
+    @torch.library.register_fake("palm_cpu::rotary_embedding")
+    def _(q, k, positions, cos_sin_cache, xpos_scale_cache):
+        return None
+
+    @torch.library.register_fake("palm_cpu::write_kv_cache")
+    def _(k, v, k_cache, v_cache, slot_mapping):
+        return None
+
+    @torch.library.register_fake("palm_cpu::rotary_write_kv_cache")
+    def _(q, k, v, k_cache, v_cache, positions, slot_mapping, cos_sin_cache, xpos_scale_cache):
         return None
 
 
