@@ -42,6 +42,7 @@ struct Problem {
   int64_t heads, kv_heads, group, dim, block_size, table_width;
   const int32_t* tables;
   float scale;
+  int64_t q_token_stride, q_head_stride;  // q may be a view of the fused projection
 };
 
 int64_t keys_of(const Task& t) { return t.pos0 + t.rows; }
@@ -104,12 +105,13 @@ struct State {
 
 template <typename T>
 void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
-  const int64_t width = p.group * p.dim;  // a K/V head's query heads are adjacent in q
-  for (int32_t r = 0; r < t.rows; ++r) {
-    const T* src = q + ((t.row0 + r) * p.heads + t.kv_head * p.group) * p.dim;
-    float* dst = st.q.data() + r * width;
-    for (int64_t i = 0; i < width; ++i) dst[i] = to_float(src[i]);
-  }
+  for (int32_t r = 0; r < t.rows; ++r)
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t head = t.kv_head * p.group + g;
+      const T* src = q + (t.row0 + r) * p.q_token_stride + head * p.q_head_stride;
+      float* dst = st.q.data() + (r * p.group + g) * p.dim;
+      for (int64_t d = 0; d < p.dim; ++d) dst[d] = to_float(src[d]);
+    }
 }
 
 // The K and V rows of a split's keys, a chunk at a time, through the block table. A
@@ -265,9 +267,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "heads must be a multiple of the K/V heads");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "out must match q in shape and dtype");
-  for (const at::Tensor* t : {&q, &k_cache, &v_cache, &out, &block_tables, &query_start_loc,
+  TORCH_CHECK(q.device().is_cpu() && q.stride(2) == 1,
+              "q must be on the CPU with a contiguous last dimension");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &out, &block_tables, &query_start_loc,
                               &context_lens}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tensors must be contiguous on the CPU");
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
+                "the caches, out and the tables must be contiguous on the CPU");
   }
   for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens})
     TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
@@ -307,7 +312,7 @@ void paged_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
   const int32_t* lens = context_lens.const_data_ptr<int32_t>();
   Problem p{q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
             k_cache.size(1), block_tables.size(1), block_tables.const_data_ptr<int32_t>(),
-            float(scale)};
+            float(scale), q.stride(0), q.stride(1)};
   check_sequences(starts, lens, p.tables, num_seqs, p.table_width, p.block_size,
                   k_cache.size(0), q.size(0));
   switch (q.scalar_type()) {

@@ -148,12 +148,24 @@ def test_returns_new_tensor_without_out() -> None:
                    FP32_ATOL)  # fmt: skip
 
 
+def test_strided_q() -> None:
+    """q as a view of a fused projection [T, H + 2 Hkv, D], as the model could pass it."""
+    batch = _batch("mixed-gqa-2")
+    fused = torch.randn(batch.q.shape[0], batch.q.shape[1] + 4, batch.q.shape[2])
+    fused[:, : batch.q.shape[1]] = batch.q
+    args = batch.args(batch.k_cache, batch.v_cache)
+    strided = cpu_paged_attention(fused[:, : batch.q.shape[1]], *args[1:])
+    assert torch.equal(strided, cpu_paged_attention(*args))
+
+
 def test_rejects_bad_inputs() -> None:
     batch = _batch("mixed-mqa")
     k, v = batch.clean_caches()
     args = batch.args(k, v)
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_paged_attention(batch.q.transpose(0, 1).contiguous().transpose(0, 1), *args[1:])
+        cpu_paged_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), *args[1:])
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_paged_attention(*args[:2], v.transpose(0, 1).contiguous().transpose(0, 1), *args[3:])
     with pytest.raises(ValueError, match="int32"):
         cpu_paged_attention(*args[:3], batch.block_tables.long(), *args[4:])
     with pytest.raises(ValueError, match="share one"):
