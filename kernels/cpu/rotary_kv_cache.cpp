@@ -5,7 +5,7 @@
 // The twins compute out1 = x1 * cos - x2 * sin and out2 = x2 * cos + x1 * sin in fp32, each
 // product rounded, then scale by the xPos factor (k by 1 / factor); build.py compiles with
 // -ffp-contract=off so that the compiler does not fuse those products into FMAs either.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
