@@ -63,15 +63,16 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def load(verbose: bool = False) -> None:
+def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     """Build the kernels if the cache lacks them, load them into this process and register
-    their fake implementations. Raises (with the compiler's message) when that fails."""
+    their fake implementations. Raises (with the compiler's message) when that fails.
+    isa: the instruction-set flags, isa_flags() by default ([] builds the scalar loops)."""
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
-    isa = isa_flags()
+    isa = isa_flags() if isa is None else isa
     directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -18,9 +18,10 @@ def paged_attention(
     out: torch.Tensor | None = None,
     plan: None = None,
 ) -> torch.Tensor:
-    """q [T, H, D] (any strides but the last); caches [NB, BS, Hkv, D]; block_tables [S, max_blocks] int32;
-    query_start_loc [S+1] int32; context_lens [S] int32 (new tokens included). Query i of a
-    sequence with q_len new tokens sits at position context_len - q_len + i.
+    """q [T, H, D] (any strides but the last); caches [NB, BS, Hkv, D]; block_tables
+    [S, max_blocks] int32; query_start_loc [S+1] int32; context_lens [S] int32 (new tokens
+    included). Query i of a sequence with q_len new tokens sits at position
+    context_len - q_len + i.
 
     Returns out [T, H, D] in q's dtype; the softmax runs in fp32. plan: always None (the
     kernel reads the tables itself; the argument keeps the twin's signature). Needs the

@@ -13,8 +13,12 @@ The extension must build here: a failed build fails these tests, it never skips 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -189,3 +193,16 @@ def test_traceable_without_graph_break() -> None:
     torch.library.opcheck(torch.ops.palm_cpu.paged_attention_out.default, (*args, out))
     compiled = torch.compile(cpu_paged_attention, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*args), cpu_paged_attention(*args))
+
+
+def test_scalar_fallback_builds_and_equals_twin() -> None:
+    """The build without AVX2 (CPUs that lack it), in a process of its own: it compiles
+    (once; cached like the main build) and gives the twins' results."""
+    worker = Path(__file__).parent / "cpu_scalar_worker.py"
+    done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    diffs = json.loads(done.stdout.strip().splitlines()[-1])
+    print(diffs)
+    assert diffs["mixed"] < FP32_ATOL and diffs["head_dim_44"] < FP32_ATOL
+    assert diffs["rotary"] == 0.0
