@@ -75,6 +75,8 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     isa = isa_flags() if isa is None else isa
     directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):  # say why the first start pauses
+        logger.info("building the CPU kernels (once, about a minute) in %s", directory)
     started = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
