@@ -7,9 +7,10 @@ request is done. Compare its output tok/s with bench/serving.py's burst figure a
 `palm-serve serve` on the same model: the difference is HTTP, SSE, the event loop and the
 client sharing the cores. OpenMP reads its environment when torch loads, so run it as
 `OMP_WAIT_POLICY=PASSIVE python bench/engine_replay.py` to match the server's default.
+--kernel-backend picks the kernels as the server's flag does (default: the torch twins).
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
-        [--output-len 16-256] [--max-num-seqs 32] [--seed 7]
+        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--kernel-backend cpu]
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from workloads import LengthSpec, make_requests
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine
 from palm_serve.engine.sampling_params import SamplingParams
+from palm_serve.kernels import select_backend
 from palm_serve.model import load_model, load_tokenizer
 from palm_serve.model.cpu_linear import prepack_linears
 
@@ -33,7 +35,8 @@ TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama
 
 def replay(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).eval().requires_grad_(False)
+    kernels = select_backend(args.kernel_backend, torch.device("cpu"))
+    model = load_model(args.model, kernels).eval().requires_grad_(False)
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     if not args.no_prepack:
         prepack_linears(model)
@@ -85,11 +88,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
+    p.add_argument("--kernel-backend", default="torch", choices=["torch", "cpu", "auto"])
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = replay(args)
     print(
-        f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
+        f"{args.kernel_backend}: {report['requests']} requests, {report['steps']} steps "
+        f"in {report['seconds']:.1f} s: "
         f"{report['output_throughput']:.0f} output tok/s, "
         f"{report['total_token_throughput']:.0f} total tok/s, "
         f"mean step {report['mean_step_ms']:.1f} ms"
