@@ -7,7 +7,12 @@ PaLM (8 heads, MQA, head_dim 32); block size 16. The twin's per-step plan is bui
 step of --layers calls and its cost shared among them, as in the model. Medians of
 --repeats steps, in --rounds rounds of alternating order.
 
+On a machine that other processes share, wall time measures the scheduler as much as the
+kernels (an OpenMP region waits for its slowest thread, and the twin runs many regions a
+call); with --threads 1, --clock thread measures the CPU time of the one thread instead.
+
     .venv/bin/python bench/cpu_attention.py [--threads 2] [--repeats 20] [--rounds 3]
+        [--clock wall|thread]
 """
 
 from __future__ import annotations
@@ -84,12 +89,12 @@ def cpu_step(batch: tuple, layers: int) -> Callable[[], None]:
     return step
 
 
-def median_ms(step: Callable[[], None], repeats: int, layers: int) -> float:
+def median_ms(step: Callable[[], None], repeats: int, layers: int, clock) -> float:
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         step()
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples) * 1e3 / layers
 
 
@@ -99,12 +104,18 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clock", choices=["wall", "thread"], default="wall")
     args = p.parse_args()
+    if args.clock == "thread" and args.threads != 1:
+        raise SystemExit("--clock thread measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     torch.set_num_threads(args.threads)
     if not cpu.available():
         raise SystemExit(f"the CPU kernels did not build: {cpu.unavailable_reason()}")
-    print(f"{args.threads} threads; ms per layer call (median of {args.repeats} steps of "
-          f"{args.layers} layers, best of {args.rounds} rounds)")  # fmt: skip
+    print(
+        f"{args.threads} threads, {args.clock} clock; ms per layer call (median of "
+        f"{args.repeats} steps of {args.layers} layers, best of {args.rounds} rounds)"
+    )
     print("| shapes | batch | twin ms | cpu ms | twin / cpu |\n|---|---|---|---|---|")
     for shape_name, shape in SHAPES.items():
         for batch_name, batch in batches(shape).items():
@@ -115,7 +126,9 @@ def main() -> None:
             for round_ in range(args.rounds):
                 order = list(steps) if round_ % 2 == 0 else list(steps)[::-1]
                 for name in order:
-                    best[name] = min(best[name], median_ms(steps[name], args.repeats, args.layers))
+                    best[name] = min(
+                        best[name], median_ms(steps[name], args.repeats, args.layers, clock)
+                    )
             ratio = best["twin"] / best["cpu"]
             print(f"| {shape_name} | {batch_name} | {best['twin']:.3f} | {best['cpu']:.3f} | "
                   f"{ratio:.1f}x |")  # fmt: skip
