@@ -24,6 +24,8 @@ NAME = "palm_cpu_kernels"
 SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp")
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
+# The flags of the build this process loaded: its ops and fakes are registered once.
+_loaded: dict[str, list[str]] = {}
 
 
 def isa_flags() -> list[str]:
@@ -69,10 +71,14 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     isa: the instruction-set flags, isa_flags() by default ([] builds the scalar loops)."""
     from torch.utils import cpp_extension
 
+    isa = isa_flags() if isa is None else isa
+    if "isa" in _loaded:
+        if _loaded["isa"] != isa:
+            raise RuntimeError(f"this process already loaded the build with {_loaded['isa']}")
+        return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
-    isa = isa_flags() if isa is None else isa
     directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob("*.so")):  # say why the first start pauses
@@ -95,6 +101,7 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     if seconds > 2.0:  # a build rather than a load from the cache
         logger.info("built the CPU kernels in %.1f s (cached in %s)", seconds, directory)
     _register_fakes()
+    _loaded["isa"] = isa
 
 
 def _register_fakes() -> None:
