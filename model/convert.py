@@ -15,8 +15,9 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .config import PaLMConfig
-from .weights import CheckpointError, check_state_dict
+from .weights import check_state_dict
 
 Layout = Literal["palm-pytorch", "palm-rlhf-pytorch"]
 LAYOUTS: tuple[str, ...] = ("palm-pytorch", "palm-rlhf-pytorch")

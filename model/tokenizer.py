@@ -8,6 +8,8 @@ from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizerModel
 
+from .checkpoint import TOKENIZER_FILE
+
 REPLACEMENT_CHAR = "\ufffd"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "<|bos|>")
@@ -71,7 +73,7 @@ class ByteTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
+    path = Path(model_dir) / TOKENIZER_FILE
     if path.is_file():
         return HFTokenizer.from_file(path)
     return ByteTokenizer(vocab_size)

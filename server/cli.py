@@ -45,8 +45,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..model.checkpoint import CheckpointError
     from ..model.convert import LAYOUTS, convert_state_dict, read_checkpoint
-    from ..model.weights import CheckpointError, save_model_dir
+    from ..model.weights import save_model_dir
 
     overrides = {}
     if args.config:

@@ -52,13 +52,13 @@ def error_response(exc: APIError) -> JSONResponse:
 def from_engine_error(exc: Exception) -> APIError:
     """Engine exceptions -> API errors (InvalidRequestError 400, EngineDeadError 503)."""
     if isinstance(exc, InvalidRequestError):
-        return bad_request(str(exc), getattr(exc, "field", None))
+        return bad_request(str(exc), exc.param)
     if isinstance(exc, EngineDeadError):
         return unavailable(f"the engine has stopped: {exc}")
     return APIError(500, "internal error", type="server_error", code="internal_error")
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
+def _param_name(loc: tuple[Any, ...]) -> str:
     # ("body", "messages", 0, "content") -> "messages[0].content"; "body" alone is the body.
     parts = [p for p in loc if p != "body"]
     name = ""
@@ -68,27 +68,27 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
-    """The first invalid field as 'field: why' (and the field), e.g. 'top_p: Input should be
-    less than or equal to 1'. A union field fails once per member: say which types it takes."""
+    """The first invalid param as 'param: why' (and the param), e.g. 'top_p: Input should be
+    less than or equal to 1'. A union param fails once per member: say which types it takes."""
     errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"body: invalid JSON ({first.get('ctx', {}).get('error', 'parse error')})", "body"
     loc = tuple(first.get("loc", ()))
-    field_loc = _strip(loc)
-    field = _field_name(field_loc)
-    if field_loc == loc:
-        return f"{field}: {first.get('msg', 'invalid value')}", field
+    param_loc = _strip(loc)
+    param = _param_name(param_loc)
+    if param_loc == loc:
+        return f"{param}: {first.get('msg', 'invalid value')}", param
     # One error per union member. A member whose type matched but whose value broke a
     # constraint ('' too short, -1 < 0) says the most; else list the accepted types.
-    same = [e for e in errors if _strip(e["loc"])[: len(field_loc)] == field_loc]
+    same = [e for e in errors if _strip(e["loc"])[: len(param_loc)] == param_loc]
     fitting = [e for e in same if not e["type"].endswith("_type")]
     if fitting:
-        return f"{_field_name(_strip(fitting[0]['loc']))}: {fitting[0]['msg']}", field
+        return f"{_param_name(_strip(fitting[0]['loc']))}: {fitting[0]['msg']}", param
     kinds = sorted({_tag_name(p) for e in same for p in e["loc"] if _is_type_tag(p)})
     return (
-        f"{field}: invalid value {_short(first.get('input'))}; expected {' or '.join(kinds)}",
-        field,
+        f"{param}: invalid value {_short(first.get('input'))}; expected {' or '.join(kinds)}",
+        param,
     )
 
 
@@ -127,8 +127,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = validation_message(exc)
-        return error_response(APIError(400, message, code="invalid_parameter", param=field))
+        message, param = validation_message(exc)
+        return error_response(APIError(400, message, code="invalid_parameter", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -1,6 +1,7 @@
-"""The server's side of one generation: admission (drain, dead engine, full queue),
-validation through the engine, streaming outputs with metrics and abort on early exit,
-and the non-streaming wait that notices a client that went away."""
+"""The server's side of one generation: tokenizing a prompt (once, however many requests
+share it), admission (drain, dead engine, full queue), validation through the engine,
+streaming outputs with metrics, and the non-streaming wait that notices a client that
+went away. Closing a request's stream is the one way a request is aborted."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from ..engine.errors import EngineDeadError, InvalidRequestError
+from ..engine.messages import EngineCoreRequest
 from ..engine.outputs import RequestOutput, TokenLogprob
 from ..engine.sampling_params import SamplingParams
 from .errors import APIError, bad_request, from_engine_error, unavailable
@@ -54,26 +56,22 @@ def admit(state: ServerState) -> Ticket:
     return state.lifecycle.admit()
 
 
-def validate(state: ServerState, prompt: str | list[int], params: SamplingParams) -> list[int]:
+def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
+    """The prompt's token ids (its one encode), or a 400 naming the field."""
     try:
-        return state.engine.validate(prompt, params)
-    except (InvalidRequestError, EngineDeadError) as exc:
+        return state.engine.tokenize(prompt)
+    except InvalidRequestError as exc:
         raise from_engine_error(exc) from None
 
 
 async def outputs(
-    state: ServerState,
-    prompt: str | list[int],
-    params: SamplingParams,
-    request_id: str,
-    num_prompt_tokens: int,
-    ticket: Ticket,
+    state: ServerState, request: EngineCoreRequest, ticket: Ticket
 ) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request. Stopping early (aclose, cancellation: a client
-    that left) aborts the request, so its KV blocks return to the pool."""
+    """The engine's outputs for one request. Closing the stream early (aclose, cancellation:
+    a client that left) aborts the request, so its KV blocks return to the pool."""
     tracker, reason = state.metrics.track(), "abort"
     try:
-        async with aclosing(state.engine.generate(prompt, params, request_id)) as stream:
+        async with aclosing(state.engine.generate(request)) as stream:
             async for out in stream:
                 tracker.on_output(out)
                 if out.finished:
@@ -81,36 +79,38 @@ async def outputs(
                 yield out
     finally:
         ticket.release()
-        tracker.finish(reason, num_prompt_tokens)
-        if reason == "abort":
-            state.abort_soon(request_id)
+        tracker.finish(reason, len(request.prompt_token_ids))
 
 
 @dataclass
 class Started:
     """One admitted, validated request whose outputs are ready to iterate."""
 
-    request_id: str
-    prompt_ids: list[int]
+    request: EngineCoreRequest
     stream: AsyncIterator[RequestOutput]
     ticket: Ticket
 
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
 
 def start(
-    state: ServerState, prompt: str | list[int], params: SamplingParams, prefix: str
+    state: ServerState, prompt_ids: list[int], params: SamplingParams, prefix: str
 ) -> Started:
     """Admit and validate; nothing is held if either refuses. The stream must be iterated
     or closed, and the ticket released (idempotent) when the response is over."""
     ticket = admit(state)
     try:
-        prompt_ids = validate(state, prompt, params)
-    except BaseException:
+        request = state.engine.make_request(prompt_ids, params, new_id(prefix))
+    except (InvalidRequestError, EngineDeadError) as exc:
         ticket.release()
-        raise
-    rid = new_id(prefix)
-    return Started(
-        rid, prompt_ids, outputs(state, prompt, params, rid, len(prompt_ids), ticket), ticket
-    )
+        raise from_engine_error(exc) from None
+    return Started(request, outputs(state, request, ticket), ticket)
 
 
 def release_all(started: list[Started]) -> None:

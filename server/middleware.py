@@ -10,25 +10,20 @@ import time
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import error_body
 from .metrics import Metrics
 
 # Routes that stay open when an API key is set: liveness, readiness, scraping, the docs.
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/docs", "/openapi.json", "/redoc")
 
 
-async def send_error(send: Send, status: int, message: str, code: str, headers=()) -> None:
-    body = json.dumps(
-        {
-            "error": {
-                "message": message,
-                "type": "invalid_request_error",
-                "code": code,
-                "param": None,
-            }
-        }
-    ).encode()
+async def send_error(
+    send: Send, status: int, message: str, code: str, headers: list[tuple[str, str]] | None = None
+) -> None:
+    """An error answered before routing, in the same shape the handlers answer with."""
+    body = json.dumps(error_body(message, "invalid_request_error", code)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in headers]
+    raw += [(k.encode(), v.encode()) for k, v in headers or []]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
 

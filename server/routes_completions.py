@@ -9,22 +9,38 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..engine.sampling_params import SamplingParams
 from .errors import bad_request, error_body, from_engine_error
-from .generation import Collected, Started, collect_many, make_params, merge, release_all, start
+from .generation import (
+    Collected,
+    Started,
+    collect_many,
+    make_params,
+    merge,
+    release_all,
+    start,
+    tokenize,
+)
 from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
-from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse
-from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
-from .routes_generate import default_max_tokens, sampling_kwargs, usage
-from .routes_openai import check_model, reject_unsupported, router
+from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage
+from .routes_common import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    check_model,
+    default_max_tokens,
+    get_state,
+    reject_unsupported,
+    sampling_kwargs,
+    usage,
+)
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
 
-__all__ = ["router"]  # the routes live on routes_openai.router
+router = APIRouter()
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
@@ -58,10 +74,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     check_model(state, body.model)
     reject_unsupported(body)
     prompts, started = _prompts(body), []
+    prompt_ids = [tokenize(state, prompt) for prompt in prompts]  # once each, whatever n is
     try:
-        for prompt in prompts:
+        for ids in prompt_ids:
             for i in range(body.n):
-                started.append(start(state, prompt, _params(state, body, i), "cmpl"))
+                started.append(start(state, ids, _params(state, body, i), "cmpl"))
     except BaseException:
         release_all(started)
         raise
@@ -93,7 +110,7 @@ class _View:
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)
         ]
 
-    def usage(self, completion_tokens: int):
+    def usage(self, completion_tokens: int) -> Usage:
         prompt_tokens = sum(len(s.prompt_ids) for s in self.started[:: self.body.n])
         return usage(prompt_tokens, 0 if self.score_only else completion_tokens)
 
