@@ -75,8 +75,8 @@ def sample_rows(
     return index.clamp_(max=logits.shape[1] - 1)
 
 
-# torch's CPU sort of a whole vocabulary is slow (~26 ms for 32 rows of 4096 on one core);
-# topk of a few hundred candidates is ~10x cheaper and a trained model's nucleus almost
+# torch's CPU sort of a whole vocabulary is slow; topk of a few hundred candidates is an
+# order of magnitude cheaper (docs/BENCHMARKS.md) and a trained model's nucleus almost
 # always lies within them. Checked per row (so a row's result never depends on its
 # neighbours); a row whose nucleus reaches past the candidates is redone with a full sort.
 NUCLEUS_CANDIDATES = 256

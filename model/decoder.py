@@ -74,11 +74,6 @@ class DecoderModel(nn.Module):
             x = layer(x, partial(attend, i))
         return self.norm(x)
 
-    def logits_weight(self) -> torch.Tensor:
-        if self.logits_head is not None and isinstance(self.logits_head, nn.Linear):
-            return self.logits_head.weight
-        return self.embedding.weight  # tied
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, dim] -> logits [N, vocab]."""
         if self.logits_head is not None:

@@ -10,11 +10,10 @@ from pathlib import Path
 
 # torch's OpenMP threads spin at barriers by default. The engine's threads share the cores
 # with the event loop (HTTP, SSE), and a spinning or descheduled worker then stalls every
-# parallel region: a decode attention step measured 1 ms with one thread, 80-200 ms with two
-# while another thread was busy, 2 ms with PASSIVE. libgomp reads this when torch loads, so
-# it is set before anything imports torch; a value the user set wins, and so does a spin
-# count of their own (PASSIVE would make libgomp ignore it). The price of PASSIVE: waking a
-# sleeping worker costs ~150 us per parallel op on this VM, ~10 ms of a 16-sequence step.
+# parallel region, so they sleep instead; each parallel op then pays a worker wake-up
+# (docs/BENCHMARKS.md has both measured). libgomp reads this when torch loads, so it is set
+# before anything imports torch; a value the user set wins, and so does a spin count of
+# their own (PASSIVE would make libgomp ignore it).
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
