@@ -35,8 +35,14 @@ serve: $(INSTALLED)
 test: $(DEV_INSTALLED)
 	$(PY) -m pytest -q $(ARGS)
 
+# mypy sees the top-level package directories under their installed name, palm_serve.*
+TYPECHECK := build/typecheck
 lint: $(DEV_INSTALLED)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	mkdir -p $(TYPECHECK)/palm_serve && touch $(TYPECHECK)/palm_serve/__init__.py
+	for d in kernels model engine server; do ln -sfn ../../../$$d $(TYPECHECK)/palm_serve/$$d; done
+	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p palm_serve
 
 clean:
 	rm -rf $(VENV)

@@ -14,7 +14,7 @@ later generate() calls raise EngineDeadError."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from ..model.model_config import ModelConfig
@@ -95,7 +95,7 @@ class AsyncEngine:
         """Validate once: the request generate() will run, or InvalidRequestError."""
         return self.input_processor.make_request(prompt_ids, params, request_id)
 
-    async def generate(self, request: EngineCoreRequest) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request: EngineCoreRequest) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request as they come (increments); the last has finished=True.
         Stopping early (aclose, cancellation) aborts the request."""
         request_id = request.request_id

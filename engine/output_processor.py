@@ -79,7 +79,8 @@ class OutputProcessor:
     def _request_output(self, state: RequestState, core_out: EngineCoreOutput) -> RequestOutput:
         """Detokenize the step's tokens; cut at a stop string; forget a finished request."""
         ids, logprobs = core_out.new_token_ids, core_out.logprobs
-        reason, stop_reason = core_out.finish_reason, _stop_token(core_out)
+        reason = core_out.finish_reason
+        stop_reason: str | int | None = _stop_token(core_out)
         checker = state.stop_checker
         # EOS and stop tokens end the request without text of their own.
         text_ids = ids[:-1] if reason == "stop" else ids

@@ -50,7 +50,7 @@ def prepack_linears(model: DecoderModel) -> int:
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if _packable(child):
+            if isinstance(child, nn.Linear) and _packable(child):
                 setattr(parent, name, PrepackedLinear(child.weight))
                 swapped += 1
     tied = model.embedding.weight

@@ -31,6 +31,8 @@ class DecoderModel(nn.Module):
     config: ModelConfig
     layers: nn.ModuleList
     norm: nn.Module
+    cos_sin_cache: torch.Tensor
+    xpos_scale_cache: torch.Tensor | None
 
     def __init__(self, kernels: KernelBackend | None) -> None:
         super().__init__()

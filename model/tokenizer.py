@@ -62,8 +62,8 @@ class ByteTokenizer:
         if vocab_size < 256:
             raise ValueError(f"a byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
         self.vocab_size = vocab_size
-        self.eos_token_id = 256 if vocab_size > 256 else None
-        self.bos_token_id = None
+        self.eos_token_id: int | None = 256 if vocab_size > 256 else None
+        self.bos_token_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

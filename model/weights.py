@@ -54,6 +54,10 @@ def load_config(path: str | Path) -> PaLMConfig | LlamaConfig:
     """PaLMConfig of our format, or LlamaConfig of an HF Llama directory (model_type)."""
     if is_llama_dir(path):
         return load_llama_config(path)
+    return load_palm_config(path)
+
+
+def load_palm_config(path: str | Path) -> PaLMConfig:
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (is this a palm-serve model directory?)")
@@ -74,7 +78,7 @@ def load_model(
     config.json's "architecture": "palm" is ours; HF's "model_type": "llama" is a Llama."""
     if is_llama_dir(path):
         return load_llama(path, kernels, dtype, device)
-    config = load_config(path)
+    config = load_palm_config(path)
     state = load_state(path)
     check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
     model = PaLM(config, kernels)

@@ -27,7 +27,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     default) applies. Values are parsed and checked by Settings itself."""
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = field.default if field.default_factory is None else field.default_factory()
+        default = field.get_default(call_default_factory=True, validated_data={})
         help = f"{field.description} (env PALM_{name.upper()}, default: {default})"
         if field.annotation is bool:
             parser.add_argument(

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
@@ -21,6 +22,9 @@ from .errors import APIError, bad_request, from_engine_error, unavailable
 from .lifecycle import Ticket
 from .state import ServerState
 
+# One request's outputs; closing it early aborts the request.
+OutputStream = AsyncGenerator[RequestOutput, None]
+
 DISCONNECT_POLL_SECONDS = 0.2
 RETRY_AFTER_SECONDS = 1
 
@@ -29,7 +33,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def make_params(**kwargs) -> SamplingParams:
+def make_params(**kwargs: Any) -> SamplingParams:
     """SamplingParams, its own checks turned into a 400 naming the field."""
     try:
         return SamplingParams(**kwargs)
@@ -64,9 +68,7 @@ def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
         raise from_engine_error(exc) from None
 
 
-async def outputs(
-    state: ServerState, request: EngineCoreRequest, ticket: Ticket
-) -> AsyncIterator[RequestOutput]:
+async def outputs(state: ServerState, request: EngineCoreRequest, ticket: Ticket) -> OutputStream:
     """The engine's outputs for one request. Closing the stream early (aclose, cancellation:
     a client that left) aborts the request, so its KV blocks return to the pool."""
     tracker, reason = state.metrics.track(), "abort"
@@ -87,7 +89,7 @@ class Started:
     """One admitted, validated request whose outputs are ready to iterate."""
 
     request: EngineCoreRequest
-    stream: AsyncIterator[RequestOutput]
+    stream: OutputStream
     ticket: Ticket
 
     @property
@@ -141,7 +143,7 @@ class Collected:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
-async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Collected:
+async def collect(stream: OutputStream, request: Request) -> Collected:
     """Wait for the whole result, watching for the client leaving: then abort (499-style)."""
     result = Collected()
 
@@ -164,9 +166,7 @@ async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Col
     return result
 
 
-async def collect_many(
-    streams: list[AsyncIterator[RequestOutput]], request: Request
-) -> list[Collected]:
+async def collect_many(streams: list[OutputStream], request: Request) -> list[Collected]:
     """Several choices (n > 1, several prompts) concurrently; one failure aborts the rest."""
     tasks = [asyncio.ensure_future(collect(s, request)) for s in streams]
     try:
@@ -177,7 +177,7 @@ async def collect_many(
 
 
 async def merge(
-    streams: list[AsyncIterator[RequestOutput]],
+    streams: list[OutputStream],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several streams as outputs arrive: (stream index, output)."""
     if len(streams) == 1:
@@ -187,7 +187,7 @@ async def merge(
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, stream: OutputStream) -> None:
         try:
             async with aclosing(stream) as s:
                 async for out in s:

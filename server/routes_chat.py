@@ -125,7 +125,7 @@ class _ChatView:
     def usage(self, completion_tokens: int) -> Usage:
         return usage(len(self.started[0].prompt_ids), completion_tokens)
 
-    def chunk(self, choices: list[ChatChunkChoice], usage=None) -> bytes:
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return sse_event(
             ChatCompletionChunk(
                 id=self.id,

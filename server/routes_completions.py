@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..engine.outputs import TokenLogprob
 from ..engine.sampling_params import SamplingParams
 from .errors import bad_request, error_body, from_engine_error
 from .generation import (
@@ -45,9 +46,9 @@ router = APIRouter()
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     p = body.prompt
-    if isinstance(p, str) or (p and isinstance(p[0], int)):
+    if isinstance(p, str) or (p and isinstance(p[0], int)):  # one prompt: text or token ids
         return [p]
-    return list(p)
+    return list(p)  # type: ignore[arg-type]
 
 
 def _params(state: ServerState, body: CompletionRequest, choice: int) -> SamplingParams:
@@ -140,14 +141,17 @@ class _View:
             stop_reason=r.stop_reason,
         )
 
-    def prompt_lp(self, k: int, entries) -> CompletionLogprobs:
+    def prompt_lp(self, k: int, entries: list[TokenLogprob | None] | None) -> CompletionLogprobs:
         ids = self.started[k].prompt_ids
         entries = entries if entries is not None else [None] * len(ids)
-        return completion_logprobs(self.tok, ids, entries, 0, self.body.logprobs > 0)
+        return completion_logprobs(self.tok, ids, entries, 0, bool(self.body.logprobs))
 
-    def new_lp(self, ids: list[int], entries, offset: int) -> CompletionLogprobs:
-        entries = entries if entries is not None else [None] * len(ids)
-        return completion_logprobs(self.tok, ids, entries, offset, self.body.logprobs > 0)
+    def new_lp(
+        self, ids: list[int], entries: list[TokenLogprob] | None, offset: int
+    ) -> CompletionLogprobs:
+        listed: list[TokenLogprob | None] = list(entries) if entries is not None else []
+        listed += [None] * (len(ids) - len(listed))
+        return completion_logprobs(self.tok, ids, listed, offset, bool(self.body.logprobs))
 
     async def events(self) -> AsyncIterator[bytes]:
         body, generated = self.body, 0
@@ -184,7 +188,7 @@ class _View:
             yield sse_event(error_body(err.message, err.type, err.code))
         yield DONE
 
-    def chunk(self, choices: list[CompletionChoice], usage=None) -> dict:
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
         return CompletionResponse(
             id=self.id,
             created=self.created,

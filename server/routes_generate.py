@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from ..engine.outputs import RequestOutput
 from .errors import error_body, from_engine_error
-from .generation import collect, make_params, start, tokenize
+from .generation import OutputStream, collect, make_params, start, tokenize
 from .logprobs import generate_logprob
 from .protocol import GenerateRequest
 from .responses import GenerateResponse, GenerateStreamEvent
@@ -65,9 +65,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     )
 
 
-async def _events(
-    state: ServerState, stream: AsyncIterator[RequestOutput], rid: str
-) -> AsyncIterator[bytes]:
+async def _events(state: ServerState, stream: OutputStream, rid: str) -> AsyncIterator[bytes]:
     generated, prompt_tokens = 0, 0
     try:
         async with aclosing(stream) as outs:

@@ -38,7 +38,9 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                await self.body_iterator.aclose()
+                aclose = getattr(self.body_iterator, "aclose", None)
+                if aclose is not None:
+                    await aclose()
             finally:
                 if self.on_close is not None:
                     self.on_close()
