@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-BackendName = Literal["auto", "torch", "triton"]
+logger = logging.getLogger(__name__)
+
+BackendName = Literal["auto", "torch", "triton", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,17 @@ def triton_backend() -> KernelBackend:
     return KernelBackend("triton", rotary_embedding, write_kv_cache, paged_attention, _no_plan)
 
 
+def cpu_backend() -> KernelBackend:
+    """The compiled C++ paged attention; rotary and the cache write stay the twins."""
+    from . import cpu
+    from .kv_cache import write_kv_cache
+    from .rotary import rotary_embedding
+
+    return KernelBackend("cpu", rotary_embedding, write_kv_cache, cpu.paged_attention, _no_plan)
+
+
 def _no_plan(*args: object) -> None:
-    """The Triton kernel reads the tables on the device itself: nothing to prepare."""
+    """The Triton and C++ kernels read the tables themselves: nothing to prepare."""
     return None
 
 
@@ -59,7 +71,8 @@ def triton_usable(device: torch.device) -> bool:
 
 
 def select_backend(name: BackendName, device: torch.device) -> KernelBackend:
-    """'auto' picks Triton on CUDA and torch elsewhere; 'triton' or 'torch' forces one."""
+    """'auto' picks Triton on CUDA, else the compiled CPU kernels where they build here, else
+    the torch twins (saying why, once); 'triton', 'cpu' or 'torch' forces one."""
     if name == "torch":
         return torch_backend()
     if name == "triton":
@@ -69,6 +82,29 @@ def select_backend(name: BackendName, device: torch.device) -> KernelBackend:
                 "set before triton is imported"
             )
         return triton_backend()
+    if name == "cpu":
+        return _checked_cpu_backend(device)
     if name == "auto":
-        return triton_backend() if device.type == "cuda" else torch_backend()
-    raise ValueError(f"unknown kernel backend {name!r}: expected auto, torch or triton")
+        if device.type == "cuda":
+            return triton_backend()
+        if device.type == "cpu":
+            from . import cpu
+
+            if cpu.available():
+                return cpu_backend()
+            logger.warning(
+                "compiled CPU kernels unavailable (%s): using the torch twins",
+                cpu.unavailable_reason(),
+            )
+        return torch_backend()
+    raise ValueError(f"unknown kernel backend {name!r}: expected auto, torch, triton or cpu")
+
+
+def _checked_cpu_backend(device: torch.device) -> KernelBackend:
+    from . import cpu
+
+    if device.type != "cpu":
+        raise ValueError(f"the cpu backend runs on the CPU, not on {device}")
+    if not cpu.available():
+        raise ValueError(f"the cpu backend did not build here: {cpu.unavailable_reason()}")
+    return cpu_backend()

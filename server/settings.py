@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="torch device: auto (cuda if present), cpu, cuda, cuda:1"
     )
-    kernel_backend: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="attention kernels: auto (Triton on CUDA, torch otherwise)"
+    kernel_backend: Literal["auto", "torch", "triton", "cpu"] = Field(
+        "auto", description="attention kernels: auto (Triton on CUDA, else cpu if it builds)"
     )
     num_threads: int | None = Field(
         None, ge=1, description="torch intra-op threads on the CPU; default: torch's (one per core)"

@@ -1,5 +1,6 @@
-"""The backend switch: torch on the CPU unless forced; Triton on the CPU only in a process
-that imported triton with TRITON_INTERPRET=1 (the worker), never in the test process."""
+"""The backend switch: the compiled kernels (cpu) on the CPU unless forced; Triton on the
+CPU only in a process that imported triton with TRITON_INTERPRET=1 (the worker), never in
+the test process."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from interpreter_worker import worker
 
 def test_cpu_process_without_interpreter_refuses_triton() -> None:
     cpu = torch.device("cpu")
-    assert select_backend("auto", cpu).name == "torch"
+    assert select_backend("auto", cpu).name == "cpu"
     assert select_backend("torch", cpu).name == "torch"
     if interpreter_active():
         pytest.skip("this pytest process was started with TRITON_INTERPRET=1")
@@ -24,4 +25,4 @@ def test_cpu_process_without_interpreter_refuses_triton() -> None:
 
 def test_interpreting_process_can_force_triton() -> None:
     names, _ = worker().call("triton_cases", "selected_backends")
-    assert names == ("torch", "triton")
+    assert names == ("cpu", "triton")

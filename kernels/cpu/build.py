@@ -1,0 +1,121 @@
+"""Building the C++ kernels: once per machine on first use (torch.utils.cpp_extension and
+ninja), then loaded from the cache in every later process.
+
+The build registers the ops torch.ops.palm_cpu.*; their fake (meta) implementations are
+registered here so that torch.compile can trace through them without a graph break."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+NAME = "palm_cpu_kernels"
+SOURCES = ("paged_attention.cpp",)
+HEADERS = ("vec.h",)
+SOURCE_DIR = Path(__file__).parent
+
+
+def isa_flags() -> list[str]:
+    """AVX2 + FMA + F16C where this CPU has them (vec.h falls back to scalar loops without).
+    Not -march=native: the CI machines have no AVX-512, and the cache may travel."""
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return ["-mavx2", "-mfma", "-mf16c"]
+    return []
+
+
+def build_directory(isa: list[str]) -> Path:
+    """TORCH_EXTENSIONS_DIR if set (torch's own variable), else ~/.cache/palm-serve; one
+    directory per Python, torch and instruction set, as the binary depends on all three."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        root = Path(cache) / "palm-serve" / "cpu-kernels"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    tag = "avx2" if isa else "scalar"
+    return Path(root) / f"{NAME}-{py}-torch{torch.__version__}-{tag}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch runs `ninja` from PATH, which lacks the venv's bin directory when python is run
+    by its path; the ninja package knows where its binary is."""
+    saved = os.environ.get("PATH", "")
+    try:
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, saved])
+    except ImportError:
+        pass  # torch then says that ninja is missing
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = saved
+
+
+def load(verbose: bool = False) -> None:
+    """Build the kernels if the cache lacks them, load them into this process and register
+    their fake implementations. Raises (with the compiler's message) when that fails."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
+    isa = isa_flags()
+    directory = build_directory(isa)
+    directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with _ninja_on_path():
+        cpp_extension.load(
+            name=NAME,
+            sources=[str(SOURCE_DIR / s) for s in SOURCES],
+            extra_cflags=["-O3", "-fopenmp", *isa],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(SOURCE_DIR)],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    seconds = time.perf_counter() - started
+    if seconds > 2.0:  # a build rather than a load from the cache
+        logger.info("built the CPU kernels in %.1f s (cached in %s)", seconds, directory)
+    _register_fakes()
+
+
+def _register_fakes() -> None:
+    """Shapes only: what torch.compile's fake tensors need to trace past the ops."""
+
+    @torch.library.register_fake("palm_cpu::paged_attention")
+    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale):
+        return torch.empty_like(q)
+
+    @torch.library.register_fake("palm_cpu::paged_attention_out")
+    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out):
+        return None
+
+
+@functools.cache
+def build_error() -> Exception | None:
+    """None once the kernels are loaded in this process; else why they cannot be built or
+    loaded here (the compiler's output included). Tried once per process."""
+    try:
+        load()
+    except Exception as error:  # a missing compiler or ninja, a failed build, a bad binary
+        return error
+    return None
+
+
+def summary(error: Exception) -> str:
+    """One line of an error: build failures carry the whole compiler log."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

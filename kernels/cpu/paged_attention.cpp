@@ -1,0 +1,317 @@
+// Varlen causal attention over the paged KV cache on the CPU: the sibling of the Triton
+// kernel, with the torch twin (kernels/paged_attention.py) as its oracle.
+//
+// One call serves prefill chunks and decodes together. The work is a list of items, each
+// (sequence, K/V head, tile of up to kRowTile query rows, context split): an item reads
+// its keys and values in place through the block table, kKeyChunk tokens at a time, and
+// each chunk serves every query row of the tile and all G = H / Hkv query heads that share
+// the K/V head while it is in L1. A long context is split when there are too few items to
+// keep the threads busy; the split that finishes a task last merges its partial results.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "vec.h"
+
+namespace palm_cpu {
+namespace {
+
+constexpr int kRowTile = 8;         // query rows per item of a prefill chunk
+constexpr int kKeyChunk = 32;       // keys (a multiple of 8) scored per softmax update
+constexpr int kMinSplitKeys = 128;  // no context split shorter than this
+constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
+
+struct Task {
+  int32_t seq, kv_head;
+  int32_t row0, rows;  // q rows [row0, row0 + rows) of the sequence
+  int32_t pos0;        // position of row0; row r sees keys [0, pos0 + r]
+  int32_t split_keys;  // keys per split (a multiple of kKeyChunk) ...
+  int32_t splits;      // ... and the number of splits of [0, pos0 + rows)
+  int64_t scratch;     // offset of its partials when split: splits x queries x (dim + 2)
+};
+
+struct Item {
+  int32_t task, split;
+  int64_t cost;
+};
+
+struct Problem {
+  int64_t heads, kv_heads, group, dim, block_size, table_width;
+  const int32_t* tables;
+  float scale;
+};
+
+int64_t keys_of(const Task& t) { return t.pos0 + t.rows; }
+
+std::vector<Task> make_tasks(const Problem& p, const int32_t* starts, const int32_t* lens,
+                             int64_t num_seqs) {
+  std::vector<Task> tasks;
+  for (int32_t s = 0; s < num_seqs; ++s) {
+    const int32_t q_len = starts[s + 1] - starts[s];
+    for (int32_t r = 0; r < q_len; r += kRowTile) {
+      const int32_t rows = std::min(kRowTile, q_len - r);
+      for (int32_t h = 0; h < p.kv_heads; ++h)
+        tasks.push_back({s, h, starts[s] + r, rows, lens[s] - q_len + r, 0, 1, -1});
+    }
+  }
+  return tasks;
+}
+
+// Splits each task's context so that no item costs much more than 1 / (kItemsPerThread x
+// threads) of the call, keeping at least kMinSplitKeys keys per split; returns the items,
+// costliest first (so dynamic scheduling ends with the small ones), and the scratch size.
+std::vector<Item> split_tasks(std::vector<Task>& tasks, int64_t group, int threads,
+                              int64_t dim, int64_t* scratch_floats) {
+  int64_t total = 0;
+  for (const Task& t : tasks) total += t.rows * keys_of(t);
+  const int64_t target = std::max<int64_t>(1, total / (int64_t(threads) * kItemsPerThread));
+  std::vector<Item> items;
+  *scratch_floats = 0;
+  for (int32_t i = 0; i < int32_t(tasks.size()); ++i) {
+    Task& t = tasks[i];
+    const int64_t keys = keys_of(t), cost = t.rows * keys;
+    int64_t splits = threads > 1 ? (cost + target - 1) / target : 1;
+    splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, keys / kMinSplitKeys));
+    const int64_t per = (keys + splits - 1) / splits;
+    t.split_keys = int32_t((per + kKeyChunk - 1) / kKeyChunk * kKeyChunk);
+    t.splits = int32_t((keys + t.split_keys - 1) / t.split_keys);
+    if (t.splits > 1) {
+      t.scratch = *scratch_floats;
+      *scratch_floats += int64_t(t.splits) * t.rows * group * (dim + 2);
+    }
+    for (int32_t c = 0; c < t.splits; ++c)
+      items.push_back({i, c, t.rows * std::min<int64_t>(t.split_keys, keys - c * t.split_keys)});
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// One item's running state: per query (row r, head g of the group, index r * G + g) the
+// fp32 query, the softmax max m and sum l, and the unnormalised output.
+struct State {
+  std::vector<float> q, m, l, acc;
+  void reset(int64_t queries, int64_t dim) {
+    q.resize(queries * dim);
+    m.assign(queries, kNegInf);
+    l.assign(queries, 0.f);
+    acc.assign(queries * dim, 0.f);
+  }
+};
+
+template <typename T>
+void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
+  const int64_t width = p.group * p.dim;  // a K/V head's query heads are adjacent in q
+  for (int32_t r = 0; r < t.rows; ++r) {
+    const T* src = q + ((t.row0 + r) * p.heads + t.kv_head * p.group) * p.dim;
+    float* dst = st.q.data() + r * width;
+    for (int64_t i = 0; i < width; ++i) dst[i] = to_float(src[i]);
+  }
+}
+
+// Keys [begin, end) of one split for every query of the task, chunk by chunk.
+template <typename T>
+void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
+                  int32_t begin, int32_t end, State& st) {
+  const int32_t* table = p.tables + int64_t(t.seq) * p.table_width;
+  const T* kp[kKeyChunk];
+  const T* vp[kKeyChunk];
+  alignas(32) float w[kKeyChunk];
+  for (int32_t j0 = begin; j0 < end; j0 += kKeyChunk) {
+    const int n = std::min(kKeyChunk, end - j0);
+    for (int i = 0; i < n; ++i) {
+      const int64_t pos = j0 + i;
+      const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
+      kp[i] = k_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
+      vp[i] = v_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
+    }
+    for (int i = n; i < kKeyChunk; ++i) kp[i] = kp[0];  // read, never weighted
+    for (int32_t r = 0; r < t.rows; ++r) {
+      const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
+      if (visible <= 0) continue;
+      for (int64_t g = 0; g < p.group; ++g) {
+        const int64_t qi = r * p.group + g;
+        dot_keys(st.q.data() + qi * p.dim, kp, visible, int(p.dim), p.scale, w);
+        const float alpha = softmax_chunk(w, visible, st.m[qi], st.l[qi]);
+        scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, vp, visible, int(p.dim));
+      }
+    }
+  }
+}
+
+template <typename T>
+void store_output(const Problem& p, const Task& t, int64_t r, int64_t g, const float* acc,
+                  float l, T* out) {
+  T* dst = out + ((t.row0 + r) * p.heads + t.kv_head * p.group + g) * p.dim;
+  for (int64_t d = 0; d < p.dim; ++d) dst[d] = from_float<T>(acc[d] / l);
+}
+
+// Combines a task's splits (each: m, l, then acc per query) into its output rows.
+template <typename T>
+void merge_splits(const Problem& p, const Task& t, const float* scratch, T* out) {
+  const int64_t queries = t.rows * p.group, stride = p.dim + 2;
+  std::vector<float> acc(p.dim);
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    float m = kNegInf;
+    for (int32_t c = 0; c < t.splits; ++c)
+      m = std::max(m, scratch[(c * queries + qi) * stride]);  // finite: split 0 sees key 0
+    float l = 0.f;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int32_t c = 0; c < t.splits; ++c) {
+      const float* part = scratch + (c * queries + qi) * stride;
+      const float w = std::exp(part[0] - m);  // 0 for a split the query sees nothing of
+      l += w * part[1];
+      for (int64_t d = 0; d < p.dim; ++d) acc[d] += w * part[2 + d];
+    }
+    store_output(p, t, qi / p.group, qi % p.group, acc.data(), l, out);
+  }
+}
+
+template <typename T>
+void run_item(const Problem& p, const Task& t, int32_t split, const T* q, const T* k_cache,
+              const T* v_cache, float* scratch, std::atomic<int32_t>& done, T* out) {
+  thread_local State st;
+  const int64_t queries = t.rows * p.group;
+  st.reset(queries, p.dim);
+  load_queries(p, t, q, st);
+  const int32_t begin = split * t.split_keys;
+  const int32_t end = std::min<int32_t>(keys_of(t), begin + t.split_keys);
+  attend_split(p, t, k_cache, v_cache, begin, end, st);
+  if (t.splits == 1) {  // every query saw key 0, so l >= 1
+    for (int64_t qi = 0; qi < queries; ++qi)
+      store_output(p, t, qi / p.group, qi % p.group, st.acc.data() + qi * p.dim,
+                   st.l[qi], out);
+    return;
+  }
+  float* part = scratch + t.scratch + split * queries * (p.dim + 2);
+  for (int64_t qi = 0; qi < queries; ++qi, part += p.dim + 2) {
+    part[0] = st.m[qi];
+    part[1] = st.l[qi];
+    std::copy_n(st.acc.data() + qi * p.dim, p.dim, part + 2);
+  }
+  // acq_rel: the last split to finish sees every other split's partials.
+  if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == t.splits)
+    merge_splits(p, t, scratch + t.scratch, out);
+}
+
+template <typename T>
+void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
+         const at::Tensor& v_cache, const int32_t* starts, const int32_t* lens,
+         int64_t num_seqs, const at::Tensor& out) {
+  std::vector<Task> tasks = make_tasks(p, starts, lens, num_seqs);
+  const int threads = at::get_num_threads();
+  int64_t scratch_floats = 0;
+  const std::vector<Item> items = split_tasks(tasks, p.group, threads, p.dim, &scratch_floats);
+  std::vector<float> scratch(scratch_floats);
+  std::vector<std::atomic<int32_t>> done(tasks.size());
+  const T* qp = q.const_data_ptr<T>();
+  const T* kp = k_cache.const_data_ptr<T>();
+  const T* vp = v_cache.const_data_ptr<T>();
+  T* op = out.mutable_data_ptr<T>();
+  std::atomic<int64_t> next{0};
+  // One item per grab, costliest first: contexts in a batch differ by 10x and more.
+  at::parallel_for(0, std::min<int64_t>(threads, items.size()), 1, [&](int64_t, int64_t) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < int64_t(items.size());) {
+      const Item& it = items[i];
+      run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
+    }
+  });
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                  const at::Tensor& context_lens, const at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [T, H, D], caches [NB, BS, Hkv, D]");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "q and the caches must share one dtype");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "q and the caches differ in head_dim");
+  TORCH_CHECK(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0,
+              "heads must be a multiple of the K/V heads");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "out must match q in shape and dtype");
+  for (const at::Tensor* t : {&q, &k_cache, &v_cache, &out, &block_tables, &query_start_loc,
+                              &context_lens}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tensors must be contiguous on the CPU");
+  }
+  for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens})
+    TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
+  const int64_t S = context_lens.numel();
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= S,
+              "block_tables must be [S, max_blocks]");
+  TORCH_CHECK(query_start_loc.numel() == S + 1, "query_start_loc must have S + 1 entries");
+}
+
+// The cache is read through these numbers, so a bad one would read outside it: check each.
+void check_sequences(const int32_t* starts, const int32_t* lens, const int32_t* tables,
+                     int64_t num_seqs, int64_t width, int64_t block_size, int64_t num_blocks,
+                     int64_t num_tokens) {
+  TORCH_CHECK(starts[0] == 0 && starts[num_seqs] == num_tokens,
+              "query_start_loc must run from 0 to the number of q rows");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = starts[s + 1] - starts[s], len = lens[s];
+    TORCH_CHECK(q_len >= 0 && q_len <= len, "sequence ", s, ": ", q_len,
+                " new tokens but a context of ", len);
+    TORCH_CHECK(len <= width * block_size, "sequence ", s, ": context ", len,
+                " exceeds its block table");
+    for (int64_t b = 0; b < (len + block_size - 1) / block_size; ++b) {
+      const int32_t block = tables[s * width + b];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "sequence ", s, ": block id ", block,
+                  " outside the cache");
+    }
+  }
+}
+
+void paged_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& block_tables,
+                         const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                         double scale, const at::Tensor& out) {
+  check_inputs(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, out);
+  const int64_t num_seqs = context_lens.numel();
+  const int32_t* starts = query_start_loc.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  Problem p{q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
+            k_cache.size(1), block_tables.size(1), block_tables.const_data_ptr<int32_t>(),
+            float(scale)};
+  check_sequences(starts, lens, p.tables, num_seqs, p.table_width, p.block_size,
+                  k_cache.size(0), q.size(0));
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return run<float>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+    case at::kHalf:
+      return run<c10::Half>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+    case at::kBFloat16:
+      return run<c10::BFloat16>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+    default:
+      TORCH_CHECK(false, "paged_attention: q must be float32, float16 or bfloat16, not ",
+                  q.scalar_type());
+  }
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const at::Tensor& block_tables,
+                           const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                           double scale) {
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  paged_attention_out(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale,
+                      out);
+  return out;
+}
+
+}  // namespace
+}  // namespace palm_cpu
+
+TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {
+  m.def("paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor query_start_loc, Tensor context_lens, float scale) -> Tensor");
+  m.def("paged_attention_out(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor query_start_loc, Tensor context_lens, float scale, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(palm_cpu, CPU, m) {
+  m.impl("paged_attention", &palm_cpu::paged_attention);
+  m.impl("paged_attention_out", &palm_cpu::paged_attention_out);
+}

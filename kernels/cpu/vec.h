@@ -1,0 +1,211 @@
+// The vector primitives of the CPU kernels: fp32 compute over fp32 / fp16 / bf16 storage.
+//
+// Built with AVX2 + FMA + F16C where the build machine has them (kernels/cpu/build.py
+// passes -mavx2 -mfma -mf16c), scalar loops otherwise; the scalar versions are the same
+// arithmetic, one lane at a time. No AVX-512: the CI machines lack it.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define PALM_CPU_AVX2 1
+#else
+#define PALM_CPU_AVX2 0
+#endif
+
+namespace palm_cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+
+// c10's conversions round to nearest even, as torch's .to(dtype) does.
+template <typename T>
+inline T from_float(float x) {
+  return static_cast<T>(x);
+}
+
+#if PALM_CPU_AVX2
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen each lane and shift it into place.
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// e^x to ~2 ulp (Cephes' expf, as in avx_mathfun): e^x = 2^n * e^r, |r| <= ln2 / 2, with
+// ln2 split in two so that r keeps its low bits. Inputs below -88.38 give ~0, never NaN.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.3762626647949f)),
+                    _mm256_set1_ps(88.3762626647949f));
+  __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i pow2n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
+}
+
+// Eight horizontal sums at once: lane i of the result is the sum of a[i]'s lanes.
+inline __m256 hsum8x8(const __m256* a) {
+  __m256 s01 = _mm256_hadd_ps(a[0], a[1]);
+  __m256 s23 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 s45 = _mm256_hadd_ps(a[4], a[5]);
+  __m256 s67 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 s0123 = _mm256_hadd_ps(s01, s23);  // lanes: a0..a3 low halves, a0..a3 high halves
+  __m256 s4567 = _mm256_hadd_ps(s45, s67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20),
+                       _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lanes [0, n) set (n in 0..8), for the ragged last group of a row of scores.
+inline __m256 lane_mask(int n) {
+  __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), iota));
+}
+
+#endif  // PALM_CPU_AVX2
+
+// scores[i] = scale * (q . keys[i]) for i < n. keys holds round_up(n, 8) valid rows (the
+// caller pads with a row it may read), so the vector path never branches on n.
+template <typename T>
+inline void dot_keys(const float* q, const T* const* keys, int n, int dim, float scale,
+                     float* scores) {
+#if PALM_CPU_AVX2
+  const int dim8 = dim & ~7;
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int d = 0; d < dim8; d += 8) {
+      __m256 qv = _mm256_loadu_ps(q + d);
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qv, load8(keys[i0 + j] + d), acc[j]);
+    }
+    __m256 s = hsum8x8(acc);
+    if (dim8 < dim) {
+      alignas(32) float tail[8] = {};
+      for (int j = 0; j < 8; ++j)
+        for (int d = dim8; d < dim; ++d) tail[j] += q[d] * to_float(keys[i0 + j][d]);
+      s = _mm256_add_ps(s, _mm256_load_ps(tail));
+    }
+    _mm256_storeu_ps(scores + i0, _mm256_mul_ps(s, _mm256_set1_ps(scale)));
+  }
+#else
+  for (int i = 0; i < n; ++i) {
+    float s = 0.f;
+    for (int d = 0; d < dim; ++d) s += q[d] * to_float(keys[i][d]);
+    scores[i] = s * scale;
+  }
+#endif
+}
+
+// One chunk of the online softmax (Milakov & Gimelshein, arXiv:1805.02867): with the
+// running max m and sum l of the keys before, turn scores[0, n) into their weights
+// exp(s - m') and return the factor alpha = exp(m - m') the earlier accumulation must
+// take. scores has room for round_up(n, 8) floats.
+inline float softmax_chunk(float* scores, int n, float& m, float& l) {
+#if PALM_CPU_AVX2
+  __m256 vmax = _mm256_set1_ps(kNegInf);
+  for (int i = 0; i < n; i += 8) {
+    __m256 s = _mm256_blendv_ps(_mm256_set1_ps(kNegInf), _mm256_loadu_ps(scores + i),
+                                lane_mask(n - i));
+    vmax = _mm256_max_ps(vmax, s);
+  }
+  const float m_new = std::max(m, hmax(vmax));
+  __m256 vm = _mm256_set1_ps(m_new), vsum = _mm256_setzero_ps();
+  for (int i = 0; i < n; i += 8) {
+    __m256 p = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + i), vm)),
+                             lane_mask(n - i));
+    _mm256_storeu_ps(scores + i, p);
+    vsum = _mm256_add_ps(vsum, p);
+  }
+  const float sum = hsum(vsum);
+#else
+  float m_new = m;
+  for (int i = 0; i < n; ++i) m_new = std::max(m_new, scores[i]);
+  float sum = 0.f;
+  for (int i = 0; i < n; ++i) {
+    scores[i] = std::exp(scores[i] - m_new);
+    sum += scores[i];
+  }
+#endif
+  // The first chunk: nothing accumulated yet, and exp(-inf - m') must not be computed as
+  // exp(NaN) when m' is -inf too (it is not: every chunk has a finite score).
+  const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+// acc[0, dim) = alpha * acc + sum_i p[i] * values[i]. The chunk's sum starts from zero in
+// registers and joins acc once (blocked summation: the rounding error grows with the number
+// of chunks, not of keys), 32 floats of the head at a time.
+template <typename T>
+inline void scale_accumulate(float* acc, float alpha, const float* p, const T* const* values,
+                             int n, int dim) {
+  int d = 0;
+#if PALM_CPU_AVX2
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (; d + 32 <= dim; d += 32) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int i = 0; i < n; ++i) {
+      const __m256 w = _mm256_set1_ps(p[i]);
+      const T* v = values[i] + d;
+      a0 = _mm256_fmadd_ps(w, load8(v), a0);
+      a1 = _mm256_fmadd_ps(w, load8(v + 8), a1);
+      a2 = _mm256_fmadd_ps(w, load8(v + 16), a2);
+      a3 = _mm256_fmadd_ps(w, load8(v + 24), a3);
+    }
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(_mm256_loadu_ps(acc + d), va, a0));
+    _mm256_storeu_ps(acc + d + 8, _mm256_fmadd_ps(_mm256_loadu_ps(acc + d + 8), va, a1));
+    _mm256_storeu_ps(acc + d + 16, _mm256_fmadd_ps(_mm256_loadu_ps(acc + d + 16), va, a2));
+    _mm256_storeu_ps(acc + d + 24, _mm256_fmadd_ps(_mm256_loadu_ps(acc + d + 24), va, a3));
+  }
+  for (; d + 8 <= dim; d += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int i = 0; i < n; ++i) a = _mm256_fmadd_ps(_mm256_set1_ps(p[i]), load8(values[i] + d), a);
+    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(_mm256_loadu_ps(acc + d), va, a));
+  }
+#endif
+  for (; d < dim; ++d) {
+    float a = 0.f;
+    for (int i = 0; i < n; ++i) a += p[i] * to_float(values[i][d]);
+    acc[d] = acc[d] * alpha + a;
+  }
+}
+
+}  // namespace palm_cpu
