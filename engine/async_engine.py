@@ -85,9 +85,10 @@ class AsyncEngine:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """A prompt's token ids: call once per prompt, however many requests share it."""
-        return self.input_processor.tokenize(prompt)
+    def tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """A prompt's token ids: call once per prompt, however many requests share it.
+        param: the request field the prompt came from, named by an InvalidRequestError."""
+        return self.input_processor.tokenize(prompt, param)
 
     def make_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None

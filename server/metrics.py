@@ -19,7 +19,8 @@ from ..engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# "stalled": the client stopped reading a stream and the server gave up on it.
+FINISH_REASONS = ("stop", "length", "abort", "error", "stalled")
 
 
 _ENGINE_SERIES = (

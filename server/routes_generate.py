@@ -12,7 +12,15 @@ from fastapi.responses import Response
 
 from ..engine.outputs import RequestOutput
 from .errors import error_body, from_engine_error
-from .generation import OutputStream, collect, make_params, start, tokenize
+from .generation import (
+    OutputStream,
+    admit,
+    collect,
+    make_params,
+    mark_stalled,
+    start,
+    tokenize,
+)
 from .logprobs import generate_logprob
 from .protocol import GenerateRequest
 from .responses import GenerateResponse, GenerateStreamEvent
@@ -43,9 +51,16 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         logprobs=body.logprobs,
         **sampling_kwargs(body),
     )
-    run = start(state, tokenize(state, body.prompt), params, "gen")
+    prompt_ids = tokenize(state, body.prompt)
+    (ticket,) = admit(state, 1)
+    run = start(state, prompt_ids, params, "gen", ticket)
     if body.stream:
-        return SSEResponse(_events(state, run.stream, run.request_id), run.ticket.release)
+        return SSEResponse(
+            _events(state, run.stream, run.request_id),
+            ticket.release,
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled([run]),
+        )
     try:
         result = await collect(run.stream, request)
     finally:

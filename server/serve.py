@@ -114,15 +114,15 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
 
 
 def run_server(settings: Settings, engine: AsyncEngine) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .http_protocol import uvicorn_config
     from .lifecycle import DrainingServer, Lifecycle
 
     lifecycle = Lifecycle()
     app = create_app(settings, engine, lifecycle)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings.header_read_timeout,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -201,3 +201,29 @@ def test_prompt_logprobs_bypass_the_prefix_cache(model, monkeypatch) -> None:
         assert [t for t, _ in entries[i].top] == ref[i - 1].topk(2).indices.tolist()
     assert all(o.prompt_logprobs is None for o in outputs["ppl"][1:])
     assert_pool_whole(engine)
+
+
+def test_extreme_admitted_values_sample_defined_tokens() -> None:
+    """A temperature below 1e-5 is greedy; a penalty that pushes logits past the float
+    range leaves them finite, so sampling draws only among the tokens it boosted."""
+    from palm_serve.engine.sampler import Sampler
+    from palm_serve.engine.sequence import Sequence
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 5
+    logits[:, 7] = 3.0  # token 7 was seen and has a positive logit
+
+    def seq(**params) -> Sequence:
+        return Sequence(
+            request_id="s",
+            prompt_token_ids=[7, 7],
+            params=SamplingParams(**params),
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    tiny = Sampler()(logits.clone(), [seq(temperature=t) for t in (1e-38, 2e-38, 9e-6)])
+    assert tiny.token_ids == logits.argmax(dim=-1).tolist()
+    penalized = apply_penalties(logits.clone(), [seq(repetition_penalty=1e-300)] * 3)
+    assert bool(torch.isfinite(penalized).all())
+    drawn = Sampler()(logits.clone(), [seq(temperature=1.0, repetition_penalty=1e-300)] * 3)
+    assert drawn.token_ids == [7, 7, 7]
