@@ -63,6 +63,7 @@ def _add_middlewares(app: FastAPI, settings: Settings) -> None:
         RequestBodyMiddleware,
         max_bytes=settings.max_request_bytes,
         read_timeout=settings.body_read_timeout,
+        routes=app.routes,
     )
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)

@@ -126,13 +126,11 @@ class Started:
 def start(
     state: ServerState, prompt_ids: list[int], params: SamplingParams, prefix: str, ticket: Ticket
 ) -> Started:
-    """Validate a request admitted with `ticket`; the ticket is released if it is refused.
-    The stream must be iterated or closed, and the ticket released (idempotent) when the
-    response is over."""
+    """Validate a request admitted with `ticket`. The caller releases its tickets
+    (idempotent) when the response is over, or at once if any of its requests is refused."""
     try:
         request = state.engine.make_request(prompt_ids, params, new_id(prefix))
     except (InvalidRequestError, EngineDeadError) as exc:
-        ticket.release()
         raise from_engine_error(exc) from None
     outcome = Outcome()
     return Started(request, outputs(state, request, ticket, outcome), ticket, outcome)

@@ -61,7 +61,7 @@ class HTTPMetricsMiddleware:
         route = scope.get("route")  # set by the router when the app handled the request
         if route is not None and hasattr(route, "path"):
             return route.path
-        return _match(self.routes, scope) or "unmatched"
+        return match_route(self.routes, scope) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -86,8 +86,9 @@ class HTTPMetricsMiddleware:
             self.metrics.http_latency.labels(*labels).observe(time.monotonic() - start)
 
 
-def _match(routes: list, scope: Scope) -> str | None:
-    """For requests answered before routing (401, 413): find the route they aimed at."""
+def match_route(routes: list, scope: Scope) -> str | None:
+    """The path template of the route a request aims at, before routing (for requests
+    answered by a middleware: 401, 413), or None."""
     for route in routes:
         if isinstance(route, Route) and route.matches(scope)[0] != Match.NONE:
             return route.path
@@ -95,7 +96,7 @@ def _match(routes: list, scope: Scope) -> str | None:
         inner = getattr(route, "original_router", None) or getattr(route, "router", None)
         nested = getattr(route, "routes", None) or getattr(inner, "routes", None)
         if nested:
-            found = _match(nested, scope)
+            found = match_route(nested, scope)
             if found:
                 return found
     return None

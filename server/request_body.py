@@ -10,9 +10,11 @@ import asyncio
 import json
 from typing import Any
 
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import send_error
+from .middleware import match_route
 
 # Digits a JSON integer may have: every integer of this API fits in 20 (seeds < 2**63).
 MAX_INT_DIGITS = 100
@@ -27,11 +29,20 @@ class BodyError(ValueError):
 
 
 class RequestBodyMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int, read_timeout: float) -> None:
+    """routes: the app's; a request for none of them is left to the router (404)."""
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, read_timeout: float, routes: list[BaseRoute]
+    ) -> None:
         self.app, self.max_bytes, self.read_timeout = app, max_bytes, read_timeout
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS")
+            or match_route(self.routes, scope) is None
+        ):
             return await self.app(scope, receive, send)
         try:
             body = await self._read(scope, receive)

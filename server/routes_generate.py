@@ -53,7 +53,11 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     )
     prompt_ids = tokenize(state, body.prompt)
     (ticket,) = admit(state, 1)
-    run = start(state, prompt_ids, params, "gen", ticket)
+    try:
+        run = start(state, prompt_ids, params, "gen", ticket)
+    except BaseException:
+        ticket.release()
+        raise
     if body.stream:
         return SSEResponse(
             _events(state, run.stream, run.request_id),
