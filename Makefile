@@ -52,6 +52,7 @@ mutate: $(DEV_INSTALLED)
 	mkdir -p mutation/results
 	for m in $(MUTATE); do \
 	  $(VENV)/bin/cosmic-ray init mutation/$$m.toml mutation/results/$$m.sqlite && \
+	  $(VENV)/bin/cr-filter-operators mutation/results/$$m.sqlite mutation/$$m.toml && \
 	  $(VENV)/bin/cosmic-ray exec mutation/$$m.toml mutation/results/$$m.sqlite && \
 	  $(VENV)/bin/cr-report --show-pending mutation/results/$$m.sqlite > mutation/results/$$m.txt; \
 	  tail -3 mutation/results/$$m.txt; \
