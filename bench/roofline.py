@@ -71,15 +71,14 @@ class _Ids:
 
 def matmuls(model: nn.Module) -> list[tuple[int, object]]:
     """Every matmul a decode step runs, as (in_features, callable): the model's linear
-    modules (prepacked or not, as the model holds them), then its logits matrix."""
+    modules (prepacked or not, as the model holds them; the logits head among them when
+    it is a module), else its tied logits matrix."""
     out = []
     for module in model.modules():
-        if isinstance(module, PrepackedLinear):  # logits_head is one of these when set
+        if isinstance(module, PrepackedLinear | nn.Linear):
             out.append((module.in_features, module))
-        elif isinstance(module, nn.Linear) and module is not getattr(model, "lm_head", None):
-            out.append((module.in_features, module))
-    if model.logits_head is None:  # F.linear on the head's weight, as compute_logits does
-        weight = model.logits_weight()
+    if model.logits_head is None:  # F.linear on the embedding, as compute_logits does
+        weight = model.embedding.weight
         out.append((weight.shape[1], lambda x, w=weight: F.linear(x, w)))
     return out
 
@@ -130,11 +129,11 @@ def time_engine_step(
     for i in range(batch):
         prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=gen)
         engine.add_request(f"r{i}", prompt.tolist(), params)
-    while engine.scheduler.waiting:  # prefill everyone, then measure pure decode steps
+    while engine.core.scheduler.waiting:  # prefill everyone, then measure pure decode steps
         engine.step()
     for _ in range(2):
         engine.step()
-    runner = Timer(engine.runner, "execute")
+    runner = Timer(engine.core.runner, "execute")
     forward = Timer(model, "forward")
     logits = Timer(model, "compute_logits")
     samples = []

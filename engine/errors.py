@@ -7,12 +7,13 @@ class EngineError(Exception):
 
 class InvalidRequestError(EngineError, ValueError):
     """The request can never be served as asked (empty prompt, prompt over the context,
-    bad parameter). The message names the field and why. HTTP 400."""
+    bad parameter). The message names the parameter and why. HTTP 400."""
 
-    def __init__(self, message: str, field: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
-        self.field = field
+        self.param = param
 
 
 class EngineDeadError(EngineError):
-    """The step loop failed and cannot continue; no request will be served. HTTP 503."""
+    """The engine core has stopped and cannot serve (a failed step, a dead core process,
+    shutdown). HTTP 503."""

@@ -1,31 +1,55 @@
-"""Building an engine: from a model directory (the server) or an in-memory model (tests).
+"""Construction of the engine, in one place: the core from a model (or a model directory),
+the synchronous LLMEngine and the AsyncEngine the server talks to.
 
-The engine uses only the narrow model interface: model.config.{depth, n_kv_heads,
-dim_head, vocab_size, max_positions, eos_token_id}, model.forward, model.compute_logits,
-and KVCache.allocate(model.config, ...)."""
+The core uses only the narrow model interface (model.decoder.DecoderModel): its config,
+forward, compute_logits, and KVCache.allocate(model.config, ...)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..kernels import select_backend
 from ..model.cpu_linear import prepack_linears
+from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
+from ..model.model_config import ModelConfig
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..model.weights import load_model
-from .async_engine import AsyncEngine
+from .async_engine import AsyncEngine, EngineInfo
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .core import EngineCore
+from .core_client import CoreClient, InProcessCoreClient
+from .input_processor import InputProcessor
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
+from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
-from .stop_checker import StopRules
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def load_served_model(
+    model_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    kernel_backend: str = "auto",
+    prepack_cpu_linears: bool = False,
+) -> DecoderModel:
+    """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
+    weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
+    not bit for bit)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    backend = select_backend(kernel_backend, torch.device(device))  # type: ignore[arg-type]
+    model = load_model(model_dir, kernels=backend, dtype=DTYPES[dtype], device=device)
+    if prepack_cpu_linears:
+        prepack_linears(model)
+    return model
 
 
 def build_engine(
@@ -37,44 +61,68 @@ def build_engine(
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
 ) -> AsyncEngine:
-    """prepack_cpu_linears: on a CPU in fp32, reorder the weights once for oneDNN (faster
-    small-batch matmuls; outputs equal to ~1e-6 relative, not bit for bit)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    backend = select_backend(kernel_backend, torch.device(device))  # type: ignore[arg-type]
-    model = load_model(model_dir, kernels=backend, dtype=DTYPES[dtype], device=device)
-    if prepack_cpu_linears:
-        prepack_linears(model)
+    """An AsyncEngine over a model directory, its core in a thread of this process."""
+    model = load_served_model(
+        model_dir,
+        dtype=dtype,
+        device=device,
+        kernel_backend=kernel_backend,
+        prepack_cpu_linears=prepack_cpu_linears,
+    )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
-    return AsyncEngine.from_model(model, tokenizer, engine_config, backend_name=backend.name)
+    return build_async_engine(model, tokenizer, engine_config or EngineConfig())
 
 
-def build_llm_engine(
-    model: Any, tokenizer: Tokenizer, config: EngineConfig, seed: int | None = None
-) -> LLMEngine:
+def build_core(
+    model: DecoderModel, config: EngineConfig, eos_token_id: int | None, seed: int | None = None
+) -> EngineCore:
     mc = model.config
     param = next(model.parameters())
     num_blocks = config.num_blocks or pool_blocks(mc, config, param.dtype)
     max_model_len = context_length(mc, config, num_blocks)
     kv_cache = KVCache.allocate(mc, num_blocks, config.block_size, param.dtype, param.device)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
-    scheduler = Scheduler(config, block_manager, max_model_len, StopRules(eos))
+    eos = mc.eos_token_id if mc.eos_token_id is not None else eos_token_id
+    scheduler = Scheduler(config, block_manager, max_model_len, eos)
     runner = ModelRunner(model, kv_cache, config.block_size, Sampler())
-    return LLMEngine(scheduler, runner, tokenizer, seed=seed)
+    return EngineCore(scheduler, runner, seed=seed)
 
 
-def pool_blocks(model_config: Any, config: EngineConfig, dtype: torch.dtype) -> int:
-    """Blocks that fit kv_cache_memory_bytes: K and V of every layer per block."""
-    element = torch.empty((), dtype=dtype).element_size()
-    per_block = (
-        2
-        * model_config.depth
-        * config.block_size
-        * model_config.n_kv_heads
-        * model_config.dim_head
-        * element
+def build_llm_engine(
+    model: DecoderModel, tokenizer: Tokenizer, config: EngineConfig, seed: int | None = None
+) -> LLMEngine:
+    core = build_core(model, config, tokenizer.eos_token_id, seed)
+    inputs = InputProcessor(tokenizer, model.config.vocab_size, core.max_model_len)
+    return LLMEngine(core, inputs, OutputProcessor(tokenizer))
+
+
+def build_async_engine(
+    model: DecoderModel,
+    tokenizer: Tokenizer,
+    config: EngineConfig,
+    *,
+    seed: int | None = None,
+) -> AsyncEngine:
+    """An AsyncEngine over an in-memory model, its core in a worker thread."""
+    core = build_core(model, config, tokenizer.eos_token_id, seed)
+    client: CoreClient = InProcessCoreClient(core)
+    return AsyncEngine(client, tokenizer, core_info(core, model))
+
+
+def core_info(core: EngineCore, model: DecoderModel) -> EngineInfo:
+    bm = core.block_manager
+    return EngineInfo(
+        model_config=model.config,
+        max_model_len=core.max_model_len,
+        num_blocks=bm.num_blocks,
+        block_size=bm.block_size,
+        backend_name=model.kernels.name,
     )
+
+
+def pool_blocks(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Blocks that fit kv_cache_memory_bytes: K and V of every layer per block."""
+    per_block = KVCache.bytes_per_block(model_config, config.block_size, dtype)
     num_blocks = config.kv_cache_memory_bytes // per_block
     if num_blocks < 1:
         raise ValueError(
@@ -84,7 +132,7 @@ def pool_blocks(model_config: Any, config: EngineConfig, dtype: torch.dtype) -> 
     return num_blocks
 
 
-def context_length(model_config: Any, config: EngineConfig, num_blocks: int) -> int:
+def context_length(model_config: ModelConfig, config: EngineConfig, num_blocks: int) -> int:
     """max_model_len: as configured (default the model's max_positions), capped by the
     pool so that one sequence of that length always fits alone (no endless preemption)."""
     limit = model_config.max_positions

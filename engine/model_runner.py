@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention_metadata import AttentionMetadata
+from ..model.decoder import DecoderModel
+from ..model.kv_cache import KVCache
 from .outputs import TokenLogprob
 from .sampler import Sampler, token_logprobs
 from .scheduler import ScheduledSeq, SchedulerOutput
@@ -29,7 +31,9 @@ class StepResult:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache, block_size: int, sampler: Sampler) -> None:
+    def __init__(
+        self, model: DecoderModel, kv_cache: KVCache, block_size: int, sampler: Sampler
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size

@@ -1,4 +1,5 @@
-"""What the engine hands back to its caller, one RequestOutput per step per request."""
+"""What the engine hands back to its caller: one RequestOutput per step per request, built
+in the front from the core's token-level outputs (output_processor.py)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     prompt_token_ids: list[int] = field(default_factory=list)
     num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0
+    num_output_tokens: int = 0
     # Prompt tokens served from the prefix cache instead of being prefilled.
     num_cached_tokens: int = 0
     # time.monotonic() stamps: arrival, first scheduled, first token, this output.

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .outputs import FinishReason
 from .sequence import Sequence, SequenceStatus
-from .stop_checker import StopRules
+from .stop_rules import check_stop
 
 
 @dataclass
@@ -51,13 +52,13 @@ class Scheduler:
         config: EngineConfig,
         block_manager: BlockManager,
         max_model_len: int,
-        rules: StopRules,
+        eos_token_id: int | None,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
         self.max_model_len = max_model_len
-        self.rules = rules
+        self.eos_token_id = eos_token_id
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -162,7 +163,7 @@ class Scheduler:
             if token is None:
                 continue
             seq.token_ids.append(token)
-            reason = self.rules.check(seq, token, self.max_model_len)
+            reason = check_stop(seq, token, self.eos_token_id, self.max_model_len)
             if reason is not None:
                 self._finish(seq, reason)
             touched.append(seq)
@@ -173,9 +174,9 @@ class Scheduler:
             self.waiting.remove(seq)
         self._finish(seq, "abort")
 
-    def _finish(self, seq: Sequence, reason: str) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
-        seq.finish_reason = reason  # type: ignore[assignment]
+        seq.finish_reason = reason

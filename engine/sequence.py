@@ -1,5 +1,6 @@
-"""Sequence: one request's tokens and progress. Only the block manager changes its block
-table and block hashes; only the scheduler changes its status and computed count."""
+"""Sequence: the core's state of one request: its token ids and progress, never text.
+Only the block manager changes its block table and block hashes; only the scheduler
+changes its status and computed count."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 
 from .outputs import FinishReason, TokenLogprob
 from .sampling_params import SamplingParams
-from .stop_checker import StopChecker
 
 
 class SequenceStatus(enum.Enum):
@@ -26,7 +26,6 @@ class Sequence:
     params: SamplingParams
     # The request's own random stream: its samples do not depend on its neighbours.
     generator: torch.Generator
-    stop_checker: StopChecker
     arrival_time: float = 0.0
     # Prompt followed by the generated tokens.
     token_ids: list[int] = field(default_factory=list)
@@ -38,13 +37,14 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     # Prompt tokens served from the prefix cache at the first admission.
     num_cached_tokens: int = 0
-    # Generated tokens already handed out in a RequestOutput.
+    # Generated tokens already handed out in an EngineCoreOutput.
     num_emitted_tokens: int = 0
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
     prompt_logprobs_sent: bool = False
     finish_reason: FinishReason | None = None
-    stop_reason: str | int | None = None
+    # The stop token id that ended the sequence (not EOS).
+    stop_token_id: int | None = None
     error: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

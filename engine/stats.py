@@ -17,7 +17,7 @@ class EngineStats:
     prefix_cache_hit_tokens: int = 0
     # Prompt tokens of admitted requests, and tokens generated.
     prompt_tokens: int = 0
-    generation_tokens: int = 0
+    num_output_tokens: int = 0
     num_aborted: int = 0
     # Requests finished with an error (rejected or failed by a step).
     num_failed: int = 0

@@ -1,16 +1,10 @@
-"""StopChecker: a sequence's text, built by incremental detokenization, with stop strings
-matched across token boundaries. A stop string is never emitted: text that could be the
-start of one is held back until the next token decides."""
+"""StopChecker: a request's text, built by incremental detokenization in the front, with
+stop strings matched across token boundaries. A stop string is never emitted: text that
+could be the start of one is held back until the next token decides."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from ..model.tokenizer import IncrementalDetokenizer
-from .outputs import FinishReason
-
-if TYPE_CHECKING:
-    from .sequence import Sequence
 
 
 class StopChecker:
@@ -63,35 +57,3 @@ class StopChecker:
             if any(s.startswith(suffix) for s in self.stop):
                 return n
         return 0
-
-
-class StopRules:
-    """When a sequence stops after a new token: EOS (unless ignore_eos), a stop token id, a
-    stop string, max_tokens, or the context end. EOS and stop tokens are counted as
-    generated tokens but their text is not emitted."""
-
-    def __init__(self, eos_token_id: int | None) -> None:
-        self.eos_token_id = eos_token_id
-
-    def check(self, seq: Sequence, token: int, max_model_len: int) -> FinishReason | None:
-        params, checker = seq.params, seq.stop_checker
-        if token == self.eos_token_id and not params.ignore_eos:
-            return self._flushed(seq, "stop")
-        if token in params.stop_token_ids:
-            seq.stop_reason = token
-            return self._flushed(seq, "stop")
-        stop = checker.add_token(token)
-        if stop is not None:
-            seq.stop_reason = stop
-            return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_model_len:
-            return self._flushed(seq, "length")
-        return None
-
-    @staticmethod
-    def _flushed(seq: Sequence, reason: FinishReason) -> FinishReason:
-        stop = seq.stop_checker.flush()
-        if stop is not None:  # the flushed text completed a stop string
-            seq.stop_reason = stop
-            return "stop"
-        return reason

@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 
 # Decodes are padded to their group's longest context, so mixing short and long contexts in
-# one group wastes work; each extra group costs six more ops per layer. bench/decode_groups.py
-# on 2 cores, 32 decodes with contexts uniform in 48-768, 8 layers: 33-42 ms in one group,
-# 29-35 ms in two (split_cost 2048), 22-31 ms in four (512) with spinning OpenMP workers;
-# with OMP_WAIT_POLICY=PASSIVE (the server's default), where every op pays a worker wake-up,
-# 51-79, 45-70 and 49-84 ms. Two or three groups win in both.
+# one group wastes work; each extra group costs six more ops per layer. Two or three groups
+# won with spinning and with sleeping OpenMP workers alike (bench/decode_groups.py; the
+# figures are in docs/BENCHMARKS.md).
 SPLIT_COST = 2048
 MAX_DECODE_GROUPS = 4
 

@@ -1,30 +1,34 @@
-"""The PaLM model over a paged KV cache, its config, weights format and tokenizers."""
+"""The models (PaLM, Llama) over a paged KV cache, their configs, weights format and
+tokenizers."""
 
 from .attention_metadata import AttentionMetadata
+from .checkpoint import CheckpointError
 from .config import PaLMConfig
-from .kv_cache import KVCache, bytes_per_block, num_blocks_for_budget
+from .decoder import DecoderModel
+from .kv_cache import KVCache
 from .llama import Llama
 from .llama_config import LlamaConfig
+from .model_config import ModelConfig
 from .palm import PaLM
 from .tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer, load_tokenizer
-from .weights import CheckpointError, load_config, load_model, save_model_dir
+from .weights import load_config, load_model, save_model_dir
 
 __all__ = [
     "AttentionMetadata",
     "ByteTokenizer",
     "CheckpointError",
+    "DecoderModel",
     "HFTokenizer",
     "IncrementalDetokenizer",
     "KVCache",
     "Llama",
     "LlamaConfig",
+    "ModelConfig",
     "PaLM",
     "PaLMConfig",
     "Tokenizer",
-    "bytes_per_block",
     "load_config",
     "load_model",
     "load_tokenizer",
-    "num_blocks_for_budget",
     "save_model_dir",
 ]

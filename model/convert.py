@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
 
+from .checkpoint import CheckpointError
 from .config import PaLMConfig
-from .weights import CheckpointError, check_state_dict
+from .weights import check_state_dict
 
 Layout = Literal["palm-pytorch", "palm-rlhf-pytorch"]
 LAYOUTS: tuple[str, ...] = ("palm-pytorch", "palm-rlhf-pytorch")
@@ -55,7 +56,7 @@ def _layer_prefixes(state: dict[str, torch.Tensor], layout: Layout) -> list[str]
     return [f"layers.{i}.fn." for i in indices]
 
 
-def infer_config(state: dict[str, torch.Tensor], layout: Layout, **overrides) -> PaLMConfig:
+def infer_config(state: dict[str, torch.Tensor], layout: Layout, **overrides: Any) -> PaLMConfig:
     """Shapes give vocab, dim, depth, heads, dim_head and ff_mult; the rest from overrides."""
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -67,7 +68,7 @@ def infer_config(state: dict[str, torch.Tensor], layout: Layout, **overrides) ->
     ff_inner = _require(state, prefixes[0] + ff_name, source).shape[1]
     dim_head = 2 * _require(state, prefixes[0] + "rotary_emb.inv_freq", source).shape[0]
     attn_inner = _require(state, prefixes[0] + "attn_out.weight", source).shape[1]
-    values = dict(
+    values: dict[str, Any] = dict(
         vocab_size=vocab,
         dim=dim,
         depth=len(prefixes),
@@ -115,7 +116,7 @@ def convert_state_dict(
     layout: Layout,
     config: PaLMConfig | None = None,
     progress: bool = False,
-    **overrides,
+    **overrides: Any,
 ) -> tuple[PaLMConfig, dict[str, torch.Tensor]]:
     """Map a reference state dict to ours; the result is checked name by name, shape by shape."""
     config = config or infer_config(state, layout, **overrides)
@@ -131,7 +132,7 @@ def convert_state_dict(
 
 
 def convert_module(
-    module: torch.nn.Module, layout: Layout, **overrides
+    module: torch.nn.Module, layout: Layout, **overrides: Any
 ) -> tuple[PaLMConfig, dict[str, torch.Tensor]]:
     """Convert an in-memory reference model."""
     return convert_state_dict(module.state_dict(), layout, **overrides)

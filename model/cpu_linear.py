@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .decoder import DecoderModel
+
 # oneDNN picks its blocking for this batch size; other sizes still work (measured faster
 # than F.linear from 1 to 512 rows).
 BATCH_HINT = 16
@@ -39,22 +41,21 @@ class PrepackedLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def prepack_linears(model: nn.Module) -> int:
-    """Swap every bias-free fp32 CPU nn.Linear of the model for a PrepackedLinear, and give
-    the model a prepacked logits head (models read `logits_head` when it is set). Returns
-    how many were swapped: 0 where prepacking is unavailable or does not apply."""
+def prepack_linears(model: DecoderModel) -> int:
+    """Swap every bias-free fp32 CPU nn.Linear of the model (an untied logits head too) for
+    a PrepackedLinear, and give a tied model a prepacked logits head over its embedding.
+    Returns how many were swapped: 0 where prepacking is unavailable or does not apply."""
     if not prepacking_available():
         return 0
     swapped = 0
-    logits_weight = model.logits_weight()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            # An untied head stays an nn.Linear: logits_head below is its packed twin.
-            if _packable(child) and child.weight is not logits_weight:
+            if isinstance(child, nn.Linear) and _packable(child):
                 setattr(parent, name, PrepackedLinear(child.weight))
                 swapped += 1
-    if logits_weight.device.type == "cpu" and logits_weight.dtype == torch.float32:
-        model.logits_head = PrepackedLinear(logits_weight)
+    tied = model.embedding.weight
+    if model.logits_head is None and tied.device.type == "cpu" and tied.dtype == torch.float32:
+        model.logits_head = PrepackedLinear(tied)
         swapped += 1
     return swapped
 

@@ -1,4 +1,4 @@
-"""The paged KV cache: per layer, K and V of [num_blocks, block_size, n_kv_heads, head_dim]."""
+"""The paged KV cache: per layer, K and V of [num_blocks, block_size, n_kv_heads, dim_head]."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PaLMConfig
-from .llama_config import LlamaConfig
-
-# Either model's config: the cache reads only depth, n_kv_heads and dim_head.
-ModelConfig = PaLMConfig | LlamaConfig
+from .model_config import ModelConfig
 
 
 @dataclass
@@ -26,6 +22,12 @@ class KVCache:
     def block_size(self) -> int:
         return self.k[0].shape[1]
 
+    @staticmethod
+    def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """K and V of every layer for one block."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.depth * block_size * config.n_kv_heads * config.dim_head * element
+
     @classmethod
     def allocate(
         cls,
@@ -40,15 +42,3 @@ class KVCache:
             k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.depth)],
             v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.depth)],
         )
-
-
-def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """K and V of every layer for one block."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.depth * block_size * config.n_kv_heads * config.dim_head * element
-
-
-def num_blocks_for_budget(
-    config: ModelConfig, block_size: int, dtype: torch.dtype, budget_bytes: int
-) -> int:
-    return budget_bytes // bytes_per_block(config, block_size, dtype)

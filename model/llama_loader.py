@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from ..kernels import KernelBackend
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_state
 from .llama import Llama
 from .llama_config import LlamaConfig
-from .weights import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_state
 
 # Fused parameter -> the HF tensors concatenated (along the output dim) to make it.
 FUSED = {
@@ -88,7 +88,7 @@ def convert_hf_state(
     out = {"embed_tokens.weight": state["model.embed_tokens.weight"]}
     out["norm.weight"] = state["model.norm.weight"]
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = state["lm_head.weight"]
+        out["logits_head.weight"] = state["lm_head.weight"]
     for i in range(config.depth):
         hf, ours = f"model.layers.{i}.", f"layers.{i}."
         for name, parts in FUSED.items():

@@ -1,6 +1,6 @@
-"""The PaLM forward (Chowdhery et al., arXiv:2204.02311) over a flattened batch and a
-paged KV cache, plus a dense no-cache forward over [B, N] that shares every weight (the
-oracle in tests, and the training path).
+"""The PaLM model (Chowdhery et al., arXiv:2204.02311): its parallel block and embedding.
+The serving forward over the paged KV cache and the dense no-cache forward (the oracle in
+tests, and the training path) are DecoderModel's.
 
 Per layer, on x: h = LayerNorm(x); q, k, v, ff = fused_proj(h);
 x + attn_out(attention(rotary(q), rotary(k), v)) + ff_out(silu(gate) * a)."""
@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import KernelBackend, build_cos_sin_cache, build_xpos_scale_cache, torch_backend
-from .attention import DenseRotary, PagedSelfAttention, RotaryTables, dense_causal_attention
-from .attention_metadata import AttentionMetadata
+from ..kernels import KernelBackend, build_xpos_scale_cache
 from .config import PaLMConfig
-from .kv_cache import KVCache
+from .decoder import Attend, DecoderModel
 
 
 class LayerNorm(nn.Module):
@@ -59,75 +57,30 @@ class ParallelBlock(nn.Module):
             k = F.normalize(k, dim=-1) * self.k_scale
         return q, k, v, ff
 
-    def combine(self, x: torch.Tensor, attn: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
-        """attn [..., H, D]; ff [..., 2 * ff_inner] with the value half first, gate second."""
+    def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """x [..., dim]: x + attn_out(attention) + ff_out(silu(gate) * a), ff's value half
+        first and its gate second."""
+        q, k, v, ff = self.project(x)
+        attn = attend(q, k, v)  # (..., H, D)
         a, gate = ff.chunk(2, dim=-1)
         return x + (self.attn_out(attn.flatten(-2)) + self.ff_out(F.silu(gate) * a))
 
 
-class PaLM(nn.Module):
+class PaLM(DecoderModel):
     def __init__(self, config: PaLMConfig, kernels: KernelBackend | None = None) -> None:
-        super().__init__()
+        super().__init__(kernels)
         self.config = config
-        self.kernels = kernels or torch_backend()
         self.token_emb = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(ParallelBlock(config) for _ in range(config.depth))
         self.norm = LayerNorm(config.dim, config.layernorm_style, config.layernorm_eps)
         nn.init.normal_(self.token_emb.weight, std=0.02)
-        cos_sin = build_cos_sin_cache(config.dim_head, config.max_positions, config.rotary_base)
-        self.register_buffer("cos_sin_cache", cos_sin, persistent=False)
         xpos = None
         if config.use_xpos:
             xpos = build_xpos_scale_cache(
                 config.dim_head, config.max_positions, config.xpos_scale_base
             )
-        self.register_buffer("xpos_scale_cache", xpos, persistent=False)
-        self.logits_head: nn.Module | None = None
-
-    # ---- serving: flattened tokens over the paged cache -------------------------------
+        self.init_rotary(config.rotary_base, xpos)
 
     @property
-    def rotary_tables(self) -> RotaryTables:
-        return RotaryTables(self.cos_sin_cache, self.xpos_scale_cache)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """input_ids, positions [T] -> final-normed hidden states [T, dim].
-
-        Writes this step's K/V to the cache at meta.slot_mapping, then attends."""
-        attend = PagedSelfAttention(
-            self.kernels, positions, self.rotary_tables, kv_cache, meta, self.config.attention_scale
-        )
-        x = self.token_emb(input_ids)  # (T, dim)
-        for i, layer in enumerate(self.layers):
-            q, k, v, ff = layer.project(x)
-            attn = attend(i, q, k, v)
-            x = layer.combine(x, attn, ff)
-        return self.norm(x)
-
-    def logits_weight(self) -> torch.Tensor:
-        return self.token_emb.weight  # tied
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits tied to the token embedding: hidden [N, dim] -> [N, vocab]."""
-        if self.logits_head is not None:  # the same weight, prepacked (model/cpu_linear.py)
-            return self.logits_head(hidden)
-        return F.linear(hidden, self.token_emb.weight)
-
-    # ---- dense: [B, N] with no cache -----------------------------------------------------
-
-    def forward_dense(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [B, N] -> logits [B, N, vocab], causal, positions 0..N-1."""
-        c = self.config
-        rope = DenseRotary(self.rotary_tables, tokens.shape[1], c.max_positions)
-        x = self.token_emb(tokens)  # (B, N, dim)
-        for layer in self.layers:
-            q, k, v, ff = layer.project(x)  # q (B, N, H, D), k v (B, N, Hkv, D)
-            attn = dense_causal_attention(q, k, v, rope, c.attention_scale)
-            x = layer.combine(x, attn.to(x.dtype), ff)
-        return self.compute_logits(self.norm(x))
+    def embedding(self) -> nn.Embedding:
+        return self.token_emb

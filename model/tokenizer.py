@@ -8,6 +8,8 @@ from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizerModel
 
+from .checkpoint import TOKENIZER_FILE
+
 REPLACEMENT_CHAR = "\ufffd"
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>")
 BOS_CANDIDATES = ("<|startoftext|>", "<s>", "<bos>", "<|bos|>")
@@ -60,8 +62,8 @@ class ByteTokenizer:
         if vocab_size < 256:
             raise ValueError(f"a byte-level tokenizer needs vocab_size >= 256, got {vocab_size}")
         self.vocab_size = vocab_size
-        self.eos_token_id = 256 if vocab_size > 256 else None
-        self.bos_token_id = None
+        self.eos_token_id: int | None = 256 if vocab_size > 256 else None
+        self.bos_token_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -71,7 +73,7 @@ class ByteTokenizer:
 
 
 def load_tokenizer(model_dir: str | Path, vocab_size: int) -> Tokenizer:
-    path = Path(model_dir) / "tokenizer.json"
+    path = Path(model_dir) / TOKENIZER_FILE
     if path.is_file():
         return HFTokenizer.from_file(path)
     return ByteTokenizer(vocab_size)

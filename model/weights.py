@@ -6,22 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..kernels import KernelBackend
+from .checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, load_state
 from .config import PaLMConfig
-from .llama import Llama
+from .decoder import DecoderModel
 from .llama_config import LlamaConfig
+from .llama_loader import is_llama_dir, load_llama, load_llama_config
 from .palm import PaLM
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the tensor."""
 
 
 def expected_shapes(config: PaLMConfig) -> dict[str, tuple[int, ...]]:
@@ -59,10 +52,12 @@ def save_model_dir(path: str | Path, config: PaLMConfig, state: dict[str, torch.
 
 def load_config(path: str | Path) -> PaLMConfig | LlamaConfig:
     """PaLMConfig of our format, or LlamaConfig of an HF Llama directory (model_type)."""
-    from .llama_loader import is_llama_dir, load_llama_config  # imports this module
-
     if is_llama_dir(path):
         return load_llama_config(path)
+    return load_palm_config(path)
+
+
+def load_palm_config(path: str | Path) -> PaLMConfig:
     config_path = Path(path) / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_FILE} (is this a palm-serve model directory?)")
@@ -72,30 +67,18 @@ def load_config(path: str | Path) -> PaLMConfig | LlamaConfig:
         raise CheckpointError(f"{config_path}: {exc}") from None
 
 
-def load_state(path: str | Path) -> dict[str, torch.Tensor]:
-    weights_path = Path(path) / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS_FILE}")
-    try:
-        return load_file(str(weights_path))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{weights_path}: unreadable safetensors file ({exc})") from None
-
-
 def load_model(
     path: str | Path,
     kernels: KernelBackend | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
-) -> PaLM | Llama:
+) -> DecoderModel:
     """Build the model of a model directory, weights checked and loaded, in eval mode.
 
     config.json's "architecture": "palm" is ours; HF's "model_type": "llama" is a Llama."""
-    from .llama_loader import is_llama_dir, load_llama  # imports this module
-
     if is_llama_dir(path):
         return load_llama(path, kernels, dtype, device)
-    config = load_config(path)
+    config = load_palm_config(path)
     state = load_state(path)
     check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
     model = PaLM(config, kernels)

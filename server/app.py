@@ -5,26 +5,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import routes_chat, routes_completions  # noqa: F401  (they register on routes_openai)
+from ..engine.async_engine import AsyncEngine
+from . import routes_chat, routes_completions, routes_generate, routes_models, routes_ops
 from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
 from .metrics import Metrics
-from .middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from .middleware import APIKeyMiddleware, HTTPMetricsMiddleware, UnhandledErrorMiddleware
 from .openapi import served_schema
-from .routes_generate import router as generate_router
-from .routes_openai import router as openai_router
-from .routes_ops import router as ops_router
+from .request_body import RequestBodyMiddleware
 from .settings import Settings
 from .state import ServerState
 
 
-def create_app(settings: Settings, engine: Any, lifecycle: Lifecycle | None = None) -> FastAPI:
+def create_app(
+    settings: Settings, engine: AsyncEngine, lifecycle: Lifecycle | None = None
+) -> FastAPI:
     """`engine` is an AsyncEngine, not yet started: the app's lifespan starts and stops it."""
 
     @asynccontextmanager
@@ -35,7 +35,8 @@ def create_app(settings: Settings, engine: Any, lifecycle: Lifecycle | None = No
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="palm-serve", version="0.1.0", lifespan=lifespan)
+    # No trailing-slash redirects: Starlette builds their Location from the Host header.
+    app = FastAPI(title="palm-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.palm = ServerState(
         settings=settings,
         engine=engine,
@@ -44,20 +45,27 @@ def create_app(settings: Settings, engine: Any, lifecycle: Lifecycle | None = No
         metrics=Metrics(engine.stats),
         lifecycle=lifecycle or Lifecycle(),
     )
-    for router in (generate_router, openai_router, ops_router):
-        app.include_router(router)
+    for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):
+        app.include_router(routes.router)
     install_error_handlers(app)
     _add_middlewares(app, settings)
-    vocab_size = engine.model_config.vocab_size
+    vocab_size = engine.info.model_config.vocab_size
     app.openapi = lambda: served_schema(app, settings, vocab_size)  # type: ignore[method-assign]
     return app
 
 
 def _add_middlewares(app: FastAPI, settings: Settings) -> None:
-    # Added innermost first: CORS (outermost) -> HTTP metrics -> body limit -> API key.
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
+    # request body -> API key.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_request_bytes,
+        read_timeout=settings.body_read_timeout,
+        routes=app.routes,
+    )
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(

@@ -10,11 +10,10 @@ from pathlib import Path
 
 # torch's OpenMP threads spin at barriers by default. The engine's threads share the cores
 # with the event loop (HTTP, SSE), and a spinning or descheduled worker then stalls every
-# parallel region: a decode attention step measured 1 ms with one thread, 80-200 ms with two
-# while another thread was busy, 2 ms with PASSIVE. libgomp reads this when torch loads, so
-# it is set before anything imports torch; a value the user set wins, and so does a spin
-# count of their own (PASSIVE would make libgomp ignore it). The price of PASSIVE: waking a
-# sleeping worker costs ~150 us per parallel op on this VM, ~10 ms of a 16-sequence step.
+# parallel region, so they sleep instead; each parallel op then pays a worker wake-up
+# (docs/BENCHMARKS.md has both measured). libgomp reads this when torch loads, so it is set
+# before anything imports torch; a value the user set wins, and so does a spin count of
+# their own (PASSIVE would make libgomp ignore it).
 if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
@@ -28,7 +27,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     default) applies. Values are parsed and checked by Settings itself."""
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        default = field.default if field.default_factory is None else field.default_factory()
+        default = field.get_default(call_default_factory=True, validated_data={})
         help = f"{field.description} (env PALM_{name.upper()}, default: {default})"
         if field.annotation is bool:
             parser.add_argument(
@@ -45,8 +44,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from ..model.checkpoint import CheckpointError
     from ..model.convert import LAYOUTS, convert_state_dict, read_checkpoint
-    from ..model.weights import CheckpointError, save_model_dir
+    from ..model.weights import save_model_dir
 
     overrides = {}
     if args.config:

@@ -1,20 +1,19 @@
 """Errors as the API shows them: `{"error": {"message", "type", "code"}}` with the right
-status, never a stack trace. Routes raise APIError; handlers here turn everything else
-(validation errors, engine errors, surprises) into the same shape."""
+status, never a stack trace. Routes raise APIError; handlers here turn validation and
+engine errors into the same shape (unexpected exceptions: middleware.UnhandledErrorMiddleware)."""
 
 from __future__ import annotations
 
-import logging
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from ..engine.errors import EngineDeadError, InvalidRequestError
-
-log = logging.getLogger("palm_serve.server")
 
 
 class APIError(Exception):
@@ -44,6 +43,23 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
     return {"error": {"message": message, "type": type, "code": code, "param": param}}
 
 
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    type: str = "invalid_request_error",
+    headers: list[tuple[str, str]] | None = None,
+    param: str | None = None,
+) -> None:
+    """An error answered by a raw ASGI middleware, in the shape the handlers answer with."""
+    body = json.dumps(error_body(message, type, code, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers or []]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
 def error_response(exc: APIError) -> JSONResponse:
     body = error_body(exc.message, exc.type, exc.code, exc.param)
     return JSONResponse(body, status_code=exc.status, headers=exc.headers)
@@ -52,13 +68,13 @@ def error_response(exc: APIError) -> JSONResponse:
 def from_engine_error(exc: Exception) -> APIError:
     """Engine exceptions -> API errors (InvalidRequestError 400, EngineDeadError 503)."""
     if isinstance(exc, InvalidRequestError):
-        return bad_request(str(exc), getattr(exc, "field", None))
+        return bad_request(str(exc), exc.param)
     if isinstance(exc, EngineDeadError):
         return unavailable(f"the engine has stopped: {exc}")
     return APIError(500, "internal error", type="server_error", code="internal_error")
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
+def _param_name(loc: tuple[Any, ...]) -> str:
     # ("body", "messages", 0, "content") -> "messages[0].content"; "body" alone is the body.
     parts = [p for p in loc if p != "body"]
     name = ""
@@ -68,27 +84,27 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def validation_message(exc: RequestValidationError) -> tuple[str, str]:
-    """The first invalid field as 'field: why' (and the field), e.g. 'top_p: Input should be
-    less than or equal to 1'. A union field fails once per member: say which types it takes."""
+    """The first invalid param as 'param: why' (and the param), e.g. 'top_p: Input should be
+    less than or equal to 1'. A union param fails once per member: say which types it takes."""
     errors = exc.errors() or [{"loc": ("body",), "msg": "invalid request"}]
     first = errors[0]
     if first.get("type") == "json_invalid":
         return f"body: invalid JSON ({first.get('ctx', {}).get('error', 'parse error')})", "body"
     loc = tuple(first.get("loc", ()))
-    field_loc = _strip(loc)
-    field = _field_name(field_loc)
-    if field_loc == loc:
-        return f"{field}: {first.get('msg', 'invalid value')}", field
+    param_loc = _strip(loc)
+    param = _param_name(param_loc)
+    if param_loc == loc:
+        return f"{param}: {first.get('msg', 'invalid value')}", param
     # One error per union member. A member whose type matched but whose value broke a
     # constraint ('' too short, -1 < 0) says the most; else list the accepted types.
-    same = [e for e in errors if _strip(e["loc"])[: len(field_loc)] == field_loc]
+    same = [e for e in errors if _strip(e["loc"])[: len(param_loc)] == param_loc]
     fitting = [e for e in same if not e["type"].endswith("_type")]
     if fitting:
-        return f"{_field_name(_strip(fitting[0]['loc']))}: {fitting[0]['msg']}", field
+        return f"{_param_name(_strip(fitting[0]['loc']))}: {fitting[0]['msg']}", param
     kinds = sorted({_tag_name(p) for e in same for p in e["loc"] if _is_type_tag(p)})
     return (
-        f"{field}: invalid value {_short(first.get('input'))}; expected {' or '.join(kinds)}",
-        field,
+        f"{param}: invalid value {_short(first.get('input'))}; expected {' or '.join(kinds)}",
+        param,
     )
 
 
@@ -127,8 +143,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, field = validation_message(exc)
-        return error_response(APIError(400, message, code="invalid_parameter", param=field))
+        message, param = validation_message(exc)
+        return error_response(APIError(400, message, code="invalid_parameter", param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -139,9 +155,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _engine(request: Request, exc: Exception) -> JSONResponse:
         return error_response(from_engine_error(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Logged with its traceback here; the client only learns that it was our fault.
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal error", "server_error", "internal_error"))

@@ -1,23 +1,29 @@
-"""The server's side of one generation: admission (drain, dead engine, full queue),
-validation through the engine, streaming outputs with metrics and abort on early exit,
-and the non-streaming wait that notices a client that went away."""
+"""The server's side of one generation: tokenizing a prompt (once, however many requests
+share it), admission (drain, dead engine, full queue), validation through the engine,
+streaming outputs with metrics, and the non-streaming wait that notices a client that
+went away. Closing a request's stream is the one way a request is aborted."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
 
 from ..engine.errors import EngineDeadError, InvalidRequestError
+from ..engine.messages import EngineCoreRequest
 from ..engine.outputs import RequestOutput, TokenLogprob
 from ..engine.sampling_params import SamplingParams
 from .errors import APIError, bad_request, from_engine_error, unavailable
 from .lifecycle import Ticket
 from .state import ServerState
+
+# One request's outputs; closing it early aborts the request.
+OutputStream = AsyncGenerator[RequestOutput, None]
 
 DISCONNECT_POLL_SECONDS = 0.2
 RETRY_AFTER_SECONDS = 1
@@ -27,7 +33,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def make_params(**kwargs) -> SamplingParams:
+def make_params(**kwargs: Any) -> SamplingParams:
     """SamplingParams, its own checks turned into a 400 naming the field."""
     try:
         return SamplingParams(**kwargs)
@@ -35,45 +41,60 @@ def make_params(**kwargs) -> SamplingParams:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
 
 
-def admit(state: ServerState) -> Ticket:
-    """Refuse while draining or dead (503) or when the wait queue is full (429)."""
+def admit(state: ServerState, num_seqs: int, fan_out: str = "") -> list[Ticket]:
+    """One ticket per sequence a request runs (prompts x n), all or none. The server holds
+    at most max_num_seqs running plus max_queue waiting sequences: a request that needs more
+    can never pass (400, saying why); one that does not fit now is a 429 (retry later).
+    Draining or a dead engine: 503. fan_out names what multiplied the sequences."""
+    settings = state.settings
+    capacity = settings.max_num_seqs + settings.max_queue
+    if num_seqs > capacity:
+        raise bad_request(
+            f"n: this request needs {num_seqs} sequences{fan_out}; this server holds at most "
+            f"{capacity} at once (max_num_seqs {settings.max_num_seqs} running + max_queue "
+            f"{settings.max_queue} waiting)",
+            "n",
+        )
     if state.lifecycle.draining:
         raise unavailable("the server is shutting down; retry on another replica")
     if not state.engine.healthy:
         raise unavailable("the engine has stopped; no request can be served")
-    # Admitted but not in the running batch = waiting (HTTP in flight counts as waiting).
-    waiting = state.lifecycle.inflight - state.engine.stats().num_running
-    if waiting >= state.settings.max_queue:
+    inflight = state.lifecycle.inflight
+    if inflight + num_seqs > capacity:
         raise APIError(
             429,
-            f"too many requests waiting ({waiting}, limit {state.settings.max_queue}); retry later",
+            f"too many requests: {inflight} sequences are running or waiting and this request "
+            f"needs {num_seqs} more (room for {capacity}); retry later",
             type="rate_limit_error",
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    return state.lifecycle.admit()
+    return [state.lifecycle.admit() for _ in range(num_seqs)]
 
 
-def validate(state: ServerState, prompt: str | list[int], params: SamplingParams) -> list[int]:
+def tokenize(state: ServerState, prompt: str | list[int], param: str = "prompt") -> list[int]:
+    """The prompt's token ids (its one encode), or a 400 naming the field it came from."""
     try:
-        return state.engine.validate(prompt, params)
-    except (InvalidRequestError, EngineDeadError) as exc:
+        return state.engine.tokenize(prompt, param)
+    except InvalidRequestError as exc:
         raise from_engine_error(exc) from None
 
 
+@dataclass
+class Outcome:
+    """How a request ended when its own outputs cannot say (the client stopped reading)."""
+
+    stalled: bool = False
+
+
 async def outputs(
-    state: ServerState,
-    prompt: str | list[int],
-    params: SamplingParams,
-    request_id: str,
-    num_prompt_tokens: int,
-    ticket: Ticket,
-) -> AsyncIterator[RequestOutput]:
-    """The engine's outputs for one request. Stopping early (aclose, cancellation: a client
-    that left) aborts the request, so its KV blocks return to the pool."""
+    state: ServerState, request: EngineCoreRequest, ticket: Ticket, outcome: Outcome
+) -> OutputStream:
+    """The engine's outputs for one request. Closing the stream early (aclose, cancellation:
+    a client that left) aborts the request, so its KV blocks return to the pool."""
     tracker, reason = state.metrics.track(), "abort"
     try:
-        async with aclosing(state.engine.generate(prompt, params, request_id)) as stream:
+        async with aclosing(state.engine.generate(request)) as stream:
             async for out in stream:
                 tracker.on_output(out)
                 if out.finished:
@@ -81,41 +102,48 @@ async def outputs(
                 yield out
     finally:
         ticket.release()
-        tracker.finish(reason, num_prompt_tokens)
-        if reason == "abort":
-            state.abort_soon(request_id)
+        tracker.finish("stalled" if outcome.stalled else reason, len(request.prompt_token_ids))
 
 
 @dataclass
 class Started:
     """One admitted, validated request whose outputs are ready to iterate."""
 
-    request_id: str
-    prompt_ids: list[int]
-    stream: AsyncIterator[RequestOutput]
+    request: EngineCoreRequest
+    stream: OutputStream
     ticket: Ticket
+    outcome: Outcome
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
 
 
 def start(
-    state: ServerState, prompt: str | list[int], params: SamplingParams, prefix: str
+    state: ServerState, prompt_ids: list[int], params: SamplingParams, prefix: str, ticket: Ticket
 ) -> Started:
-    """Admit and validate; nothing is held if either refuses. The stream must be iterated
-    or closed, and the ticket released (idempotent) when the response is over."""
-    ticket = admit(state)
+    """Validate a request admitted with `ticket`. The caller releases its tickets
+    (idempotent) when the response is over, or at once if any of its requests is refused."""
     try:
-        prompt_ids = validate(state, prompt, params)
-    except BaseException:
+        request = state.engine.make_request(prompt_ids, params, new_id(prefix))
+    except (InvalidRequestError, EngineDeadError) as exc:
+        raise from_engine_error(exc) from None
+    outcome = Outcome()
+    return Started(request, outputs(state, request, ticket, outcome), ticket, outcome)
+
+
+def release_all(tickets: list[Ticket]) -> None:
+    for ticket in tickets:
         ticket.release()
-        raise
-    rid = new_id(prefix)
-    return Started(
-        rid, prompt_ids, outputs(state, prompt, params, rid, len(prompt_ids), ticket), ticket
-    )
 
 
-def release_all(started: list[Started]) -> None:
+def mark_stalled(started: list[Started]) -> None:
     for s in started:
-        s.ticket.release()
+        s.outcome.stalled = True
 
 
 @dataclass
@@ -141,7 +169,7 @@ class Collected:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
 
 
-async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Collected:
+async def collect(stream: OutputStream, request: Request) -> Collected:
     """Wait for the whole result, watching for the client leaving: then abort (499-style)."""
     result = Collected()
 
@@ -164,9 +192,7 @@ async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Col
     return result
 
 
-async def collect_many(
-    streams: list[AsyncIterator[RequestOutput]], request: Request
-) -> list[Collected]:
+async def collect_many(streams: list[OutputStream], request: Request) -> list[Collected]:
     """Several choices (n > 1, several prompts) concurrently; one failure aborts the rest."""
     tasks = [asyncio.ensure_future(collect(s, request)) for s in streams]
     try:
@@ -177,7 +203,7 @@ async def collect_many(
 
 
 async def merge(
-    streams: list[AsyncIterator[RequestOutput]],
+    streams: list[OutputStream],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several streams as outputs arrive: (stream index, output)."""
     if len(streams) == 1:
@@ -185,9 +211,11 @@ async def merge(
             async for out in s:
                 yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a consumer that stops reading stops the pumps too, so the outputs wait
+    # unread in the engine's queues, where ending the response drops them.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, stream: OutputStream) -> None:
         try:
             async with aclosing(stream) as s:
                 async for out in s:

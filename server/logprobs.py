@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..engine.outputs import TokenLogprob
+from ..model.tokenizer import Tokenizer
 from .responses import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -23,11 +24,11 @@ def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 
 
-def token_text(tokenizer, token_id: int) -> str:
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
-def generate_logprob(tokenizer, lp: TokenLogprob) -> TokenLogprobOut:
+def generate_logprob(tokenizer: Tokenizer, lp: TokenLogprob) -> TokenLogprobOut:
     return TokenLogprobOut(
         token_id=lp.token_id,
         token=token_text(tokenizer, lp.token_id),
@@ -40,7 +41,7 @@ def generate_logprob(tokenizer, lp: TokenLogprob) -> TokenLogprobOut:
 
 
 def completion_logprobs(
-    tokenizer,
+    tokenizer: Tokenizer,
     token_ids: list[int],
     entries: list[TokenLogprob | None],
     offset: int = 0,
@@ -65,7 +66,7 @@ def completion_logprobs(
     return out
 
 
-def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
     content = []
     for lp in entries:
         text = token_text(tokenizer, lp.token_id)
@@ -80,6 +81,6 @@ def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> ChatLogprobs:
     return ChatLogprobs(content=content)
 
 
-def _chat_top(tokenizer, token_id: int, logprob: float) -> ChatTopLogprob:
+def _chat_top(tokenizer: Tokenizer, token_id: int, logprob: float) -> ChatTopLogprob:
     text = token_text(tokenizer, token_id)
     return ChatTopLogprob(token=text, logprob=finite(logprob), bytes=list(text.encode()))

@@ -15,10 +15,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..engine.outputs import RequestOutput
+from ..engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# "stalled": the client stopped reading a stream and the server gave up on it.
+FINISH_REASONS = ("stop", "length", "abort", "error", "stalled")
 
 
 _ENGINE_SERIES = (
@@ -33,7 +35,7 @@ _ENGINE_SERIES = (
 class EngineCollector(Collector):
     """Gauges and engine-side counters, read from engine.stats() when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], object]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
         self._stats = stats
 
     def describe(self) -> Iterator[Metric]:
@@ -64,7 +66,7 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], object]) -> None:
+    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.ttft = Histogram(
             "palm_time_to_first_token_seconds",

@@ -1,7 +1,7 @@
 """Request bodies of the HTTP API (pydantic v2). Schema errors become 400s naming the field
 (errors.py). Our own /v1/generate forbids unknown fields (a typo should not be silently
 ignored); the OpenAI routes ignore unknown fields so that real clients keep working, and
-refuse the known ones we cannot honour (routes_openai.reject_unsupported)."""
+refuse the known ones we cannot honour (routes_common.reject_unsupported)."""
 
 from __future__ import annotations
 

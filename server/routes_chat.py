@@ -8,13 +8,23 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..engine.sampling_params import SamplingParams
 from .chat_template import ChatTemplateError
 from .errors import bad_request, error_body, from_engine_error
-from .generation import Started, collect_many, make_params, merge, release_all, start
+from .generation import (
+    Started,
+    admit,
+    collect_many,
+    make_params,
+    mark_stalled,
+    merge,
+    release_all,
+    start,
+    tokenize,
+)
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
 from .responses import (
@@ -24,14 +34,22 @@ from .responses import (
     ChatCompletionResponse,
     ChatDelta,
     ChatMessageOut,
+    Usage,
 )
-from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
-from .routes_generate import check_max_tokens, sampling_kwargs, usage
-from .routes_openai import check_model, reject_unsupported, router
+from .routes_common import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    check_max_tokens,
+    check_model,
+    get_state,
+    reject_unsupported,
+    sampling_kwargs,
+    usage,
+)
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
 
-__all__ = ["router"]  # the routes live on routes_openai.router
+router = APIRouter()
 
 
 def _prompt(state: ServerState, body: ChatCompletionRequest) -> str:
@@ -42,11 +60,11 @@ def _prompt(state: ServerState, body: ChatCompletionRequest) -> str:
         raise bad_request(str(exc), "messages") from None
 
 
-def _max_tokens(state: ServerState, body: ChatCompletionRequest, prompt: str) -> int:
+def _max_tokens(state: ServerState, body: ChatCompletionRequest, num_prompt_tokens: int) -> int:
     max_tokens = body.max_completion_tokens or body.max_tokens
     name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     if max_tokens is None:  # as much as the context leaves, within the server's limit
-        room = state.engine.max_model_len - len(state.engine.tokenizer.encode(prompt))
+        room = state.engine.max_model_len - num_prompt_tokens
         max_tokens = max(1, min(state.settings.max_tokens_limit, room))
     check_max_tokens(state, max_tokens, name)
     return max_tokens
@@ -71,21 +89,29 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response | Chat
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
-    prompt, started = _prompt(state, body), []
-    max_tokens = _max_tokens(state, body, prompt)  # the prompt is encoded once, not per choice
+    # The messages' text is tokenized once, whatever n is.
+    prompt_ids, started = tokenize(state, _prompt(state, body), "messages"), []
+    max_tokens = _max_tokens(state, body, len(prompt_ids))
+    tickets = admit(state, body.n, f" (n={body.n})")
     try:
-        for i in range(body.n):
-            started.append(start(state, prompt, _params(state, body, max_tokens, i), "chatcmpl"))
+        for i, ticket in enumerate(tickets):
+            params = _params(state, body, max_tokens, i)
+            started.append(start(state, prompt_ids, params, "chatcmpl", ticket))
     except BaseException:
-        release_all(started)
+        release_all(tickets)
         raise
     view = _ChatView(state, body, started)
     if body.stream:
-        return SSEResponse(view.events(), lambda: release_all(started))
+        return SSEResponse(
+            view.events(),
+            lambda: release_all(tickets),
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled(started),
+        )
     try:
         results = await collect_many([s.stream for s in started], request)
     finally:
-        release_all(started)
+        release_all(tickets)
     tok = state.engine.tokenizer
     choices = [
         ChatChoice(
@@ -113,10 +139,10 @@ class _ChatView:
         self.state, self.body, self.started = state, body, started
         self.id, self.created = started[0].request_id, int(time.time())
 
-    def usage(self, completion_tokens: int):
+    def usage(self, completion_tokens: int) -> Usage:
         return usage(len(self.started[0].prompt_ids), completion_tokens)
 
-    def chunk(self, choices: list[ChatChunkChoice], usage=None) -> bytes:
+    def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
         return sse_event(
             ChatCompletionChunk(
                 id=self.id,

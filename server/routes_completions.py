@@ -9,29 +9,48 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..engine.outputs import TokenLogprob
 from ..engine.sampling_params import SamplingParams
 from .errors import bad_request, error_body, from_engine_error
-from .generation import Collected, Started, collect_many, make_params, merge, release_all, start
+from .generation import (
+    Collected,
+    Started,
+    admit,
+    collect_many,
+    make_params,
+    mark_stalled,
+    merge,
+    release_all,
+    start,
+    tokenize,
+)
 from .logprobs import completion_logprobs
 from .protocol import CompletionRequest
-from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse
-from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
-from .routes_generate import default_max_tokens, sampling_kwargs, usage
-from .routes_openai import check_model, reject_unsupported, router
+from .responses import CompletionChoice, CompletionLogprobs, CompletionResponse, Usage
+from .routes_common import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    check_model,
+    default_max_tokens,
+    get_state,
+    reject_unsupported,
+    sampling_kwargs,
+    usage,
+)
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
 
-__all__ = ["router"]  # the routes live on routes_openai.router
+router = APIRouter()
 
 
 def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     p = body.prompt
-    if isinstance(p, str) or (p and isinstance(p[0], int)):
+    if isinstance(p, str) or (p and isinstance(p[0], int)):  # one prompt: text or token ids
         return [p]
-    return list(p)
+    return list(p)  # type: ignore[arg-type]
 
 
 def _params(state: ServerState, body: CompletionRequest, choice: int) -> SamplingParams:
@@ -57,21 +76,30 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
-    prompts, started = _prompts(body), []
+    prompts, started = _prompts(body), list[Started]()
+    prompt_ids = [tokenize(state, prompt) for prompt in prompts]  # once each, whatever n is
+    fan_out = f" ({len(prompts)} prompt(s) x n={body.n})"
+    tickets = admit(state, len(prompts) * body.n, fan_out)
     try:
-        for prompt in prompts:
+        for ids in prompt_ids:
             for i in range(body.n):
-                started.append(start(state, prompt, _params(state, body, i), "cmpl"))
+                params = _params(state, body, i)
+                started.append(start(state, ids, params, "cmpl", tickets[len(started)]))
     except BaseException:
-        release_all(started)
+        release_all(tickets)
         raise
     view = _View(state, body, prompts, started)
     if body.stream:
-        return SSEResponse(view.events(), lambda: release_all(started))
+        return SSEResponse(
+            view.events(),
+            lambda: release_all(tickets),
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled(started),
+        )
     try:
         results = await collect_many([s.stream for s in started], request)
     finally:
-        release_all(started)
+        release_all(tickets)
     return view.response(results)
 
 
@@ -93,7 +121,7 @@ class _View:
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)
         ]
 
-    def usage(self, completion_tokens: int):
+    def usage(self, completion_tokens: int) -> Usage:
         prompt_tokens = sum(len(s.prompt_ids) for s in self.started[:: self.body.n])
         return usage(prompt_tokens, 0 if self.score_only else completion_tokens)
 
@@ -123,14 +151,17 @@ class _View:
             stop_reason=r.stop_reason,
         )
 
-    def prompt_lp(self, k: int, entries) -> CompletionLogprobs:
+    def prompt_lp(self, k: int, entries: list[TokenLogprob | None] | None) -> CompletionLogprobs:
         ids = self.started[k].prompt_ids
         entries = entries if entries is not None else [None] * len(ids)
-        return completion_logprobs(self.tok, ids, entries, 0, self.body.logprobs > 0)
+        return completion_logprobs(self.tok, ids, entries, 0, bool(self.body.logprobs))
 
-    def new_lp(self, ids: list[int], entries, offset: int) -> CompletionLogprobs:
-        entries = entries if entries is not None else [None] * len(ids)
-        return completion_logprobs(self.tok, ids, entries, offset, self.body.logprobs > 0)
+    def new_lp(
+        self, ids: list[int], entries: list[TokenLogprob] | None, offset: int
+    ) -> CompletionLogprobs:
+        listed: list[TokenLogprob | None] = list(entries) if entries is not None else []
+        listed += [None] * (len(ids) - len(listed))
+        return completion_logprobs(self.tok, ids, listed, offset, bool(self.body.logprobs))
 
     async def events(self) -> AsyncIterator[bytes]:
         body, generated = self.body, 0
@@ -167,7 +198,7 @@ class _View:
             yield sse_event(error_body(err.message, err.type, err.code))
         yield DONE
 
-    def chunk(self, choices: list[CompletionChoice], usage=None) -> dict:
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
         return CompletionResponse(
             id=self.id,
             created=self.created,

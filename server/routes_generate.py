@@ -11,58 +11,31 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..engine.outputs import RequestOutput
-from ..engine.sampling_params import SamplingParams
-from .errors import bad_request, error_body, from_engine_error
-from .generation import collect, make_params, start
+from .errors import error_body, from_engine_error
+from .generation import (
+    OutputStream,
+    admit,
+    collect,
+    make_params,
+    mark_stalled,
+    start,
+    tokenize,
+)
 from .logprobs import generate_logprob
-from .protocol import DEFAULT_MAX_TOKENS, GenerateRequest, SamplingFields
-from .responses import GenerateResponse, GenerateStreamEvent, Usage
-from .routes_common import ERROR_RESPONSES, STREAM_RESPONSE, get_state
+from .protocol import GenerateRequest
+from .responses import GenerateResponse, GenerateStreamEvent
+from .routes_common import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    default_max_tokens,
+    get_state,
+    sampling_kwargs,
+    usage,
+)
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
 
 router = APIRouter()
-
-
-def check_max_tokens(state: ServerState, max_tokens: int, name: str = "max_tokens") -> None:
-    limit = state.settings.max_tokens_limit
-    if max_tokens > limit:
-        raise bad_request(f"{name}: {max_tokens} is over this server's limit of {limit}", name)
-
-
-def default_max_tokens(state: ServerState, asked: int | None) -> int:
-    if asked is not None:
-        check_max_tokens(state, asked)
-        return asked
-    return min(DEFAULT_MAX_TOKENS, state.settings.max_tokens_limit)
-
-
-def sampling_kwargs(body: SamplingFields, choice: int = 0) -> dict:
-    """The SamplingParams fields every route shares, from the request body. Choice k of a
-    seeded request with n > 1 draws from seed + k: the n choices differ and each stays
-    reproducible."""
-    seed = None if body.seed is None else (body.seed + choice) % (2**63)
-    return dict(
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=max(body.top_k, 0),
-        min_p=body.min_p,
-        repetition_penalty=body.repetition_penalty,
-        presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
-        stop=body.stop_tuple(),
-        stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos,
-        seed=seed,
-    )
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        total_tokens=prompt_tokens + completion_tokens,
-    )
 
 
 @router.post(
@@ -78,9 +51,20 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         logprobs=body.logprobs,
         **sampling_kwargs(body),
     )
-    run = start(state, body.prompt, params, "gen")
+    prompt_ids = tokenize(state, body.prompt)
+    (ticket,) = admit(state, 1)
+    try:
+        run = start(state, prompt_ids, params, "gen", ticket)
+    except BaseException:
+        ticket.release()
+        raise
     if body.stream:
-        return SSEResponse(_events(state, run.stream, run.request_id, params), run.ticket.release)
+        return SSEResponse(
+            _events(state, run.stream, run.request_id),
+            ticket.release,
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled([run]),
+        )
     try:
         result = await collect(run.stream, request)
     finally:
@@ -100,15 +84,13 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     )
 
 
-async def _events(
-    state: ServerState, stream: AsyncIterator[RequestOutput], rid: str, params: SamplingParams
-) -> AsyncIterator[bytes]:
+async def _events(state: ServerState, stream: OutputStream, rid: str) -> AsyncIterator[bytes]:
     generated, prompt_tokens = 0, 0
     try:
         async with aclosing(stream) as outs:
             async for out in outs:
                 prompt_tokens = out.num_prompt_tokens or prompt_tokens
-                for event in _token_events(state, out, rid, params):
+                for event in _token_events(state, out, rid):
                     yield sse_event(event)
                 generated += len(out.new_token_ids)
                 if out.finished:
@@ -127,9 +109,7 @@ async def _events(
     yield DONE
 
 
-def _token_events(
-    state: ServerState, out: RequestOutput, rid: str, params: SamplingParams
-) -> list[GenerateStreamEvent]:
+def _token_events(state: ServerState, out: RequestOutput, rid: str) -> list[GenerateStreamEvent]:
     """One event per new token; the output's text delta rides on its last token (text is
     only safe to emit at whole characters, so a token may carry "")."""
     ids, lps = out.new_token_ids, out.logprobs or []

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from .settings import Settings, default_model_dir
+
+if TYPE_CHECKING:
+    from ..engine.async_engine import AsyncEngine
 
 
 def serve(given: dict[str, Any]) -> int:
@@ -53,7 +56,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_engine(settings: Settings):
+def load_engine(settings: Settings) -> AsyncEngine:
     """Load the weights and allocate the KV pool, with a progress bar over the steps."""
     from tqdm import tqdm
 
@@ -91,34 +94,35 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def summary(settings: Settings, engine: Any) -> str:
-    mc, device = engine.model_config, resolve_device(settings.device)
-    tokens = engine.num_blocks * engine.block_size
+def summary(settings: Settings, engine: AsyncEngine) -> str:
+    info, device = engine.info, resolve_device(settings.device)
+    mc = info.model_config
+    tokens = info.num_blocks * info.block_size
     key = "on" if settings.api_key else "off"
     lines = [
         f"palm-serve listening on http://{settings.host}:{settings.port}",
         f"  model    {settings.model_name()} ({Path(settings.model_dir()).resolve()}): "
         f"{mc.depth} layers, dim {mc.dim}, vocab {mc.vocab_size}",
         f"  context  {engine.max_model_len} tokens",
-        f"  backend  {engine.backend_name} ({settings.dtype}, {device}, "
+        f"  backend  {info.backend_name} ({settings.dtype}, {device}, "
         f"{_torch_threads()} CPU threads)",
-        f"  KV pool  {engine.num_blocks} blocks x {engine.block_size} tokens = {tokens} tokens",
+        f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",
     ]
     return "\n".join(lines)
 
 
-def run_server(settings: Settings, engine: Any) -> int:
-    import uvicorn
-
+def run_server(settings: Settings, engine: AsyncEngine) -> int:
     from .app import create_app
+    from .http_protocol import uvicorn_config
     from .lifecycle import DrainingServer, Lifecycle
 
     lifecycle = Lifecycle()
     app = create_app(settings, engine, lifecycle)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings.header_read_timeout,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

@@ -84,6 +84,21 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="largest max_tokens a request may ask for"
     )
+    header_read_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client gets to send a request's headers; then the "
+        "connection is closed",
+    )
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client gets to send a request's body; then 408"
+    )
+    stream_stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a stream may wait on a client that does not read; then the "
+        "request is aborted and its KV blocks freed",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )

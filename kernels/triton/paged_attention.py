@@ -286,13 +286,13 @@ def paged_attention(
     num_seqs = context_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    plan = plan_launch(q, k_cache, block_tables, num_seqs, num_splits)
-    split = plan.num_splits > 1
+    launch = plan_launch(q, k_cache, block_tables, num_seqs, num_splits)
+    split = launch.num_splits > 1
     target, ml = out, out  # without splits the kernel writes out and never touches ml
     if split:  # fp32 partials [splits, T, H, D] and their (max, sum) [2, splits, T, H]
-        target = q.new_empty((plan.num_splits, *q.shape), dtype=torch.float32)
-        ml = q.new_empty((2, plan.num_splits, num_tokens, num_heads), dtype=torch.float32)
-    for_device(_paged_attention_kernel, q.device)[plan.grid](
+        target = q.new_empty((launch.num_splits, *q.shape), dtype=torch.float32)
+        ml = q.new_empty((2, launch.num_splits, num_tokens, num_heads), dtype=torch.float32)
+    for_device(_paged_attention_kernel, q.device)[launch.grid](
         q, k_cache, v_cache, target, ml, block_tables, query_start_loc, context_lens,
         scale * LOG2_E, num_seqs,
         q.stride(0), q.stride(1),
@@ -301,11 +301,11 @@ def paged_attention(
         block_tables.stride(0),
         num_heads, num_tokens * num_heads, ml.stride(0) if split else 0,
         k_cache.shape[1],
-        **plan.constexprs,
-        **plan.options,
+        **launch.constexprs,
+        **launch.options,
     )  # fmt: skip
     if split:
-        _merge(target, ml, out, plan.num_splits)
+        _merge(target, ml, out, launch.num_splits)
     return out
 
 

@@ -119,7 +119,7 @@ def check_greedy(model, prompt: list[int], generated: list[int]) -> int:
 
 def assert_pool_whole(engine: LLMEngine) -> None:
     bm: BlockManager = engine.block_manager
-    assert not engine.has_unfinished() and not engine.seqs
+    assert not engine.has_unfinished() and not engine.core.seqs
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
     assert bm.usage == 0.0
@@ -130,24 +130,18 @@ def make_request(
 ):
     """A Sequence as the engine builds one (for scheduler tests without a model)."""
     from palm_serve.engine.sequence import Sequence
-    from palm_serve.engine.stop_checker import StopChecker
-    from palm_serve.model.tokenizer import IncrementalDetokenizer
 
-    params = params or greedy(4)
-    tokenizer = PieceTokenizer(vocab_size)
     return Sequence(
         request_id=request_id,
         prompt_token_ids=list(prompt),
-        params=params,
+        params=params or greedy(4),
         generator=torch.Generator().manual_seed(0),
-        stop_checker=StopChecker(IncrementalDetokenizer(tokenizer, prompt), params.stop),
     )
 
 
 def make_scheduler(num_blocks: int, block_size: int = 4, max_model_len: int = 10_000, **kw):
     from palm_serve.engine.scheduler import Scheduler
-    from palm_serve.engine.stop_checker import StopRules
 
     config = EngineConfig(num_blocks=num_blocks, block_size=block_size, **kw)
     bm = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-    return Scheduler(config, bm, max_model_len, StopRules(eos_token_id=None))
+    return Scheduler(config, bm, max_model_len, eos_token_id=None)

@@ -13,7 +13,7 @@ import pytest
 from palm_serve.engine.async_engine import AsyncEngine
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.errors import EngineDeadError, InvalidRequestError
-from palm_serve.engine.factory import build_engine
+from palm_serve.engine.factory import build_async_engine, build_engine
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import ByteTokenizer, save_model_dir
 
@@ -38,7 +38,7 @@ def model():
 
 @pytest.fixture
 async def engine(model):
-    engine = AsyncEngine.from_model(
+    engine = build_async_engine(
         model, PieceTokenizer(97), EngineConfig(num_blocks=128, max_model_len=256), seed=0
     )
     await engine.start()
@@ -46,15 +46,24 @@ async def engine(model):
     await engine.shutdown()
 
 
+def requested(engine: AsyncEngine, prompt, params, request_id=None):
+    """The engine's stream of one request: tokenized and validated as the server does."""
+    return engine.generate(engine.make_request(engine.tokenize(prompt), params, request_id))
+
+
 async def collect(engine: AsyncEngine, prompt, params, request_id=None):
-    return [out async for out in engine.generate(prompt, params, request_id)]
+    return [out async for out in requested(engine, prompt, params, request_id)]
+
+
+def core_of(engine: AsyncEngine):
+    return engine.client.core  # the in-process client's EngineCore
 
 
 async def idle(engine: AsyncEngine) -> None:
     """Until the worker has released everything (aborts are applied asynchronously)."""
-    while engine.stats().num_running or engine.stats().num_waiting or engine.engine.seqs:
+    while core_of(engine).has_unfinished() or core_of(engine).seqs:
         await asyncio.sleep(0.01)
-    assert engine.engine.block_manager.num_free_blocks == engine.num_blocks
+    assert core_of(engine).block_manager.num_free_blocks == engine.info.num_blocks
 
 
 async def test_concurrent_staggered_requests_stream_and_match_the_oracle(engine, model) -> None:
@@ -71,14 +80,14 @@ async def test_concurrent_staggered_requests_stream_and_match_the_oracle(engine,
         assert [o.finished for o in outs] == [False] * 11 + [True]
         check_greedy(model, prompt, [t for o in outs for t in o.new_token_ids])
     stats = engine.stats()
-    assert stats.num_finished == 12 and stats.generation_tokens == 144
+    assert stats.num_finished == 12 and stats.num_output_tokens == 144
     await idle(engine)
 
 
 async def test_abort_and_vanishing_consumer_free_the_blocks(engine) -> None:
     async def abort_after_two():
         outs = []
-        async for out in engine.generate([1, 2, 3], greedy(200), "victim"):
+        async for out in requested(engine, [1, 2, 3], greedy(200), "victim"):
             outs.append(out)
             if len(outs) == 2:
                 await engine.abort("victim")
@@ -88,7 +97,7 @@ async def test_abort_and_vanishing_consumer_free_the_blocks(engine) -> None:
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
     assert len(outs) < 200
     # A consumer that stops iterating (a client disconnect) aborts its request.
-    stream = engine.generate([4, 5, 6], greedy(200), "dropped")
+    stream = requested(engine, [4, 5, 6], greedy(200), "dropped")
     await asyncio.wait_for(stream.__anext__(), GUARD)
     await stream.aclose()
     await asyncio.wait_for(idle(engine), GUARD)
@@ -106,16 +115,16 @@ async def test_invalid_requests_fail_at_the_first_step(engine) -> None:
     for prompt, params, field in cases:
         with pytest.raises(InvalidRequestError) as info:
             await collect(engine, prompt, params)
-        assert info.value.field == field
+        assert info.value.param == field
     with pytest.raises(InvalidRequestError, match=r"180 tokens.*max_tokens \(100\).*256"):
-        engine.validate(list(range(90)) * 2, greedy(100))
+        engine.make_request(list(range(90)) * 2, greedy(100))
     # The engine still serves.
     outs = await asyncio.wait_for(collect(engine, [1, 2, 3], greedy(3)), GUARD)
     assert outs[-1].finish_reason == "length"
 
 
 async def test_a_failing_step_fails_every_caller_and_kills_the_engine(engine, monkeypatch) -> None:
-    runner = engine.engine.runner
+    runner = core_of(engine).runner
     calls = 0
     real_execute = runner.execute
 
@@ -137,13 +146,13 @@ async def test_a_failing_step_fails_every_caller_and_kills_the_engine(engine, mo
     assert not engine.healthy
     with pytest.raises(EngineDeadError):
         await asyncio.wait_for(collect(engine, [1, 2], greedy(2)), GUARD)
-    assert engine.engine.block_manager.num_free_blocks == engine.num_blocks
+    assert core_of(engine).block_manager.num_free_blocks == engine.info.num_blocks
 
 
 async def test_shutdown_aborts_in_flight_requests(model) -> None:
-    engine = AsyncEngine.from_model(model, PieceTokenizer(97), EngineConfig(num_blocks=64))
+    engine = build_async_engine(model, PieceTokenizer(97), EngineConfig(num_blocks=64))
     await engine.start()
-    stream = engine.generate([1, 2, 3], greedy(300))
+    stream = requested(engine, [1, 2, 3], greedy(300))
     first = await asyncio.wait_for(stream.__anext__(), GUARD)
     assert not first.finished
     await asyncio.wait_for(engine.shutdown(), GUARD)
@@ -162,8 +171,9 @@ async def test_build_engine_from_a_model_directory(tmp_path) -> None:
     save_model_dir(tmp_path, model.config, model.state_dict())
     engine = build_engine(tmp_path, EngineConfig(num_blocks=32), kernel_backend="torch")
     assert isinstance(engine.tokenizer, ByteTokenizer)
-    assert (engine.num_blocks, engine.block_size, engine.backend_name) == (32, 16, "torch")
-    assert engine.max_model_len == 512 and engine.model_config.vocab_size == 300
+    info = engine.info
+    assert (info.num_blocks, info.block_size, info.backend_name) == (32, 16, "torch")
+    assert engine.max_model_len == 512 and info.model_config.vocab_size == 300
     await engine.start()
     try:
         params = SamplingParams(max_tokens=5, temperature=0.0)

@@ -76,7 +76,7 @@ def test_staggered_requests_match_dense_greedy(model) -> None:
     def watch(_step: int) -> None:
         stats, bm = engine.stats(), engine.block_manager
         assert stats.kv_cache_usage == bm.num_used_blocks / bm.num_blocks
-        assert stats.num_running == len(engine.scheduler.running) <= 64
+        assert stats.num_running == len(engine.core.scheduler.running) <= 64
         seen.append((stats.num_running, stats.kv_cache_usage))
 
     outputs = run(engine, arrivals, on_step=watch)
@@ -85,7 +85,7 @@ def test_staggered_requests_match_dense_greedy(model) -> None:
     assert ties <= 2, f"{ties} near-ties: the test model's logits are not well separated"
     stats = engine.stats()
     assert stats.num_preemptions == 0 and stats.num_finished == 32
-    assert stats.generation_tokens == sum(p.max_tokens for _, p in prompts.values())
+    assert stats.num_output_tokens == sum(p.max_tokens for _, p in prompts.values())
     assert_pool_whole(engine)
 
 

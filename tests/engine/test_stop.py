@@ -118,7 +118,7 @@ def test_stop_token_ids_and_max_tokens(model, free_run) -> None:
     assert tokens_of(outputs["t"]) == tokens[: first + 1]
     assert outputs["t"][-1].finish_reason == "stop" and outputs["t"][-1].stop_reason == stop_id
     assert tokens_of(outputs["m"]) == tokens[:5] and outputs["m"][-1].finish_reason == "length"
-    assert outputs["m"][-1].num_generated_tokens == 5
+    assert outputs["m"][-1].num_output_tokens == 5
 
 
 @settings(max_examples=300, deadline=None)

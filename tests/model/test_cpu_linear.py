@@ -43,9 +43,15 @@ def test_prepacked_llama_untied_head() -> None:
 
     config = LlamaConfig.from_hf_dict(
         dict(
-            model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96,
-            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=False,
+            model_type="llama",
+            vocab_size=101,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
         )
     )
     torch.manual_seed(0)
@@ -53,7 +59,7 @@ def test_prepacked_llama_untied_head() -> None:
     packed = Llama(config).eval()
     packed.load_state_dict(plain.state_dict())
     prepack_linears(packed)
-    assert isinstance(packed.lm_head, torch.nn.Linear)  # kept; its packed twin computes
+    assert isinstance(packed.logits_head, PrepackedLinear)  # the untied head, prepacked
     tokens = torch.randint(0, 101, (29,)).tolist()
     expected = _paged_logits(plain, tokens)
     assert (_paged_logits(packed, tokens) - expected).abs().max() <= 1e-4 * expected.abs().max()

@@ -14,8 +14,8 @@ import pytest
 
 import palm_serve.model
 from palm_serve.model import HFTokenizer, PaLM, load_model, load_tokenizer
-from palm_serve.model.corpus import read_documents, split_documents
-from palm_serve.model.perplexity import (
+from training.corpus import read_documents, split_documents
+from training.perplexity import (
     dense_nll,
     encode_documents,
     paged_nll,

@@ -39,8 +39,15 @@ def test_convert_cli_on_a_reference_checkpoint(tmp_path: Path, layout: str) -> N
     torch.save(ref.state_dict(), tmp_path / "ref.pt")
     (tmp_path / "extra.json").write_text('{"max_positions": 300, "eos_token_id": 0}')
     code = cli_main(
-        ["convert", str(tmp_path / "ref.pt"), str(tmp_path / "out"), "--from", layout,
-         "--config", str(tmp_path / "extra.json")]
+        [
+            "convert",
+            str(tmp_path / "ref.pt"),
+            str(tmp_path / "out"),
+            "--from",
+            layout,
+            "--config",
+            str(tmp_path / "extra.json"),
+        ]
     )
     assert code == 0
     ours = load_model(tmp_path / "out")

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from palm_serve.model import load_model, load_tokenizer, save_model_dir
 from palm_serve.server.app import create_app
+from palm_serve.server.http_protocol import uvicorn_config
 from palm_serve.server.serve import load_engine
 from palm_serve.server.settings import Settings
 
@@ -58,8 +59,13 @@ class ServerThread:
         self.settings = settings
         self.engine = load_engine(settings)
         self.app = create_app(settings, self.engine)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2
+        config = uvicorn_config(
+            self.app,
+            settings.header_read_timeout,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -61,7 +61,5 @@ def test_readme_settings_table_lists_every_setting():
     from palm_serve.server.settings import Settings
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    missing = [
-        name for name in Settings.model_fields if f"`PALM_{name.upper()}`" not in readme
-    ]
+    missing = [name for name in Settings.model_fields if f"`PALM_{name.upper()}`" not in readme]
     assert not missing, f"README's settings table lacks {missing}"

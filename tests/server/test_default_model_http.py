@@ -11,8 +11,8 @@ import pytest
 
 import palm_serve.model
 from palm_serve.model import PaLM, load_model, load_tokenizer
-from palm_serve.model.corpus import read_documents
-from palm_serve.model.perplexity import dense_nll, encode_documents, greedy_dense, windows
+from training.corpus import read_documents
+from training.perplexity import dense_nll, encode_documents, greedy_dense, windows
 
 from server_helpers import ServerThread, running_server
 

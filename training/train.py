@@ -1,13 +1,13 @@
 """Train the default model: a small PaLM of our own architecture on the King James Bible.
 
-    python -m palm_serve.model.train --out model/default            # see MODEL_CARD.md
-    python -m palm_serve.model.train --out model/default --resume   # after an interruption
+    python -m training.train --out model/default            # see MODEL_CARD.md
+    python -m training.train --out model/default --resume   # after an interruption
 
 The model is palm_serve.model.PaLM trained through forward_dense, which shares every
 weight with the paged serving forward. The tokenizer is a byte-level BPE trained by the
-`tokenizers` library on the training split, with <|endoftext|> as EOS. The script lives in
-the model layer so that it and its helpers are importable (python -m, tests) without path
-hacks; it imports nothing above the model layer and runs nothing on import."""
+`tokenizers` library on the training split, with <|endoftext|> as EOS. It lives beside the
+served packages, not in them (serving never imports it), and runs from the repository
+root; it imports nothing above the model layer and runs nothing on import."""
 
 from __future__ import annotations
 
@@ -26,12 +26,13 @@ from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from .config import PaLMConfig
+from palm_serve.model.config import PaLMConfig
+from palm_serve.model.palm import PaLM
+from palm_serve.model.tokenizer import HFTokenizer
+from palm_serve.model.weights import save_model_dir
+
 from .corpus import join_documents, load_debian_kjv, read_documents, split_documents
-from .palm import PaLM
 from .perplexity import dense_nll, encode_documents, unigram_nll
-from .tokenizer import HFTokenizer
-from .weights import save_model_dir
 
 EOS = "<|endoftext|>"
 CORPUS_FILE = "kjv.txt.gz"

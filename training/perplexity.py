@@ -13,10 +13,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .attention_metadata import AttentionMetadata
-from .kv_cache import KVCache
-from .palm import PaLM
-from .tokenizer import Tokenizer
+from palm_serve.model.attention_metadata import AttentionMetadata
+from palm_serve.model.kv_cache import KVCache
+from palm_serve.model.palm import PaLM
+from palm_serve.model.tokenizer import Tokenizer
 
 
 def encode_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> list[int]:

@@ -1,0 +1,160 @@
+"""EngineCore: the model side of the engine. Token ids in, token ids out; step() =
+schedule, run, update, report. It never sees text: the front detokenizes and checks stop
+strings (output_processor.py).
+
+Single-threaded: whoever drives it (a CoreClient's loop, or LLMEngine) calls it from one
+thread only."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .block_manager import BlockManager
+from .messages import EngineCoreOutput, EngineCoreRequest
+from .model_runner import ModelRunner
+from .outputs import FinishReason, TokenLogprob
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .stats import EngineStats
+
+
+class EngineCore:
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, seed: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.block_manager: BlockManager = scheduler.block_manager
+        self.max_model_len = scheduler.max_model_len
+        # Seeds the generators of unseeded requests (each still gets its own stream).
+        self._rng = random.Random(seed)
+        self.seqs: dict[str, Sequence] = {}
+        self.counters = EngineStats()
+        # Refused at arrival (they can never be served): reported, with an error, by the
+        # next step. Aborted requests are not reported: their caller has already left.
+        self._rejected: list[Sequence] = []
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        params = request.params
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            params=params,
+            generator=torch.Generator().manual_seed(seed),
+            arrival_time=request.arrival_time,
+        )
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None]
+        self.seqs[seq.request_id] = seq
+        n = seq.num_prompt_tokens
+        if not n or n >= self.max_model_len:
+            # The front's InputProcessor refuses these before they are sent; a caller that
+            # skips it still gets one failed request, not a failed engine.
+            message = (
+                f"prompt has {n} tokens; the context length (max_model_len) "
+                f"is {self.max_model_len}, so at most {self.max_model_len - 1} fit"
+            )
+            self.scheduler.reject(seq, message)
+            self._rejected.append(seq)
+            return
+        self.scheduler.add(seq)
+        self.counters.prompt_tokens += n
+
+    def finish_requests(self, request_ids: list[str], reason: FinishReason = "abort") -> None:
+        """Stop requests the front is done with (the caller left, or a stop string)."""
+        for request_id in request_ids:
+            seq = self.seqs.pop(request_id, None)
+            if seq is None or seq.is_finished:
+                continue
+            self.scheduler.abort(seq)
+            seq.finish_reason = reason
+            if reason == "abort":
+                self.counters.num_aborted += 1
+            self._count_finish(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._rejected) or self.scheduler.has_unfinished()
+
+    # ---- the step ------------------------------------------------------------------------
+
+    def step(self) -> list[EngineCoreOutput]:
+        plan = self.scheduler.schedule()
+        touched, self._rejected = self._rejected, []
+        sampled: list[int | None] = []
+        if not plan.is_empty:
+            result = self.runner.execute(plan)
+            self.counters.num_steps += 1
+            self.counters.num_batched_tokens += plan.num_batched_tokens
+            for seq, entries in result.prompt_logprobs:
+                seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
+            for item, lp in zip(plan.scheduled, result.logprobs, strict=True):
+                if lp is not None:
+                    item.seq.pending_logprobs.append(lp)
+            sampled = result.sampled
+        touched += self.scheduler.update(plan, sampled)
+        return [self._output(seq) for seq in dict.fromkeys(touched)]
+
+    def finish_all(
+        self, reason: FinishReason, message: str | None = None
+    ) -> list[EngineCoreOutput]:
+        """Every unfinished request ends now (reason "error" after a failed step, "abort" at
+        shutdown); returns their last outputs and leaves the pool whole."""
+        outputs = []
+        for seq in list(self.seqs.values()):
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+                seq.finish_reason, seq.error = reason, message
+            outputs.append(self._output(seq))
+        self._rejected.clear()
+        if reason == "error":  # K/V written by the failed step cannot be trusted
+            self.block_manager.reset_prefix_cache()
+        return outputs
+
+    def stats(self) -> EngineStats:
+        s = self.counters
+        s.num_running = len(self.scheduler.running)
+        s.num_waiting = len(self.scheduler.waiting)
+        s.kv_cache_usage = self.block_manager.usage
+        s.num_preemptions = self.scheduler.num_preemptions
+        s.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        return EngineStats(**vars(s))
+
+    # ---- outputs -------------------------------------------------------------------------
+
+    def _output(self, seq: Sequence) -> EngineCoreOutput:
+        """The increment of seq since its previous output; forgets a finished sequence."""
+        new_ids = seq.output_token_ids[seq.num_emitted_tokens :]
+        seq.num_emitted_tokens += len(new_ids)
+        self.counters.num_output_tokens += len(new_ids)
+        out = EngineCoreOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_ids,
+            finish_reason=seq.finish_reason,
+            stop_token_id=seq.stop_token_id,
+            error=seq.error,
+            logprobs=self._take_logprobs(seq),
+            num_cached_tokens=seq.num_cached_tokens,
+            first_scheduled_time=seq.first_scheduled_time,
+        )
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
+        if seq.is_finished:
+            self._count_finish(seq)
+            self.seqs.pop(seq.request_id, None)
+        return out
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> list[TokenLogprob] | None:
+        if seq.params.logprobs is None:
+            return None
+        taken, seq.pending_logprobs = seq.pending_logprobs, []
+        return taken
+
+    def _count_finish(self, seq: Sequence) -> None:
+        self.counters.num_finished += 1
+        if seq.finish_reason == "error":
+            self.counters.num_failed += 1
