@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,12 @@ def isa_flags() -> list[str]:
 def build_directory(isa: list[str]) -> Path:
     """TORCH_EXTENSIONS_DIR if set (torch's own variable), else ~/.cache/palm-serve; one
     directory per Python, torch and instruction set, as the binary depends on all three."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(cache) / "palm-serve" / "cpu-kernels"
+    torch_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(torch_dir) if torch_dir else Path(cache) / "palm-serve" / "cpu-kernels"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = "avx2" if isa else "scalar"
-    return Path(root) / f"{NAME}-{py}-torch{torch.__version__}-{tag}"
+    return root / f"{NAME}-{py}-torch{torch.__version__}-{tag}"
 
 
 @contextlib.contextmanager
@@ -108,23 +108,56 @@ def _register_fakes() -> None:
     """Shapes only: what torch.compile's fake tensors need to trace past the ops."""
 
     @torch.library.register_fake("palm_cpu::paged_attention")
-    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale):
+    def _(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,
+        query_start_loc: Tensor,
+        context_lens: Tensor,
+        scale: float,
+    ) -> Tensor:
         return torch.empty_like(q)
 
     @torch.library.register_fake("palm_cpu::paged_attention_out")
-    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out):
+    def _(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,
+        query_start_loc: Tensor,
+        context_lens: Tensor,
+        scale: float,
+        out: Tensor,
+    ) -> None:
         return None
 
     @torch.library.register_fake("palm_cpu::rotary_embedding")
-    def _(q, k, positions, cos_sin_cache, xpos_scale_cache):
+    def _(
+        q: Tensor,
+        k: Tensor,
+        positions: Tensor,
+        cos_sin_cache: Tensor,
+        xpos_scale_cache: Tensor | None,
+    ) -> None:
         return None
 
     @torch.library.register_fake("palm_cpu::write_kv_cache")
-    def _(k, v, k_cache, v_cache, slot_mapping):
+    def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         return None
 
     @torch.library.register_fake("palm_cpu::rotary_write_kv_cache")
-    def _(q, k, v, k_cache, v_cache, positions, slot_mapping, cos_sin_cache, xpos_scale_cache):
+    def _(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        positions: Tensor,
+        slot_mapping: Tensor,
+        cos_sin_cache: Tensor,
+        xpos_scale_cache: Tensor | None,
+    ) -> None:
         return None
 
 
