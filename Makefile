@@ -14,6 +14,10 @@ DEV_INSTALLED := $(VENV)/.dev-installed
 .PHONY: serve test lint mutate clean
 
 $(INSTALLED): pyproject.toml
+	@# The compiled CPU kernels and torch.compile need a C++ compiler (Debian's g++ where
+	@# there is none and apt-get may run); without one the server runs the torch twins.
+	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq g++) \
+		|| echo "note: no C++ compiler; the server will use the torch twins"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
