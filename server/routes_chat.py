@@ -14,7 +14,16 @@ from fastapi.responses import Response
 from ..engine.sampling_params import SamplingParams
 from .chat_template import ChatTemplateError
 from .errors import bad_request, error_body, from_engine_error
-from .generation import Started, collect_many, make_params, merge, release_all, start, tokenize
+from .generation import (
+    Started,
+    collect_many,
+    failure_event,
+    make_params,
+    merge,
+    release_all,
+    start,
+    tokenize,
+)
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
 from .responses import (
@@ -153,6 +162,8 @@ class _ChatView:
                         index=k, delta=ChatDelta(), finish_reason=out.finish_reason
                     )
                     yield self.chunk([done])
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
             if body.stream_options and body.stream_options.include_usage:
                 yield self.chunk([], self.usage(generated))
         except Exception as exc:  # headers are sent: the error travels as an event

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 
 from ..engine.outputs import RequestOutput
 from .errors import error_body, from_engine_error
-from .generation import OutputStream, collect, make_params, start, tokenize
+from .generation import OutputStream, collect, failure_event, make_params, start, tokenize
 from .logprobs import generate_logprob
 from .protocol import GenerateRequest
 from .responses import GenerateResponse, GenerateStreamEvent
@@ -84,6 +84,8 @@ async def _events(state: ServerState, stream: OutputStream, rid: str) -> AsyncIt
                             usage=usage(prompt_tokens, generated),
                         )
                     )
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
     except Exception as exc:  # headers are sent: the error travels as an event
         err = from_engine_error(exc)
         yield sse_event(error_body(err.message, err.type, err.code))

@@ -1,6 +1,7 @@
 """Helpers of the HTTP tests: a tiny random model on disk, a real uvicorn server on
-127.0.0.1 (a free port) in a background thread, the dense no-cache greedy oracle, and
-the Prometheus text parser."""
+127.0.0.1 (a free port) in a background thread, its engine core in a process of its own
+as `palm-serve serve` runs it, the dense no-cache greedy oracle, and the Prometheus text
+parser."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from palm_serve.model import load_model, load_tokenizer, save_model_dir
 from palm_serve.server.app import create_app
+from palm_serve.server.placement import available_cpus
 from palm_serve.server.serve import load_engine
 from palm_serve.server.settings import Settings
 
@@ -45,6 +47,10 @@ def settings_for(model_dir: Path, **overrides) -> Settings:
         num_kv_blocks=1024,
         max_tokens_limit=512,
         log_level="warning",
+        # Tiny model: one thread is fastest, and the core may use any CPU of this shared
+        # machine (its workers then sleep between parallel regions).
+        engine_threads=1,
+        engine_cpus=",".join(map(str, available_cpus())),
     )
     values.update(overrides)
     return Settings(**values)
