@@ -266,14 +266,18 @@ class ProcessCoreClient:
         assert self._loop is not None
         self._loop.remove_reader(gen.process.sentinel)
         gen.exited = True
-        reason = f"the engine core process died ({describe_exit(gen.process)})"
-        self._loop.call_later(EXIT_GRACE_SECONDS, self._lost, gen, reason)
+        self._loop.call_later(EXIT_GRACE_SECONDS, self._lost, gen, None)
 
-    def _lost(self, gen: _Generation, message: str) -> None:
-        """The core stopped serving: tell the front (once), then restart it if allowed."""
+    def _lost(self, gen: _Generation, message: str | None) -> None:
+        """The core stopped serving: tell the front (once), then restart it if allowed.
+        message None: its process exited (the exit status says how)."""
         if gen.lost or self._stopping:
             return
         gen.lost = True
+        if message is None:
+            # The sentinel can turn readable a moment before the exit status exists.
+            gen.process.join(SHUTDOWN_SECONDS)
+            message = f"the engine core process died ({describe_exit(gen.process)})"
         if self._loop is not None:
             self._loop.remove_reader(gen.process.sentinel)
         if gen.reader is not None and gen.reader is not asyncio.current_task():

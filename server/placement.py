@@ -33,8 +33,8 @@ def parse_cpus(text: str) -> tuple[int, ...]:
     for part in text.replace(" ", "").split(","):
         if not part:
             continue
-        low, _, high = part.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
             raise ValueError(f"{part!r} is not a CPU number or range (e.g. 1, 0-3, 0,2)")
         first, last = int(low), int(high or low)
         if last < first:
