@@ -47,7 +47,13 @@ def serve(given: dict[str, Any]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    engine = load_engine(settings, placement)
+    from ..engine.core_process import CoreStartError
+
+    try:
+        engine = load_engine(settings, placement)
+    except CoreStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return run_server(settings, engine)
 
 

@@ -210,3 +210,15 @@ def test_sigterm_exits_0_and_leaves_no_child(model_dir):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     wait_until(lambda: not any(process_alive(k) for k in kids), 5, f"children {kids} to exit")
+
+
+def test_a_core_that_cannot_start_is_an_error_exit(model_dir, capsys):
+    from palm_serve.server.placement import available_cpus
+    from palm_serve.server.serve import serve
+
+    given = dict(model=model_dir, device="cpu", kernel_backend="torch", kv_cache_memory="1")
+    given["engine_cpus"] = ",".join(map(str, available_cpus()))  # no pinning of pytest
+    assert serve(given) == 1
+    assert "the engine core failed to start: ValueError: kv_cache_memory_bytes=1" in (
+        capsys.readouterr().err
+    )
