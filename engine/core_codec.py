@@ -10,7 +10,7 @@ CoreFailed if a step raised (the core then exits)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -46,6 +46,8 @@ class CoreFailed:
 ToCore = EngineCoreRequest | FinishRequests | Shutdown
 FromCore = CoreReady | EngineCoreOutputs | CoreFailed
 
+T = TypeVar("T")
+
 _TO_CORE: Final[dict[type, bytes]] = {EngineCoreRequest: b"a", FinishRequests: b"f", Shutdown: b"s"}
 _FROM_CORE: Final[dict[type, bytes]] = {CoreReady: b"r", EngineCoreOutputs: b"o", CoreFailed: b"x"}
 
@@ -53,8 +55,12 @@ _FROM_CORE: Final[dict[type, bytes]] = {CoreReady: b"r", EngineCoreOutputs: b"o"
 class CoreCodec:
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder()
-        self._to_core = {tag: msgspec.msgpack.Decoder(kind) for kind, tag in _TO_CORE.items()}
-        self._from_core = {tag: msgspec.msgpack.Decoder(kind) for kind, tag in _FROM_CORE.items()}
+        self._to_core: dict[bytes, msgspec.msgpack.Decoder[ToCore]] = {
+            tag: msgspec.msgpack.Decoder(kind) for kind, tag in _TO_CORE.items()
+        }
+        self._from_core: dict[bytes, msgspec.msgpack.Decoder[FromCore]] = {
+            tag: msgspec.msgpack.Decoder(kind) for kind, tag in _FROM_CORE.items()
+        }
 
     def encode(self, message: ToCore | FromCore) -> list[bytes]:
         tag = _TO_CORE.get(type(message)) or _FROM_CORE[type(message)]
@@ -62,17 +68,15 @@ class CoreCodec:
 
     def decode_to_core(self, frames: list[bytes]) -> ToCore:
         """A message for the core; ValueError (msgspec.DecodeError) if frames are not one."""
-        decoded: ToCore = _decoder(self._to_core, frames).decode(frames[1])
-        return decoded
+        return _decoder(self._to_core, frames).decode(frames[1])
 
     def decode_from_core(self, frames: list[bytes]) -> FromCore:
-        decoded: FromCore = _decoder(self._from_core, frames).decode(frames[1])
-        return decoded
+        return _decoder(self._from_core, frames).decode(frames[1])
 
 
 def _decoder(
-    decoders: dict[bytes, msgspec.msgpack.Decoder], frames: list[bytes]
-) -> msgspec.msgpack.Decoder:
+    decoders: dict[bytes, msgspec.msgpack.Decoder[T]], frames: list[bytes]
+) -> msgspec.msgpack.Decoder[T]:
     if len(frames) != 2 or frames[0] not in decoders:
         raise ValueError(f"not a core message: {len(frames)} frame(s), tag {frames[:1]!r}")
     return decoders[frames[0]]
