@@ -37,6 +37,9 @@ from multiprocessing.process import BaseProcess
 import zmq
 import zmq.asyncio
 
+from ..model.tokenizer import load_tokenizer
+from ..model.weights import load_config
+from .async_engine import AsyncEngine, EngineInfo
 from .core_client import OnDeath, OnOutputs, OnRevival
 from .core_codec import CoreCodec, CoreFailed, CoreReady, FromCore, Shutdown, ToCore
 from .core_main import CoreLink, CoreSpec, run_core_process
@@ -361,6 +364,28 @@ class ProcessCoreClient:
             gen.to_core.send_multipart(self._codec.encode(message), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             logger.warning("could not send %s to the engine core: %s", type(message).__name__, exc)
+
+
+def build_process_engine(spec: CoreSpec, options: CoreProcessOptions | None = None) -> AsyncEngine:
+    """An AsyncEngine whose core runs in a process of its own, built there from
+    spec.model_dir. Returns once that core is ready (CoreStartError if it cannot start)."""
+    client = ProcessCoreClient(spec, options)
+    # The model's config is read here from the same directory; the handshake carries what
+    # the core computed from it (pool and context sizes, kernels, threads).
+    config = load_config(spec.model_dir)
+    tokenizer = load_tokenizer(spec.model_dir, config.vocab_size)
+    ready = client.launch()
+    info = EngineInfo(
+        model_config=config,
+        max_model_len=ready.max_model_len,
+        num_blocks=ready.num_blocks,
+        block_size=ready.block_size,
+        backend_name=ready.backend_name,
+        core_pid=ready.pid,
+        num_threads=ready.num_threads,
+        cpus=tuple(ready.cpus),
+    )
+    return AsyncEngine(client, tokenizer, info)
 
 
 def describe_exit(process: BaseProcess) -> str:

@@ -1,6 +1,7 @@
 """Construction of the engine, in one place: the core from a model (or a model directory),
 the synchronous LLMEngine and the AsyncEngine the server talks to, its core in a thread
-of this process or in a core process of its own (which builds its model itself).
+of this process. An AsyncEngine whose core runs in a process of its own is built by
+core_process.build_process_engine (that core builds itself with build_core, here).
 
 The core uses only the narrow model interface (model.decoder.DecoderModel): its config,
 forward, compute_logits, and KVCache.allocate(model.config, ...)."""
@@ -17,14 +18,12 @@ from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
 from ..model.model_config import ModelConfig
 from ..model.tokenizer import Tokenizer, load_tokenizer
-from ..model.weights import load_config, load_model
+from ..model.weights import load_model
 from .async_engine import AsyncEngine, EngineInfo
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .core import EngineCore
 from .core_client import CoreClient, InProcessCoreClient
-from .core_main import CoreSpec
-from .core_process import CoreProcessOptions, ProcessCoreClient
 from .input_processor import InputProcessor
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
@@ -74,28 +73,6 @@ def build_engine(
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     return build_async_engine(model, tokenizer, engine_config or EngineConfig())
-
-
-def build_process_engine(spec: CoreSpec, options: CoreProcessOptions | None = None) -> AsyncEngine:
-    """An AsyncEngine whose core runs in a process of its own, built there from
-    spec.model_dir. Returns once that core is ready (CoreStartError if it cannot start)."""
-    client = ProcessCoreClient(spec, options)
-    # The model's config is read here from the same directory; the handshake carries what
-    # the core computed from it (pool and context sizes, kernels, threads).
-    config = load_config(spec.model_dir)
-    tokenizer = load_tokenizer(spec.model_dir, config.vocab_size)
-    ready = client.launch()
-    info = EngineInfo(
-        model_config=config,
-        max_model_len=ready.max_model_len,
-        num_blocks=ready.num_blocks,
-        block_size=ready.block_size,
-        backend_name=ready.backend_name,
-        core_pid=ready.pid,
-        num_threads=ready.num_threads,
-        cpus=tuple(ready.cpus),
-    )
-    return AsyncEngine(client, tokenizer, info)
 
 
 def build_core(

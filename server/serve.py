@@ -121,8 +121,7 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
 
 def _process_engine(settings: Settings, config: EngineConfig, placement: Placement) -> AsyncEngine:
     from ..engine.core_main import CoreSpec
-    from ..engine.core_process import CoreProcessOptions
-    from ..engine.factory import build_process_engine
+    from ..engine.core_process import CoreProcessOptions, build_process_engine
 
     device = resolve_device(settings.device)
     spec = CoreSpec(

@@ -16,9 +16,8 @@ from palm_serve.engine.async_engine import AsyncEngine
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.core_codec import CoreCodec, CoreFailed, CoreReady, Shutdown
 from palm_serve.engine.core_main import CoreSpec
-from palm_serve.engine.core_process import CoreProcessOptions
+from palm_serve.engine.core_process import CoreProcessOptions, build_process_engine
 from palm_serve.engine.errors import EngineDeadError
-from palm_serve.engine.factory import build_process_engine
 from palm_serve.engine.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
