@@ -195,7 +195,8 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
         f"  model    {settings.model_name()} ({Path(settings.model_dir()).resolve()}): "
         f"{mc.depth} layers, dim {mc.dim}, vocab {mc.vocab_size}",
         f"  context  {engine.max_model_len} tokens",
-        f"  backend  {info.backend_name} ({settings.dtype}, {device}, {threads} CPU threads)",
+        f"  backend  {info.backend_name} ({settings.dtype}, {device}, {threads} CPU thread"
+        + ("s)" if threads != 1 else ")"),
         f"  engine   {_where(engine)}",
         f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
