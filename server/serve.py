@@ -47,7 +47,7 @@ def serve(given: dict[str, Any]) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from ..engine.core_process import CoreStartError
+    from ..engine import CoreStartError
 
     try:
         engine = load_engine(settings, placement)

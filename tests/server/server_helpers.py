@@ -6,6 +6,7 @@ parser."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -142,6 +143,32 @@ class Oracle:
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), vocab]: row t is log p(. | ids[:t+1])."""
         return torch.log_softmax(self.model.forward_dense(torch.tensor([ids]))[0].float(), -1)
+
+
+def process_alive(pid: int) -> bool:
+    """Running or sleeping; an exited process (gone, or a zombie nobody reaped) is not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (the core, multiprocessing's resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def free_port() -> int:

@@ -2,7 +2,8 @@
 mid-stream ends every request at once with an error (streams: an error event then
 [DONE]; JSON: 503), /ready turns 503, new requests get 503 with Retry-After, the front
 restarts the core (palm_engine_restarts_total), and the new core serves what a fresh
-server serves. A front killed with SIGKILL takes its core with it."""
+server serves. A front killed with SIGKILL takes its core with it (test_drain.py checks
+that SIGTERM leaves no child)."""
 
 # Fixtures come from server_helpers; pytest injects them by parameter name.
 # ruff: noqa: F811
@@ -21,10 +22,12 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from server_helpers import (
+    children,
     free_port,
     metric,
     model_dir,  # noqa: F401
     parse_metrics,
+    process_alive,
     running_server,
 )
 
@@ -46,16 +49,6 @@ def core_pid(server) -> int:
     pid = server.engine.client.pid
     assert pid is not None and process_alive(pid)
     return pid
-
-
-def process_alive(pid: int) -> bool:
-    """Running or sleeping; an exited process (gone, or a zombie nobody reaped) is not."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
 
 
 def wait_until(condition, seconds: float, what: str) -> None:
@@ -147,22 +140,6 @@ def test_a_killed_core_fails_its_requests_at_once_then_is_restarted(restarting, 
 # ---- the front's death and exit, as `palm-serve serve` runs ------------------------------
 
 
-def children(pid: int) -> list[int]:
-    """Processes whose parent is pid (the core, multiprocessing's resource tracker)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
-
-
 def start_serve(model_dir) -> tuple[subprocess.Popen, str, int]:
     """`palm-serve serve` in a subprocess, ready; its core's pid from the start summary."""
     port = free_port()
@@ -199,17 +176,6 @@ def test_sigkill_on_the_front_takes_the_core_with_it(model_dir):
     proc.kill()
     proc.wait(10)
     wait_until(lambda: not process_alive(core), 5, "the orphaned core to exit")
-
-
-def test_sigterm_exits_0_and_leaves_no_child(model_dir):
-    proc, url, core = start_serve(model_dir)
-    kids = children(proc.pid)
-    assert core in kids
-    ok = httpx.post(f"{url}/v1/generate", json={"prompt": "x", "max_tokens": 4}, timeout=60)
-    assert ok.status_code == 200
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == 0
-    wait_until(lambda: not any(process_alive(k) for k in kids), 5, f"children {kids} to exit")
 
 
 def test_a_core_that_cannot_start_is_an_error_exit(model_dir, capsys):
