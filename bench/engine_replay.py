@@ -2,15 +2,16 @@
 
 The same kind of requests bench/serving.py sends (seeded prompt and output lengths, text
 prompts tokenized by the model's tokenizer) are all added at once to an engine set up as
-the server sets it up (prepacked linears, --max-num-seqs), then `step()` runs until every
-request is done. Compare its output tok/s with bench/serving.py's burst figure against
-`palm-serve serve` on the same model: the difference is HTTP, SSE, the event loop and the
-client sharing the cores. OpenMP reads its environment when torch loads, so run it as
-`OMP_WAIT_POLICY=PASSIVE python bench/engine_replay.py` to match the server's default.
---kernel-backend picks the kernels as the server's flag does (default: the torch twins).
+the server sets it up (the same kernel backend choice, prepacked linears, --max-num-seqs),
+then `step()` runs until every request is done. Compare its output tok/s with
+bench/serving.py's burst figure against `palm-serve serve` on the same model: the
+difference is HTTP, SSE, the event loop, the process boundary and the client sharing the
+cores. OpenMP reads its environment when torch loads, so set OMP_WAIT_POLICY (and
+taskset -c for the CPUs) as the engine runs in the server: bench/placements.py does.
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
-        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--kernel-backend cpu]
+        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--threads 2]
+        [--kernel-backend auto]
 """
 
 from __future__ import annotations
@@ -24,22 +25,20 @@ import torch
 from workloads import LengthSpec, make_requests
 
 from palm_serve.engine.config import EngineConfig
-from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.sampling_params import SamplingParams
-from palm_serve.kernels import select_backend
-from palm_serve.model import load_model, load_tokenizer
-from palm_serve.model.cpu_linear import prepack_linears
+from palm_serve.model import load_tokenizer
 
 TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama"
 
 
 def replay(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    kernels = select_backend(args.kernel_backend, torch.device("cpu"))
-    model = load_model(args.model, kernels).eval().requires_grad_(False)
+    # As the server builds it: the same kernel backend choice, the same prepacked linears.
+    model = load_served_model(
+        args.model, kernel_backend=args.kernel_backend, prepack_cpu_linears=not args.no_prepack
+    )
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
-    if not args.no_prepack:
-        prepack_linears(model)
     requests = make_requests(
         args.num_requests,
         LengthSpec.parse(args.input_len),
@@ -75,6 +74,7 @@ def replay(args: argparse.Namespace) -> dict:
         "output_throughput": output_tokens / seconds,
         "total_token_throughput": (output_tokens + prompt_tokens) / seconds,
         "mean_step_ms": seconds / steps * 1e3,
+        "kernel_backend": model.kernels.name,
     }
 
 
@@ -88,13 +88,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
-    p.add_argument("--kernel-backend", default="torch", choices=["torch", "cpu", "auto"])
+    p.add_argument(
+        "--kernel-backend", default="auto", help="as palm-serve serve: auto, torch, cpu, triton"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = replay(args)
     print(
-        f"{args.kernel_backend}: {report['requests']} requests, {report['steps']} steps "
-        f"in {report['seconds']:.1f} s: "
+        f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
         f"{report['output_throughput']:.0f} output tok/s, "
         f"{report['total_token_throughput']:.0f} total tok/s, "
         f"mean step {report['mean_step_ms']:.1f} ms"

@@ -42,7 +42,7 @@ def create_app(
         engine=engine,
         model_name=settings.model_name(),
         chat_template=ChatTemplate.load(settings.chat_template),
-        metrics=Metrics(engine.stats),
+        metrics=Metrics(engine.stats, lambda: engine.num_restarts),
         lifecycle=lifecycle or Lifecycle(),
     )
     for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):

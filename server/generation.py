@@ -18,8 +18,9 @@ from ..engine.errors import EngineDeadError, InvalidRequestError
 from ..engine.messages import EngineCoreRequest
 from ..engine.outputs import RequestOutput, TokenLogprob
 from ..engine.sampling_params import SamplingParams
-from .errors import APIError, bad_request, from_engine_error, unavailable
+from .errors import APIError, bad_request, error_body, from_engine_error, unavailable
 from .lifecycle import Ticket
+from .sse import sse_event
 from .state import ServerState
 
 # One request's outputs; closing it early aborts the request.
@@ -57,7 +58,16 @@ def admit(state: ServerState, num_seqs: int, fan_out: str = "") -> list[Ticket]:
         )
     if state.lifecycle.draining:
         raise unavailable("the server is shutting down; retry on another replica")
-    if not state.engine.healthy:
+    status = state.engine.status
+    if status == "restarting":
+        raise APIError(
+            503,
+            "the engine core is restarting; retry shortly",
+            type="service_unavailable",
+            code="engine_restarting",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    if status != "ready":
         raise unavailable("the engine has stopped; no request can be served")
     inflight = state.lifecycle.inflight
     if inflight + num_seqs > capacity:
@@ -156,6 +166,7 @@ class Collected:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None
     num_prompt_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
@@ -167,6 +178,7 @@ class Collected:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            self.error = out.error
 
 
 async def collect(stream: OutputStream, request: Request) -> Collected:
@@ -188,8 +200,28 @@ async def collect(stream: OutputStream, request: Request) -> Collected:
             raise APIError(499, "client closed the request", code="client_closed")
     task.result()  # re-raises the engine's InvalidRequestError / EngineDeadError
     if result.finish_reason == "error":
-        raise APIError(500, "the engine failed this request", "server_error", "engine_error")
+        raise engine_failure(result.error)
     return result
+
+
+def engine_failure(error: str | None) -> APIError:
+    """A request the engine ended with finish_reason "error": its core failed or died while
+    running it (the front validated it, so nothing else ends a request so). 503: the server
+    is not serving right now; the same request may succeed once the core is back."""
+    return APIError(
+        503,
+        f"the engine failed this request: {error or 'no reason given'}",
+        type="service_unavailable",
+        code="engine_error",
+    )
+
+
+def failure_event(out: RequestOutput) -> bytes | None:
+    """After a stream's last event: an error event saying why the engine failed it."""
+    if out.finish_reason != "error":
+        return None
+    err = engine_failure(out.error)
+    return sse_event(error_body(err.message, err.type, err.code))
 
 
 async def collect_many(streams: list[OutputStream], request: Request) -> list[Collected]:

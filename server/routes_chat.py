@@ -18,6 +18,7 @@ from .generation import (
     Started,
     admit,
     collect_many,
+    failure_event,
     make_params,
     mark_stalled,
     merge,
@@ -170,6 +171,8 @@ class _ChatView:
                         index=k, delta=ChatDelta(), finish_reason=out.finish_reason
                     )
                     yield self.chunk([done])
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
             if body.stream_options and body.stream_options.include_usage:
                 yield self.chunk([], self.usage(generated))
         except Exception as exc:  # headers are sent: the error travels as an event

@@ -20,6 +20,7 @@ from .generation import (
     Started,
     admit,
     collect_many,
+    failure_event,
     make_params,
     mark_stalled,
     merge,
@@ -191,6 +192,8 @@ class _View:
                         finish_reason=out.finish_reason if out.finished else None,
                     )
                     yield sse_event(self.chunk([choice]))
+                if out.finished and (failed := failure_event(out)) is not None:
+                    yield failed
             if body.stream_options and body.stream_options.include_usage:
                 yield sse_event(self.chunk([], self.usage(generated)))
         except Exception as exc:  # headers are sent: the error travels as an event

@@ -16,6 +16,7 @@ from .generation import (
     OutputStream,
     admit,
     collect,
+    failure_event,
     make_params,
     mark_stalled,
     start,
@@ -103,6 +104,8 @@ async def _events(state: ServerState, stream: OutputStream, rid: str) -> AsyncIt
                             usage=usage(prompt_tokens, generated),
                         )
                     )
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
     except Exception as exc:  # headers are sent: the error travels as an event
         err = from_engine_error(exc)
         yield sse_event(error_body(err.message, err.type, err.code))
