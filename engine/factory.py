@@ -6,11 +6,13 @@ forward, compute_logits, and KVCache.allocate(model.config, ...)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ..kernels import select_backend
+from ..model.compiled import compile_model, compiler_problem
 from ..model.cpu_linear import prepack_linears
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
@@ -29,6 +31,8 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,16 +43,25 @@ def load_served_model(
     device: str = "cpu",
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
+    compile: bool = False,
 ) -> DecoderModel:
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
-    not bit for bit)."""
+    not bit for bit). compile: torch.compile the step now (model/compiled.py); with no C++
+    compiler, the torch twins run eagerly instead, said in one log line."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compile and kernel_backend == "auto" and torch.device(device).type == "cpu":
+        problem = compiler_problem()
+        if problem is not None:
+            logger.warning("%s: the step runs eagerly on the torch kernel twins", problem)
+            kernel_backend, compile = "torch", False
     backend = select_backend(kernel_backend, torch.device(device))  # type: ignore[arg-type]
     model = load_model(model_dir, kernels=backend, dtype=DTYPES[dtype], device=device)
     if prepack_cpu_linears:
         prepack_linears(model)
+    if compile:
+        compile_model(model)
     return model
 
 
@@ -60,6 +73,7 @@ def build_engine(
     device: str = "cpu",
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
+    compile: bool = False,
 ) -> AsyncEngine:
     """An AsyncEngine over a model directory, its core in a thread of this process."""
     model = load_served_model(
@@ -68,6 +82,7 @@ def build_engine(
         device=device,
         kernel_backend=kernel_backend,
         prepack_cpu_linears=prepack_cpu_linears,
+        compile=compile,
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     return build_async_engine(model, tokenizer, engine_config or EngineConfig())

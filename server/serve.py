@@ -83,6 +83,7 @@ def load_engine(settings: Settings) -> AsyncEngine:
             device=device,
             kernel_backend=settings.kernel_backend,
             prepack_cpu_linears=settings.cpu_prepacked_linears,
+            compile=settings.compile,
         )
         bar.update(1)
     return engine
