@@ -7,9 +7,11 @@ request is done. Compare its output tok/s with bench/serving.py's burst figure a
 `palm-serve serve` on the same model: the difference is HTTP, SSE, the event loop and the
 client sharing the cores. OpenMP reads its environment when torch loads, so run it as
 `OMP_WAIT_POLICY=PASSIVE python bench/engine_replay.py` to match the server's default.
+The model is loaded by load_served_model (the kernel backend the server picks; --compile:
+the compiled step, compiled before the clock starts).
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
-        [--output-len 16-256] [--max-num-seqs 32] [--seed 7]
+        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--compile]
 """
 
 from __future__ import annotations
@@ -23,20 +25,22 @@ import torch
 from workloads import LengthSpec, make_requests
 
 from palm_serve.engine.config import EngineConfig
-from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.sampling_params import SamplingParams
-from palm_serve.model import load_model, load_tokenizer
-from palm_serve.model.cpu_linear import prepack_linears
+from palm_serve.model import load_tokenizer
 
 TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama"
 
 
 def replay(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    model = load_model(args.model).eval().requires_grad_(False)
+    model = load_served_model(
+        args.model,
+        kernel_backend=args.kernel_backend,
+        prepack_cpu_linears=not args.no_prepack,
+        compile=args.compile,
+    ).requires_grad_(False)
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
-    if not args.no_prepack:
-        prepack_linears(model)
     requests = make_requests(
         args.num_requests,
         LengthSpec.parse(args.input_len),
@@ -72,6 +76,8 @@ def replay(args: argparse.Namespace) -> dict:
         "output_throughput": output_tokens / seconds,
         "total_token_throughput": (output_tokens + prompt_tokens) / seconds,
         "mean_step_ms": seconds / steps * 1e3,
+        "kernels": model.kernels.name,
+        "compiled": "forward" in vars(model),
     }
 
 
@@ -85,6 +91,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
+    p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
+    p.add_argument("--compile", action="store_true", help="the compiled step (model/compiled.py)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = replay(args)
@@ -92,7 +100,8 @@ def main() -> None:
         f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
         f"{report['output_throughput']:.0f} output tok/s, "
         f"{report['total_token_throughput']:.0f} total tok/s, "
-        f"mean step {report['mean_step_ms']:.1f} ms"
+        f"mean step {report['mean_step_ms']:.1f} ms ({report['kernels']} kernels, "
+        f"{'compiled' if report['compiled'] else 'eager'})"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
