@@ -44,11 +44,13 @@ def load_served_model(
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
     compile: bool = False,
+    block_size: int = EngineConfig.block_size,
 ) -> DecoderModel:
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
-    not bit for bit). compile: torch.compile the step now (model/compiled.py); with no C++
-    compiler, the torch twins run eagerly instead, said in one log line."""
+    not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
+    of block_size; with no C++ compiler, the torch twins run eagerly instead, said in one
+    log line."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compile and kernel_backend == "auto" and torch.device(device).type == "cpu":
@@ -61,7 +63,7 @@ def load_served_model(
     if prepack_cpu_linears:
         prepack_linears(model)
     if compile:
-        compile_model(model)
+        compile_model(model, block_size)
     return model
 
 
@@ -76,6 +78,7 @@ def build_engine(
     compile: bool = False,
 ) -> AsyncEngine:
     """An AsyncEngine over a model directory, its core in a thread of this process."""
+    engine_config = engine_config or EngineConfig()
     model = load_served_model(
         model_dir,
         dtype=dtype,
@@ -83,9 +86,10 @@ def build_engine(
         kernel_backend=kernel_backend,
         prepack_cpu_linears=prepack_cpu_linears,
         compile=compile,
+        block_size=engine_config.block_size,
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
-    return build_async_engine(model, tokenizer, engine_config or EngineConfig())
+    return build_async_engine(model, tokenizer, engine_config)
 
 
 def build_core(

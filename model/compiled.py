@@ -3,9 +3,11 @@ backend) as ONE graph, so the glue between the matmuls (norms, rotary and the ca
 SiLU * mul, residual adds) runs as a few fused loops instead of dozens of separate ops.
 
 One compilation serves every batch: the batch's sizes (tokens T, sequences S, block-table
-width, and the KV pool's shape) are unbacked symbols, so the graph is neither specialised
-to a batch of one nor to equalities that happen to hold in the batch it was traced with
-(dynamic=True would do both: duck sizing tied S to head_dim 32 in a first attempt).
+width, and the number of blocks in the KV pool) are unbacked symbols, so the graph is
+neither specialised to a batch of one nor to equalities that happen to hold in the batch
+it was traced with (dynamic=True would do both: duck sizing tied S to head_dim 32 in a
+first attempt). The block size stays static: with it symbolic too, inductor no longer
+wrote the cache in place but copied the whole pool in every layer (7x slower steps).
 The compilation happens at start-up, on a scratch batch, with a progress bar; inductor's
 caches (cache_directory()) make later starts load it instead of compiling again.
 
@@ -20,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,8 +83,16 @@ class CompiledForward:
         self.compilations = 0
         self.on_compile = on_compile
         eager = type(model).forward.__get__(model)
-        self._compiled = torch.compile(eager, backend=self._backend, fullgraph=True)
-        self._marked: set[int] = set()  # the KV caches whose tensors are marked already
+        self._compiled = torch.compile(
+            eager,
+            backend=self._backend,
+            fullgraph=True,
+            isolate_recompiles=True,  # this model's graphs only: others' never match
+            # No guards on the model's modules (weights, norms' eps, the kernel backend):
+            # they are fixed once the server starts, and checking them cost ~0.2 ms a step.
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
+        self._marked: weakref.ref[KVCache] | None = None  # the pool marked last
 
     def __call__(
         self,
@@ -93,11 +104,10 @@ class CompiledForward:
         from torch._dynamo.decorators import mark_unbacked
 
         _mark_batch(input_ids, positions, meta)
-        if id(kv_cache) not in self._marked:
-            for cache in (*kv_cache.k, *kv_cache.v):  # (NB, BS, Hkv, D)
+        if self._marked is None or self._marked() is not kv_cache:  # ~5 us a mark: once
+            for cache in (*kv_cache.k, *kv_cache.v):  # (NB, BS, Hkv, D): NB
                 mark_unbacked(cache, 0, shape_id="blocks")
-                mark_unbacked(cache, 1, shape_id="block_size")
-            self._marked.add(id(kv_cache))
+            self._marked = weakref.ref(kv_cache)
         return self._compiled(input_ids, positions, kv_cache, meta)
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
@@ -125,11 +135,12 @@ def _mark_batch(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attentio
     mark_unbacked(meta.query_start_loc, 0)
 
 
-def compile_model(model: DecoderModel, progress: bool = True) -> bool:
+def compile_model(model: DecoderModel, block_size: int = 16, progress: bool = True) -> bool:
     """Compile the model's serving step in place (model.forward becomes a CompiledForward)
-    and run it on scratch batches, so that the compilation happens now, behind a progress
-    bar that ends with its time, and not in the first request. Returns False, having logged
-    one line saying why, where the model keeps its eager forward."""
+    for KV caches of block_size tokens per block, and run it on scratch batches, so that
+    the compilation happens now, behind a progress bar that ends with its time, and not in
+    the first request. Returns False, having logged one line saying why, where the model
+    keeps its eager forward."""
     reason = unavailable_reason(model)
     if reason is not None:
         logger.warning("the step runs eagerly: %s", reason)
@@ -142,7 +153,7 @@ def compile_model(model: DecoderModel, progress: bool = True) -> bool:
     started, hits_before = time.perf_counter(), _cache_hits()
     try:
         with _ProgressBar(progress) as bar:
-            compiled = _warm_up(model, bar)
+            compiled = _warm_up(model, block_size, bar)
             how = "loaded from the cache" if _cache_hits() > hits_before else "compiled"
             seconds = time.perf_counter() - started
             bar.finish(f"step {how} in {seconds:.1f} s")
@@ -196,11 +207,11 @@ class _ProgressBar:
         self.bar.set_description(f"torch.compile: {message}")
 
 
-def _warm_up(model: DecoderModel, bar: _ProgressBar) -> CompiledForward:
+def _warm_up(model: DecoderModel, block_size: int, bar: _ProgressBar) -> CompiledForward:
     """The compiled forward, having run on every WARM_UP_BATCHES batch with one compilation."""
     compiled = CompiledForward(model, bar.stage)
     param = next(model.parameters())
-    block_size, num_blocks = 4, 32  # room for every warm-up batch
+    num_blocks = sum(-(-n // block_size) for _, contexts in WARM_UP_BATCHES for n in contexts)
     # Allocated outside inference mode, as the engine allocates its pool (a cache of
     # inference tensors would be a guard mismatch, and a second compilation, later).
     cache = KVCache.allocate(model.config, num_blocks, block_size, param.dtype, param.device)

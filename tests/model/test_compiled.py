@@ -37,7 +37,7 @@ from engine_helpers import check_greedy, greedy, make_engine, run, tokens_of  # 
 one_torch_thread = engine_helpers.one_torch_thread
 
 RELATIVE = 1e-5
-BLOCK_SIZE = 8
+BLOCK_SIZE = 8  # static in the graph: the size the models are compiled for
 # Each step: (sequence, new tokens) pairs; a sequence's first entry is its first chunk.
 STEPS = [
     [(0, 13), (1, 1), (2, 6)],  # first chunks, one of a single token
@@ -100,7 +100,9 @@ def palm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     logger.addHandler(logs)
     logger.setLevel(logging.INFO)
     try:
-        compiled = load_served_model(model_dir, prepack_cpu_linears=True, compile=True)
+        compiled = load_served_model(
+            model_dir, prepack_cpu_linears=True, compile=True, block_size=BLOCK_SIZE
+        )
     finally:
         logger.removeHandler(logs)
         logger.setLevel(logging.NOTSET)
@@ -110,7 +112,7 @@ def palm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
 @pytest.fixture(scope="module")
 def llama_pair() -> tuple:
     eager, compiled = as_served(make_llama()), as_served(make_llama())
-    assert compile_model(compiled, progress=False)
+    assert compile_model(compiled, BLOCK_SIZE, progress=False)
     return eager, compiled, []
 
 
@@ -171,6 +173,32 @@ def test_compiled_step_equals_eager_with_one_compilation(
     assert compiled.forward.compilations == 1, "one graph for every batch"
 
 
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
+
+
+def test_the_compiled_step_writes_the_pool_in_place(palm_pair: tuple) -> None:
+    """The cache write is fused into the rotary kernel and writes the pool's tensors in
+    place: no copy of the pool (a symbolic block size once made inductor copy every layer's
+    K and V, 7x slower steps). The process's peak RSS, reset before the step, must not grow
+    by a pool tensor's size (32 MiB here)."""
+    _, compiled, _ = palm_pair
+    pool = KVCache.allocate(compiled.config, 65536, BLOCK_SIZE)
+    with torch.inference_mode():
+        meta = AttentionMetadata.build([[5, 9]], [3], [12], BLOCK_SIZE)
+        ids, positions = torch.tensor([1, 2, 3]), torch.tensor([9, 10, 11])
+        compiled(ids, positions, pool, meta)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _proc_status_bytes("VmRSS")
+        compiled(ids, positions, pool, meta)
+        growth = _proc_status_bytes("VmHWM") - before
+    assert growth < pool.k[0].nbytes // 4, f"the step's peak memory grew by {growth} bytes"
+    assert compiled.forward.compilations == 1
+
+
 def test_start_up_states_the_compilation_and_its_time(palm_pair: tuple) -> None:
     _, compiled, records = palm_pair
     assert compiled.kernels.name == "cpu"
@@ -184,7 +212,9 @@ def test_engine_greedy_output_with_the_compiled_model(palm_pair: tuple) -> None:
     """Random prompts (chunked prefill, decodes, late arrivals) through the engine on the
     compiled model: every token is the dense forward's greedy choice; still one graph."""
     _, compiled, _ = palm_pair
-    engine = make_engine(compiled, num_blocks=256, max_num_batched_tokens=64, max_num_seqs=6)
+    engine = make_engine(
+        compiled, num_blocks=256, block_size=BLOCK_SIZE, max_num_batched_tokens=64, max_num_seqs=6
+    )
     rng = random.Random(3)
     arrivals: dict[int, list] = {}
     prompts = {}
