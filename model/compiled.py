@@ -83,7 +83,8 @@ class CompiledForward:
         self.compilations = 0
         self.on_compile = on_compile
         eager = type(model).forward.__get__(model)
-        self._compiled = torch.compile(
+        # (torch.compile's typed overloads omit isolate_recompiles; the function takes it)
+        self._compiled = torch.compile(  # type: ignore[call-overload]
             eager,
             backend=self._backend,
             fullgraph=True,
