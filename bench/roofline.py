@@ -15,7 +15,7 @@ interleaved (eager, compiled, matmuls) --repeats times; each cell is the median 
 repeats of the per-repeat medians.
 
     .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
-        [--compile] [--repeats 5] [--kernel-backend auto]
+        [--compile] [--repeats 5] [--kernel-backend auto] [--clock cpu --threads 1]
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ from palm_serve.model.compiled import compile_model
 from palm_serve.model.cpu_linear import PrepackedLinear, prepack_linears
 
 REPO = Path(__file__).resolve().parent.parent
+# Wall time; --clock cpu: the process's CPU time, steadier on a shared machine with one
+# thread (it leaves out time spent waiting for a core; with more threads it would add up
+# every thread's time, spinning included).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_LEN = 32
 
@@ -113,10 +118,10 @@ def time_matmuls(model: nn.Module, batch: int, repeats: int) -> float:
         op(inputs[n])
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for n, op in ops:
             op(inputs[n])
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples)
 
 
@@ -148,11 +153,11 @@ class Timer:
             setattr(self.obj, self.name, self.before)
 
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return self.fn(*args, **kwargs)
         finally:
-            self.total += time.perf_counter() - t0
+            self.total += clock() - t0
 
 
 def time_engine_step(
@@ -181,9 +186,9 @@ def time_engine_step(
     samples = []
     try:
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             engine.step()
-            samples.append(time.perf_counter() - t0)
+            samples.append(clock() - t0)
     finally:
         forward.restore()
         logits.restore()
@@ -214,9 +219,14 @@ def main() -> None:
     p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
     p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
+    p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
     args = p.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures one thread's work: use --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     eager = models(args)
     compiled = models(args, compile=True) if args.compile else {}
@@ -230,7 +240,8 @@ def main() -> None:
         print(
             f"\n## {name}: {params:.1f}M params, {args.threads} threads, decode with "
             f"{args.prompt_len}-token prompts, {prepacked} prepacked linears, "
-            f"{model.kernels.name} kernels; medians of {args.repeats} interleaved repeats"
+            f"{model.kernels.name} kernels; medians of {args.repeats} interleaved repeats, "
+            f"{args.clock} time"
         )
         print(
             "| batch | step | engine step ms | runner.execute ms | model.forward ms "
