@@ -8,10 +8,11 @@ bench/serving.py's burst figure against `palm-serve serve` on the same model: th
 difference is HTTP, SSE, the event loop, the process boundary and the client sharing the
 cores. OpenMP reads its environment when torch loads, so set OMP_WAIT_POLICY (and
 taskset -c for the CPUs) as the engine runs in the server: bench/placements.py does.
+--compile: the compiled step (model/compiled.py), compiled before the clock starts.
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
         [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--threads 2]
-        [--kernel-backend auto]
+        [--kernel-backend auto] [--compile]
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama
 
 def replay(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    # As the server builds it: the same kernel backend choice, the same prepacked linears.
     model = load_served_model(
-        args.model, kernel_backend=args.kernel_backend, prepack_cpu_linears=not args.no_prepack
-    )
+        args.model,
+        kernel_backend=args.kernel_backend,
+        prepack_cpu_linears=not args.no_prepack,
+        compile=args.compile,
+    ).requires_grad_(False)
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     requests = make_requests(
         args.num_requests,
@@ -75,6 +78,7 @@ def replay(args: argparse.Namespace) -> dict:
         "total_token_throughput": (output_tokens + prompt_tokens) / seconds,
         "mean_step_ms": seconds / steps * 1e3,
         "kernel_backend": model.kernels.name,
+        "compiled": "forward" in vars(model),
     }
 
 
@@ -91,6 +95,7 @@ def main() -> None:
     p.add_argument(
         "--kernel-backend", default="auto", help="as palm-serve serve: auto, torch, cpu, triton"
     )
+    p.add_argument("--compile", action="store_true", help="the compiled step (model/compiled.py)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = replay(args)
@@ -98,7 +103,8 @@ def main() -> None:
         f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
         f"{report['output_throughput']:.0f} output tok/s, "
         f"{report['total_token_throughput']:.0f} total tok/s, "
-        f"mean step {report['mean_step_ms']:.1f} ms"
+        f"mean step {report['mean_step_ms']:.1f} ms ({report['kernels']} kernels, "
+        f"{'compiled' if report['compiled'] else 'eager'})"
     )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

@@ -9,7 +9,13 @@ oneDNN-prepacked weights; --no-prepack compares plain nn.Linear with F.linear. T
 the engine's overhead: attention over the paged cache, rotary, norms, Python. The step is
 also split into model.forward and runner.execute, by timing wrappers.
 
+With --compile, every batch size is measured on two copies of each model, the eager step
+and the compiled one (model/compiled.py, as `palm-serve serve --compile` runs it),
+interleaved (eager, compiled, matmuls) --repeats times; each cell is the median over the
+repeats of the per-repeat medians.
+
     .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
+        [--compile] [--repeats 5] [--kernel-backend auto] [--clock cpu --threads 1]
 """
 
 from __future__ import annotations
@@ -25,33 +31,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from palm_serve.engine.config import EngineConfig
-from palm_serve.engine.factory import build_llm_engine
+from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.sampling_params import SamplingParams
-from palm_serve.model import PaLM, PaLMConfig, load_model, load_tokenizer
+from palm_serve.kernels import select_backend
+from palm_serve.model import PaLM, PaLMConfig, load_tokenizer
+from palm_serve.model.compiled import compile_model
 from palm_serve.model.cpu_linear import PrepackedLinear, prepack_linears
 
 REPO = Path(__file__).resolve().parent.parent
+# Wall time; --clock cpu: the process's CPU time, steadier on a shared machine with one
+# thread (it leaves out time spent waiting for a core; with more threads it would add up
+# every thread's time, spinning included).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_LEN = 32
 
 
-def models(args) -> dict[str, tuple[nn.Module, object]]:
+def models(args, compile: bool = False) -> dict[str, tuple[nn.Module, object]]:
+    """Each model as the server sets it up (kernel backend, prepacked linears, compiled or
+    not)."""
     out = {}
     palm_dir = REPO / "model" / "default"
     if (palm_dir / "model.safetensors").is_file():
-        out["palm-default"] = _load(palm_dir)
+        out["palm-default"] = _load(palm_dir, args, compile)
     else:  # the colleague's trained default is not there yet: a random PaLM of similar size
         config = PaLMConfig(vocab_size=32000, dim=512, depth=8, heads=8, dim_head=64)
-        out["palm-random (no model/default)"] = (PaLM(config).eval(), _Ids(32000))
+        torch.manual_seed(0)
+        backend = select_backend(args.kernel_backend, torch.device("cpu"))
+        model = PaLM(config, backend).eval().requires_grad_(False)
+        if not args.no_prepack:
+            prepack_linears(model)
+        if compile:
+            compile_model(model)
+        out["palm-random (no model/default)"] = (model, _Ids(32000))
     llama_dir = REPO / "bench" / ".venvs" / "models" / "tiny-llama"
     if (llama_dir / "model.safetensors").is_file():
-        out["tiny-llama"] = _load(llama_dir)
+        out["tiny-llama"] = _load(llama_dir, args, compile)
     return out
 
 
-def _load(path: Path):
-    model = load_model(path)
-    return model, load_tokenizer(path, model.config.vocab_size)
+def _load(path: Path, args, compile: bool):
+    model = load_served_model(
+        path,
+        kernel_backend=args.kernel_backend,
+        prepack_cpu_linears=not args.no_prepack,
+        compile=compile,
+    )
+    return model.eval().requires_grad_(False), load_tokenizer(path, model.config.vocab_size)
 
 
 class _Ids:
@@ -91,11 +118,22 @@ def time_matmuls(model: nn.Module, batch: int, repeats: int) -> float:
         op(inputs[n])
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for n, op in ops:
             op(inputs[n])
-        samples.append(time.perf_counter() - t0)
+        samples.append(clock() - t0)
     return statistics.median(samples)
+
+
+def _parameters(model: nn.Module) -> int:
+    """Parameters, the prepacked weights included (no longer nn.Parameters), a head tied to
+    the embedding once."""
+    tied = getattr(model.config, "tie_word_embeddings", True)
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features
+        for m in model.modules()
+        if isinstance(m, PrepackedLinear) and not (tied and m is model.logits_head)
+    )
 
 
 class Timer:
@@ -103,14 +141,23 @@ class Timer:
 
     def __init__(self, obj: object, name: str) -> None:
         self.total, self.fn = 0.0, getattr(obj, name)
+        # What to put back: an instance attribute (a compiled forward), else nothing (the
+        # class's method).
+        self.obj, self.name, self.before = obj, name, vars(obj).get(name)
         setattr(obj, name, self)
 
+    def restore(self) -> None:
+        if self.before is None:
+            delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self.before)
+
     def __call__(self, *args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             return self.fn(*args, **kwargs)
         finally:
-            self.total += time.perf_counter() - t0
+            self.total += clock() - t0
 
 
 def time_engine_step(
@@ -139,11 +186,12 @@ def time_engine_step(
     samples = []
     try:
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = clock()
             engine.step()
-            samples.append(time.perf_counter() - t0)
+            samples.append(clock() - t0)
     finally:
-        del model.forward, model.compute_logits  # the class methods again
+        forward.restore()
+        logits.restore()
     return {
         "step": statistics.median(samples),
         "runner": runner.total / steps,
@@ -168,41 +216,68 @@ def main() -> None:
     p.add_argument("--batches", default=",".join(map(str, BATCHES)))
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens per sequence")
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear and F.linear")
+    p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
+    p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
+    p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
     args = p.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        p.error("--clock cpu measures one thread's work: use --threads 1")
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
+    eager = models(args)
+    compiled = models(args, compile=True) if args.compile else {}
     rows = []
-    for name, (model, tokenizer) in models(args).items():
-        model.eval().requires_grad_(False)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        prepacked = 0 if args.no_prepack else prepack_linears(model)
+    for name, (model, tokenizer) in eager.items():
+        variants = {"eager": model}
+        if name in compiled:
+            variants["compiled"] = compiled[name][0]
+        prepacked = sum(isinstance(m, PrepackedLinear) for m in model.modules())
+        params = _parameters(model) / 1e6
         print(
             f"\n## {name}: {params:.1f}M params, {args.threads} threads, decode with "
-            f"{args.prompt_len}-token prompts, {prepacked} prepacked linears"
+            f"{args.prompt_len}-token prompts, {prepacked} prepacked linears, "
+            f"{model.kernels.name} kernels; medians of {args.repeats} interleaved repeats, "
+            f"{args.clock} time"
         )
         print(
-            "| batch | engine step ms | runner.execute ms | model.forward ms "
+            "| batch | step | engine step ms | runner.execute ms | model.forward ms "
             "| compute_logits ms | matmuls ms | step / matmuls |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for batch in map(int, args.batches.split(",")):
-            t = time_engine_step(model, tokenizer, batch, args.steps, args.prompt_len)
-            mm = time_matmuls(model, batch, max(args.steps, 10))
-            rows.append(
-                {"model": name, "batch": batch, "prompt_len": args.prompt_len, **t, "matmuls": mm}
-            )
-            cells = [t["step"], t["runner"], t["forward"], t["logits"], mm]
-            print(
-                f"| {batch} | "
-                + " | ".join(f"{c * 1e3:.1f}" for c in cells)
-                + f" | {t['step'] / mm:.2f}x |",
-                flush=True,
-            )
+            runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+            floors = []
+            for _ in range(args.repeats):
+                for variant, m in variants.items():
+                    runs[variant].append(
+                        time_engine_step(m, tokenizer, batch, args.steps, args.prompt_len)
+                    )
+                floors.append(time_matmuls(model, batch, max(args.steps, 10)))
+            mm = statistics.median(floors)
+            for variant, samples in runs.items():
+                t = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+                ratios = sorted(s["step"] / f for s, f in zip(samples, floors, strict=True))
+                rows.append(
+                    {"model": name, "step_kind": variant, "batch": batch,
+                     "prompt_len": args.prompt_len, **t, "matmuls": mm, "ratios": ratios}
+                )  # fmt: skip
+                cells = [t["step"], t["runner"], t["forward"], t["logits"], mm]
+                spread = f" ({', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+                print(
+                    f"| {batch} | {variant} | "
+                    + " | ".join(f"{c * 1e3:.1f}" for c in cells)
+                    + f" | {t['step'] / mm:.2f}x{spread} |",
+                    flush=True,
+                )
         if args.profile:
-            print(f"\n### {name}: torch.profiler, batch {args.profile}\n```")
-            print(profile_step(model, tokenizer, args.profile, args.prompt_len))
-            print("```")
+            for variant, m in variants.items():
+                print(f"\n### {name}, {variant}: torch.profiler, batch {args.profile}\n```")
+                print(profile_step(m, tokenizer, args.profile, args.prompt_len))
+                print("```")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

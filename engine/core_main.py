@@ -47,6 +47,8 @@ class CoreSpec:
     device: str
     kernel_backend: str
     prepack_cpu_linears: bool
+    # torch.compile the step at start (model/compiled.py).
+    compile: bool
     seed: int | None
     # torch intra-op threads; None: torch's default for the CPUs below.
     threads: int | None
@@ -104,6 +106,8 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
         device=spec.device,
         kernel_backend=spec.kernel_backend,
         prepack_cpu_linears=spec.prepack_cpu_linears,
+        compile=spec.compile,
+        block_size=spec.engine_config.block_size,
     )
     # Only for its EOS id when the model's config names none (as build_engine does).
     tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)

@@ -8,11 +8,13 @@ forward, compute_logits, and KVCache.allocate(model.config, ...)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from ..kernels import select_backend
+from ..model.compiled import compile_model, compiler_problem
 from ..model.cpu_linear import prepack_linears
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
@@ -31,6 +33,8 @@ from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -41,16 +45,27 @@ def load_served_model(
     device: str = "cpu",
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
+    compile: bool = False,
+    block_size: int = EngineConfig.block_size,
 ) -> DecoderModel:
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
-    not bit for bit)."""
+    not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
+    of block_size; with no C++ compiler, the torch twins run eagerly instead, said in one
+    log line."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compile and kernel_backend == "auto" and torch.device(device).type == "cpu":
+        problem = compiler_problem()
+        if problem is not None:
+            logger.warning("%s: the step runs eagerly on the torch kernel twins", problem)
+            kernel_backend, compile = "torch", False
     backend = select_backend(kernel_backend, torch.device(device))  # type: ignore[arg-type]
     model = load_model(model_dir, kernels=backend, dtype=DTYPES[dtype], device=device)
     if prepack_cpu_linears:
         prepack_linears(model)
+    if compile:
+        compile_model(model, block_size)
     return model
 
 
@@ -62,17 +77,21 @@ def build_engine(
     device: str = "cpu",
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
+    compile: bool = False,
 ) -> AsyncEngine:
     """An AsyncEngine over a model directory, its core in a thread of this process."""
+    engine_config = engine_config or EngineConfig()
     model = load_served_model(
         model_dir,
         dtype=dtype,
         device=device,
         kernel_backend=kernel_backend,
         prepack_cpu_linears=prepack_cpu_linears,
+        compile=compile,
+        block_size=engine_config.block_size,
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
-    return build_async_engine(model, tokenizer, engine_config or EngineConfig())
+    return build_async_engine(model, tokenizer, engine_config)
 
 
 def build_core(

@@ -4,7 +4,13 @@ torch's F.linear hands MKL the plain [out, in] weight, and MKL repacks it on eve
 for the small batches of decoding that copy costs as much as the multiply (the logits of
 a 32000-word vocabulary at batch 16: 17 ms with F.linear, 7 ms prepacked). vLLM's CPU
 backend prepacks for the same reason. The ops are torch's own (inductor uses them when it
-freezes CPU models) but private, so everything falls back to nn.Linear without them."""
+freezes CPU models) but private, so everything falls back to nn.Linear without them.
+
+Under torch.compile the multiply is the opaque op torch.ops.palm_serve.prepacked_linear:
+inductor cannot lower mkldnn._linear_pointwise on a weight that is a graph input (its
+lowering wants a frozen constant), and letting it freeze and prepack the weights itself
+measured no faster while it bypasses inductor's cache on every start
+(docs/BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -27,6 +33,21 @@ def prepacking_available() -> bool:
     )
 
 
+@torch.library.custom_op("palm_serve::prepacked_linear", mutates_args=())
+def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [N, in] @ weight.T -> [N, out] with the weight as _reorder_linear_weight packed it."""
+    return _linear(x, packed)
+
+
+@prepacked_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
 class PrepackedLinear(nn.Module):
     """y = x @ weight.T with the weight in oneDNN's layout. Inference only (no autograd)."""
 
@@ -37,7 +58,10 @@ class PrepackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+        if torch.compiler.is_compiling():  # an opaque op in the graph (see the module doc)
+            y = prepacked_linear(flat, self.packed, self.out_features)
+        else:  # eager: the op itself, without the custom op's Python dispatch
+            y = _linear(flat, self.packed)
         return y.view(*x.shape[:-1], self.out_features)
 
 

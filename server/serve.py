@@ -131,6 +131,7 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         device=device,
         kernel_backend=settings.kernel_backend,
         prepack_cpu_linears=settings.cpu_prepacked_linears,
+        compile=settings.compile,
         seed=None,
         threads=placement.engine_threads,
         cpus=placement.engine_cpus,
@@ -164,6 +165,7 @@ def _thread_engine(settings: Settings, config: EngineConfig) -> AsyncEngine:
             device=device,
             kernel_backend=settings.kernel_backend,
             prepack_cpu_linears=settings.cpu_prepacked_linears,
+            compile=settings.compile,
         )
         bar.update(1)
     return engine

@@ -76,6 +76,11 @@ class Settings(BaseSettings):
         description="on a CPU in float32, reorder the weights once for oneDNN "
         "(faster small-batch matmuls)",
     )
+    compile: bool = Field(
+        True,
+        description="on a CPU with the compiled kernels, torch.compile the step at start "
+        "(one graph for every batch, cached across restarts); no C++ compiler: eager twins",
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     kv_cache_memory: ByteSize = Field(
         ByteSize(512 * MIB), description="memory for the KV-cache pool (bytes, or '512MiB', '2GiB')"

@@ -7,6 +7,7 @@ registered here so that torch.compile can trace through them without a graph bre
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import functools
 import logging
 import os
@@ -39,13 +40,21 @@ def isa_flags() -> list[str]:
 
 def build_directory(isa: list[str]) -> Path:
     """TORCH_EXTENSIONS_DIR if set (torch's own variable), else ~/.cache/palm-serve; one
-    directory per Python, torch and instruction set, as the binary depends on all three."""
+    directory per Python, torch, instruction set and version of the sources, as the binary
+    depends on all four (two checkouts of different sources must never share a build)."""
     torch_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     root = Path(torch_dir) if torch_dir else Path(cache) / "palm-serve" / "cpu-kernels"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = "avx2" if isa else "scalar"
-    return root / f"{NAME}-{py}-torch{torch.__version__}-{tag}"
+    return root / f"{NAME}-{py}-torch{torch.__version__}-{tag}-{_sources_digest()}"
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @contextlib.contextmanager

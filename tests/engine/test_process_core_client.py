@@ -83,6 +83,7 @@ def spec(model_dir: Path) -> CoreSpec:
         device="cpu",
         kernel_backend="torch",
         prepack_cpu_linears=False,
+        compile=False,
         seed=0,
         threads=1,
         cpus=None,
