@@ -7,8 +7,8 @@ registered here so that torch.compile can trace through them without a graph bre
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
