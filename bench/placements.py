@@ -49,50 +49,24 @@ class Row:
 ROWS = {
     r.name: r
     for r in [
-        Row(
-            "thread",
-            "served, core in a thread of the server (--no-engine-process)",
-            ("--no-engine-process",),
-        ),
-        Row(
-            "core1",
-            "served, core process: 1 thread on CPU 1, spinning; front on CPU 0 (the default)",
-            (),
-        ),
-        Row(
-            "core1-passive",
-            "served, core process: 1 thread on CPU 1, sleeping; front CPU 0",
-            (),
-            {"OMP_WAIT_POLICY": "PASSIVE"},
-        ),
-        Row(
-            "core2",
-            "served, core process: 2 threads on CPUs 0-1, sleeping; front unpinned",
-            ("--engine-cpus", "0-1"),
-        ),
-        Row(
-            "core2-spin",
-            "served, core process: 2 threads on CPUs 0-1, spinning; front unpinned",
-            ("--engine-cpus", "0-1"),
-            {"OMP_WAIT_POLICY": "ACTIVE"},
-        ),
+        Row("thread", "served, core in a thread of the server (--no-engine-process)",
+            ("--no-engine-process",)),
+        Row("core1", "served, core process: 1 thread on CPU 1, spinning; front on CPU 0",
+            ("--engine-cpus", "1", "--front-cpus", "0"), {"OMP_WAIT_POLICY": "ACTIVE"}),
+        Row("core1-passive", "served, core process: 1 thread on CPU 1, sleeping; front CPU 0",
+            ("--engine-cpus", "1", "--front-cpus", "0"), {"OMP_WAIT_POLICY": "PASSIVE"}),
+        Row("core2", "served, core process: 2 threads on CPUs 0-1, sleeping; front unpinned",
+            ("--engine-cpus", "0-1"), {"OMP_WAIT_POLICY": "PASSIVE"}),
+        Row("core2-spin", "served, core process: 2 threads on CPUs 0-1, spinning; front "
+            "unpinned", ("--engine-cpus", "0-1"), {"OMP_WAIT_POLICY": "ACTIVE"}),
+        Row("default", "served, palm-serve's default placement", ()),
         Row("replay2", "engine only: 2 threads, spinning", None, {"OMP_WAIT_POLICY": "ACTIVE"}),
-        Row(
-            "replay2-passive",
-            "engine only: 2 threads, sleeping",
-            None,
-            {"OMP_WAIT_POLICY": "PASSIVE"},
-        ),
-        Row(
-            "replay1",
-            "engine only: 1 thread on CPU 1, spinning",
-            None,
-            {"OMP_WAIT_POLICY": "ACTIVE"},
-            threads=1,
-            cpus="1",
-        ),
+        Row("replay2-passive", "engine only: 2 threads, sleeping", None,
+            {"OMP_WAIT_POLICY": "PASSIVE"}),
+        Row("replay1", "engine only: 1 thread on CPU 1, spinning", None,
+            {"OMP_WAIT_POLICY": "ACTIVE"}, threads=1, cpus="1"),
     ]
-}
+}  # fmt: skip
 
 
 def clean_env(extra: dict[str, str]) -> dict[str, str]:
