@@ -141,6 +141,7 @@ def replay_once(row: Row, args: argparse.Namespace, out: Path) -> dict:
         "--num-requests", str(args.num_requests), "--input-len", args.input_len,
         "--output-len", args.output_len, "--max-num-seqs", str(args.max_concurrency),
         "--seed", str(args.seed), "--threads", str(row.threads), "--json", str(out),
+        "--kernel-backend", "auto",
     ]  # fmt: skip
     if row.cpus is not None:
         command = ["taskset", "-c", row.cpus, *command]

@@ -113,7 +113,6 @@ class ProcessCoreClient:
         self._first: CoreReady | None = None
         self._count = 0
         self._attempts = 0
-        self.num_restarts = 0
         self._stopping = False
         self._restart_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -313,7 +312,6 @@ class ProcessCoreClient:
                 raise
             self._gen = gen
             self._watch(gen)
-            self.num_restarts += 1
             logger.warning("engine core restarted (pid %d)", gen.ready.pid)
             if self._on_revival is not None:
                 self._on_revival()

@@ -1,11 +1,15 @@
 """Placement: which CPUs the core process and the front run on, how many torch threads the
 core uses, and whether its OpenMP workers spin or sleep between parallel regions.
 
-The default, chosen by measurement on a 2-core machine (docs/BENCHMARKS.md, "The engine
-core in its own process"): the front gets the first CPU, the core the others with one
-thread per CPU, and since no other thread of ours shares the core's CPUs its OpenMP
-workers spin (OMP_WAIT_POLICY=ACTIVE) instead of paying a wake-up per parallel region.
-On one CPU everything shares it and the workers sleep (PASSIVE)."""
+The default: the front gets the first CPU, the core the others with one thread per CPU,
+and since no thread of ours shares the core's CPUs its OpenMP workers spin
+(OMP_WAIT_POLICY=ACTIVE) instead of paying a wake-up per parallel region. On one CPU
+everything shares it and the workers sleep (PASSIVE). Chosen by measurement on a 2-core
+machine shared with other work (docs/BENCHMARKS.md, "The engine core in its own
+process"): against the core on both CPUs with two sleeping threads, the standard burst's
+throughput tied and its TTFT tail was no worse in any session; two spinning threads that
+share their CPUs with anything else stall, up to ten times slower. On an otherwise idle
+2-core machine two threads may be faster (`--engine-cpus 0-1`): the fastest runs were."""
 
 from __future__ import annotations
 
