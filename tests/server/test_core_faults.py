@@ -3,7 +3,7 @@ mid-stream ends every request at once with an error (streams: an error event the
 [DONE]; JSON: 503), /ready turns 503, new requests get 503 with Retry-After, the front
 restarts the core (palm_engine_restarts_total), and the new core serves what a fresh
 server serves. A front killed with SIGKILL takes its core with it (test_drain.py checks
-that SIGTERM leaves no child)."""
+that SIGTERM leaves no child). --no-engine-process still serves, from a thread."""
 
 # Fixtures come from server_helpers; pytest injects them by parameter name.
 # ruff: noqa: F811
@@ -26,6 +26,7 @@ from server_helpers import (
     free_port,
     metric,
     model_dir,  # noqa: F401
+    oracle,  # noqa: F401
     parse_metrics,
     process_alive,
     running_server,
@@ -184,3 +185,11 @@ def test_a_core_that_cannot_start_is_an_error_exit(model_dir, capsys):
     assert "the engine core failed to start: ValueError: kv_cache_memory_bytes=1" in (
         capsys.readouterr().err
     )
+
+
+def test_no_engine_process_serves_from_a_thread_of_the_front(model_dir, oracle):
+    with running_server(model_dir, engine_process=False, engine_cpus=None) as s:
+        assert s.engine.info.core_pid is None
+        body = {"prompt": "thread mode", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        out = httpx.post(f"{s.url}/v1/generate", json=body, timeout=60).json()
+        assert out["token_ids"] == oracle.greedy("thread mode", 8)
