@@ -167,6 +167,11 @@ class ProcessCoreClient:
         gen, self._gen = self._gen, None
         if gen is not None:
             await self._stop(gen)
+        self.close()
+
+    def close(self) -> None:
+        """Release the ZMQ context and the sockets' directory (after shutdown(), or after
+        a launch() that failed: the client is then unusable)."""
         self._zmq.destroy(linger=0)
         shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -372,7 +377,11 @@ def build_process_engine(spec: CoreSpec, options: CoreProcessOptions | None = No
     # the core computed from it (pool and context sizes, kernels, threads).
     config = load_config(spec.model_dir)
     tokenizer = load_tokenizer(spec.model_dir, config.vocab_size)
-    ready = client.launch()
+    try:
+        ready = client.launch()
+    except BaseException:
+        client.close()
+        raise
     info = EngineInfo(
         model_config=config,
         max_model_len=ready.max_model_len,

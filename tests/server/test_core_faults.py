@@ -171,7 +171,7 @@ def test_sigkill_on_the_front_takes_the_core_with_it(model_dir):
     proc, url, core = start_serve(model_dir)
     assert core in children(proc.pid) and process_alive(core)
     proc.kill()
-    proc.wait(10)
+    proc.communicate(timeout=10)  # reaps it and closes its pipes
     wait_until(lambda: not process_alive(core), 5, "the orphaned core to exit")
 
 
