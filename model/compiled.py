@@ -229,7 +229,10 @@ def _warm_up(model: DecoderModel, block_size: int, bar: _ProgressBar) -> Compile
 
 def _warn_recompilation(event: str) -> None:
     if event == "compiling":
-        logger.warning("the compiled step is compiling again (a batch unlike the warm-up's)")
+        logger.warning(
+            "the compiled step is compiling again: a batch unlike the warm-up's (another "
+            "block size or dtype, or tensors made outside inference mode)"
+        )
 
 
 def _scratch_batch(
