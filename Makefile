@@ -11,9 +11,13 @@ TORCH_VERSION ?= 2.13.0
 INSTALLED := $(VENV)/.installed
 DEV_INSTALLED := $(VENV)/.dev-installed
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint mutate clean
 
 $(INSTALLED): pyproject.toml
+	@# The compiled CPU kernels and torch.compile need a C++ compiler (Debian's g++ where
+	@# there is none and apt-get may run); without one the server runs the torch twins.
+	command -v c++ >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq g++) \
+		|| echo "note: no C++ compiler; the server will use the torch twins"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
@@ -43,6 +47,20 @@ lint: $(DEV_INSTALLED)
 	mkdir -p $(TYPECHECK)/palm_serve && touch $(TYPECHECK)/palm_serve/__init__.py
 	for d in kernels model engine server; do ln -sfn ../../../$$d $(TYPECHECK)/palm_serve/$$d; done
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p palm_serve
+
+# Mutation testing (cosmic-ray; slow, not in CI): each config in mutation/ mutates its files
+# in place one change at a time and runs its tests; reports land in mutation/results/.
+# Run it on a tree nobody else is testing from. MUTATE="engine" runs one config.
+MUTATE ?= engine kernels server
+mutate: $(DEV_INSTALLED)
+	mkdir -p mutation/results
+	for m in $(MUTATE); do \
+	  $(VENV)/bin/cosmic-ray init mutation/$$m.toml mutation/results/$$m.sqlite && \
+	  $(VENV)/bin/cr-filter-operators mutation/results/$$m.sqlite mutation/$$m.toml && \
+	  $(VENV)/bin/cosmic-ray exec mutation/$$m.toml mutation/results/$$m.sqlite && \
+	  $(VENV)/bin/cr-report --show-pending mutation/results/$$m.sqlite > mutation/results/$$m.txt; \
+	  tail -3 mutation/results/$$m.txt; \
+	done
 
 clean:
 	rm -rf $(VENV)

@@ -2,16 +2,17 @@
 
 The same kind of requests bench/serving.py sends (seeded prompt and output lengths, text
 prompts tokenized by the model's tokenizer) are all added at once to an engine set up as
-the server sets it up (prepacked linears, --max-num-seqs), then `step()` runs until every
-request is done. Compare its output tok/s with bench/serving.py's burst figure against
-`palm-serve serve` on the same model: the difference is HTTP, SSE, the event loop and the
-client sharing the cores. OpenMP reads its environment when torch loads, so run it as
-`OMP_WAIT_POLICY=PASSIVE python bench/engine_replay.py` to match the server's default.
-The model is loaded by load_served_model (the kernel backend the server picks; --compile:
-the compiled step, compiled before the clock starts).
+the server sets it up (the same kernel backend choice, prepacked linears, --max-num-seqs),
+then `step()` runs until every request is done. Compare its output tok/s with
+bench/serving.py's burst figure against `palm-serve serve` on the same model: the
+difference is HTTP, SSE, the event loop, the process boundary and the client sharing the
+cores. OpenMP reads its environment when torch loads, so set OMP_WAIT_POLICY (and
+taskset -c for the CPUs) as the engine runs in the server: bench/placements.py does.
+--compile: the compiled step (model/compiled.py), compiled before the clock starts.
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
-        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--compile]
+        [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--threads 2]
+        [--kernel-backend auto] [--compile]
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def replay(args: argparse.Namespace) -> dict:
         "output_throughput": output_tokens / seconds,
         "total_token_throughput": (output_tokens + prompt_tokens) / seconds,
         "mean_step_ms": seconds / steps * 1e3,
-        "kernels": model.kernels.name,
+        "kernel_backend": model.kernels.name,
         "compiled": "forward" in vars(model),
     }
 
@@ -91,7 +92,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
-    p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
+    p.add_argument(
+        "--kernel-backend", default="auto", help="as palm-serve serve: auto, torch, cpu, triton"
+    )
     p.add_argument("--compile", action="store_true", help="the compiled step (model/compiled.py)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()

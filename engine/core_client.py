@@ -2,7 +2,8 @@
 each step's EngineCoreOutputs come back on the event loop, through a callback.
 
 InProcessCoreClient runs the core's step loop in a worker thread of this process (tests,
-embedding). The served default runs it in a process of its own (see core_process.py)."""
+embedding). The served default runs it in a process of its own, which the client restarts
+when it dies (core_process.py: ProcessCoreClient)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,16 @@ from .messages import EngineCoreOutputs, EngineCoreRequest, FinishRequests
 logger = logging.getLogger(__name__)
 
 OnOutputs = Callable[[EngineCoreOutputs], None]
-OnDeath = Callable[[str], None]
+# (why the core stopped serving, whether a new core is being started)
+OnDeath = Callable[[str, bool], None]
+# A new core serves after a death (its pool and prefix cache are fresh).
+OnRevival = Callable[[], None]
 
 
 class CoreClient(Protocol):
-    async def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
-        """Start the core; from then on its outputs and its death (why it stopped serving)
-        are reported through the callbacks, called on the running event loop."""
+    async def start(self, on_outputs: OnOutputs, on_death: OnDeath, on_revival: OnRevival) -> None:
+        """Start the core; from then on its outputs, its death and its replacement by a new
+        core are reported through the callbacks, called on the running event loop."""
         ...
 
     def add_request(self, request: EngineCoreRequest) -> None: ...
@@ -54,7 +58,8 @@ class InProcessCoreClient:
         self._on_outputs: OnOutputs | None = None
         self._on_death: OnDeath | None = None
 
-    async def start(self, on_outputs: OnOutputs, on_death: OnDeath) -> None:
+    async def start(self, on_outputs: OnOutputs, on_death: OnDeath, on_revival: OnRevival) -> None:
+        # A failed step is final here: nothing restarts a thread, so on_revival never comes.
         self._loop = asyncio.get_running_loop()
         self._on_outputs, self._on_death = on_outputs, on_death
         self._thread = threading.Thread(target=self._run, name="palm-serve-core", daemon=True)
@@ -103,13 +108,13 @@ class InProcessCoreClient:
             self.core.finish_all("error", message)
         except Exception:  # noqa: BLE001 - the front must still hear of it
             logger.exception("cleanup after the failed step failed too")
-        self._publish(self._on_death, message)
+        self._publish(self._on_death, message, False)
 
-    def _publish(self, callback: Callable | None, payload: object) -> None:
+    def _publish(self, callback: Callable[..., None] | None, *args: object) -> None:
         if callback is None or self._loop is None:
             return
         try:
-            self._loop.call_soon_threadsafe(callback, payload)
+            self._loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is closed: nobody is listening
             pass
 

@@ -1,5 +1,7 @@
 """Construction of the engine, in one place: the core from a model (or a model directory),
-the synchronous LLMEngine and the AsyncEngine the server talks to.
+the synchronous LLMEngine and the AsyncEngine the server talks to, its core in a thread
+of this process. An AsyncEngine whose core runs in a process of its own is built by
+core_process.build_process_engine (that core builds itself with build_core, here).
 
 The core uses only the narrow model interface (model.decoder.DecoderModel): its config,
 forward, compute_logits, and KVCache.allocate(model.config, ...)."""

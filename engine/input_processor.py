@@ -19,26 +19,42 @@ class InputProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
 
-    def tokenize(self, prompt: str | list[int]) -> list[int]:
+    def tokenize(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         """A text prompt's token ids (the one encode of that prompt), or a token-id prompt
-        checked against the vocabulary."""
+        checked against the vocabulary. Whatever makes the text untokenizable is the text's
+        fault: an InvalidRequestError naming `param`, the field it came from."""
         if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt)
+            ids = self._encode(prompt, param)
         elif isinstance(prompt, list) and all(
             isinstance(t, int) and not isinstance(t, bool) for t in prompt
         ):
             ids = list(prompt)
         else:
-            raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
+            raise InvalidRequestError(f"{param} must be a string or a list of token ids", param)
         if not ids:
-            raise InvalidRequestError("prompt is empty (it encodes to no tokens)", "prompt")
+            raise InvalidRequestError(f"{param} is empty (it encodes to no tokens)", param)
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidRequestError(
-                f"prompt token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
-                "prompt",
+                f"{param}: token id(s) {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                param,
             )
         return ids
+
+    def _encode(self, text: str, param: str) -> list[int]:
+        surrogate = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if surrogate is not None:
+            raise InvalidRequestError(
+                f"{param}: lone surrogate U+{ord(text[surrogate]):04X} at character "
+                f"{surrogate} is not valid Unicode",
+                param,
+            )
+        try:
+            return self.tokenizer.encode(text)
+        except Exception as exc:  # noqa: BLE001 - a tokenizer that refuses the text
+            raise InvalidRequestError(
+                f"{param}: the tokenizer refused the text ({type(exc).__name__}: {exc})", param
+            ) from None
 
     def make_request(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None

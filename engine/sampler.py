@@ -34,7 +34,7 @@ class Sampler:
         raw = logits
         if any(_penalized(p) for p in params):
             logits = apply_penalties(logits.clone(), seqs)
-        if all(p.temperature == 0 for p in params):
+        if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._mixed(logits, seqs)
@@ -43,7 +43,7 @@ class Sampler:
 
     def _mixed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         tokens = logits.argmax(dim=-1)
-        rows = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         drawn = sample_rows(
             logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]
         )
@@ -58,7 +58,7 @@ def sample_rows(
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
     temps = temps.unsqueeze(1)
-    logits = logits / temps
+    logits = finite(logits / temps)
     if any(p.top_k > 0 or p.top_p < 1 for p in params):
         logits = top_k_top_p(logits, params)
     probs = logits.softmax(dim=-1)
@@ -145,8 +145,16 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     freq = _column([p.frequency_penalty for p in params], sub.device)
     pres = _column([p.presence_penalty for p in params], sub.device)
     sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
-    logits[rows] = sub
+    logits[rows] = finite(sub)
     return logits
+
+
+def finite(logits: torch.Tensor) -> torch.Tensor:
+    """Logits pushed past the float range by an extreme (but admitted) penalty or
+    temperature are clamped to it, so softmax and sampling stay defined; -inf (a token
+    filtered out) stays -inf."""
+    top = torch.finfo(logits.dtype).max
+    return torch.nan_to_num(logits, nan=-top, posinf=top, neginf=float("-inf"))
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:

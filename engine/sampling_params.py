@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
-    # 0 means greedy (argmax); the other filters then have no effect.
+    # 0 (or below GREEDY_TEMPERATURE) means greedy (argmax); the filters then do nothing.
     temperature: float = 1.0
     top_p: float = 1.0
     # 0 disables top-k.
@@ -53,4 +55,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_TEMPERATURE are greedy: dividing logits by a tinier
+        number overflows them (as vLLM does, with the same threshold)."""
+        return self.temperature < GREEDY_TEMPERATURE

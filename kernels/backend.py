@@ -44,12 +44,12 @@ def triton_backend() -> KernelBackend:
 
 
 def cpu_backend() -> KernelBackend:
-    """The compiled C++ paged attention; rotary and the cache write stay the twins."""
+    """The compiled C++ kernels (kernels/cpu/): one op per kernel where the twins run many."""
     from . import cpu
-    from .kv_cache import write_kv_cache
-    from .rotary import rotary_embedding
 
-    return KernelBackend("cpu", rotary_embedding, write_kv_cache, cpu.paged_attention, _no_plan)
+    return KernelBackend(
+        "cpu", cpu.rotary_embedding, cpu.write_kv_cache, cpu.paged_attention, _no_plan
+    )
 
 
 def _no_plan(*args: object) -> None:

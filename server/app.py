@@ -15,8 +15,9 @@ from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
 from .metrics import Metrics
-from .middleware import APIKeyMiddleware, BodyLimitMiddleware, HTTPMetricsMiddleware
+from .middleware import APIKeyMiddleware, HTTPMetricsMiddleware, UnhandledErrorMiddleware
 from .openapi import served_schema
+from .request_body import RequestBodyMiddleware
 from .settings import Settings
 from .state import ServerState
 
@@ -34,13 +35,14 @@ def create_app(
         finally:
             await engine.shutdown()
 
-    app = FastAPI(title="palm-serve", version="0.1.0", lifespan=lifespan)
+    # No trailing-slash redirects: Starlette builds their Location from the Host header.
+    app = FastAPI(title="palm-serve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     app.state.palm = ServerState(
         settings=settings,
         engine=engine,
         model_name=settings.model_name(),
         chat_template=ChatTemplate.load(settings.chat_template),
-        metrics=Metrics(engine.stats),
+        metrics=Metrics(engine.stats, lambda: engine.num_restarts),
         lifecycle=lifecycle or Lifecycle(),
     )
     for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):
@@ -53,10 +55,17 @@ def create_app(
 
 
 def _add_middlewares(app: FastAPI, settings: Settings) -> None:
-    # Added innermost first: CORS (outermost) -> HTTP metrics -> body limit -> API key.
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
+    # request body -> API key.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        RequestBodyMiddleware,
+        max_bytes=settings.max_request_bytes,
+        read_timeout=settings.body_read_timeout,
+        routes=app.routes,
+    )
+    app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(

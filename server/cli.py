@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-# torch's OpenMP threads spin at barriers by default. The engine's threads share the cores
-# with the event loop (HTTP, SSE), and a spinning or descheduled worker then stalls every
-# parallel region, so they sleep instead; each parallel op then pays a worker wake-up
-# (docs/BENCHMARKS.md has both measured). libgomp reads this when torch loads, so it is set
-# before anything imports torch; a value the user set wins, and so does a spin count of
-# their own (PASSIVE would make libgomp ignore it).
-if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
-from .settings import Settings  # noqa: E402
+from .settings import Settings
 
 SETTINGS_FIELDS = tuple(Settings.model_fields)
 

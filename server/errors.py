@@ -1,20 +1,19 @@
 """Errors as the API shows them: `{"error": {"message", "type", "code"}}` with the right
-status, never a stack trace. Routes raise APIError; handlers here turn everything else
-(validation errors, engine errors, surprises) into the same shape."""
+status, never a stack trace. Routes raise APIError; handlers here turn validation and
+engine errors into the same shape (unexpected exceptions: middleware.UnhandledErrorMiddleware)."""
 
 from __future__ import annotations
 
-import logging
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from ..engine.errors import EngineDeadError, InvalidRequestError
-
-log = logging.getLogger("palm_serve.server")
 
 
 class APIError(Exception):
@@ -42,6 +41,23 @@ def unavailable(message: str) -> APIError:
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": type, "code": code, "param": param}}
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    type: str = "invalid_request_error",
+    headers: list[tuple[str, str]] | None = None,
+    param: str | None = None,
+) -> None:
+    """An error answered by a raw ASGI middleware, in the shape the handlers answer with."""
+    body = json.dumps(error_body(message, type, code, param)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in headers or []]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_response(exc: APIError) -> JSONResponse:
@@ -139,9 +155,3 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _engine(request: Request, exc: Exception) -> JSONResponse:
         return error_response(from_engine_error(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # Logged with its traceback here; the client only learns that it was our fault.
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, "internal error", "server_error", "internal_error"))

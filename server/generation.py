@@ -18,8 +18,9 @@ from ..engine.errors import EngineDeadError, InvalidRequestError
 from ..engine.messages import EngineCoreRequest
 from ..engine.outputs import RequestOutput, TokenLogprob
 from ..engine.sampling_params import SamplingParams
-from .errors import APIError, bad_request, from_engine_error, unavailable
+from .errors import APIError, bad_request, error_body, from_engine_error, unavailable
 from .lifecycle import Ticket
+from .sse import sse_event
 from .state import ServerState
 
 # One request's outputs; closing it early aborts the request.
@@ -41,34 +42,64 @@ def make_params(**kwargs: Any) -> SamplingParams:
         raise bad_request(str(exc), str(exc).split(" ", 1)[0]) from None
 
 
-def admit(state: ServerState) -> Ticket:
-    """Refuse while draining or dead (503) or when the wait queue is full (429)."""
+def admit(state: ServerState, num_seqs: int, fan_out: str = "") -> list[Ticket]:
+    """One ticket per sequence a request runs (prompts x n), all or none. The server holds
+    at most max_num_seqs running plus max_queue waiting sequences: a request that needs more
+    can never pass (400, saying why); one that does not fit now is a 429 (retry later).
+    Draining or a dead engine: 503. fan_out names what multiplied the sequences."""
+    settings = state.settings
+    capacity = settings.max_num_seqs + settings.max_queue
+    if num_seqs > capacity:
+        raise bad_request(
+            f"n: this request needs {num_seqs} sequences{fan_out}; this server holds at most "
+            f"{capacity} at once (max_num_seqs {settings.max_num_seqs} running + max_queue "
+            f"{settings.max_queue} waiting)",
+            "n",
+        )
     if state.lifecycle.draining:
         raise unavailable("the server is shutting down; retry on another replica")
-    if not state.engine.healthy:
+    status = state.engine.status
+    if status == "restarting":
+        raise APIError(
+            503,
+            "the engine core is restarting; retry shortly",
+            type="service_unavailable",
+            code="engine_restarting",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
+    if status != "ready":
         raise unavailable("the engine has stopped; no request can be served")
-    # Admitted but not in the running batch = waiting (HTTP in flight counts as waiting).
-    waiting = state.lifecycle.inflight - state.engine.stats().num_running
-    if waiting >= state.settings.max_queue:
+    inflight = state.lifecycle.inflight
+    if inflight + num_seqs > capacity:
         raise APIError(
             429,
-            f"too many requests waiting ({waiting}, limit {state.settings.max_queue}); retry later",
+            f"too many requests: {inflight} sequences are running or waiting and this request "
+            f"needs {num_seqs} more (room for {capacity}); retry later",
             type="rate_limit_error",
             code="queue_full",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    return state.lifecycle.admit()
+    return [state.lifecycle.admit() for _ in range(num_seqs)]
 
 
-def tokenize(state: ServerState, prompt: str | list[int]) -> list[int]:
-    """The prompt's token ids (its one encode), or a 400 naming the field."""
+def tokenize(state: ServerState, prompt: str | list[int], param: str = "prompt") -> list[int]:
+    """The prompt's token ids (its one encode), or a 400 naming the field it came from."""
     try:
-        return state.engine.tokenize(prompt)
+        return state.engine.tokenize(prompt, param)
     except InvalidRequestError as exc:
         raise from_engine_error(exc) from None
 
 
-async def outputs(state: ServerState, request: EngineCoreRequest, ticket: Ticket) -> OutputStream:
+@dataclass
+class Outcome:
+    """How a request ended when its own outputs cannot say (the client stopped reading)."""
+
+    stalled: bool = False
+
+
+async def outputs(
+    state: ServerState, request: EngineCoreRequest, ticket: Ticket, outcome: Outcome
+) -> OutputStream:
     """The engine's outputs for one request. Closing the stream early (aclose, cancellation:
     a client that left) aborts the request, so its KV blocks return to the pool."""
     tracker, reason = state.metrics.track(), "abort"
@@ -81,7 +112,7 @@ async def outputs(state: ServerState, request: EngineCoreRequest, ticket: Ticket
                 yield out
     finally:
         ticket.release()
-        tracker.finish(reason, len(request.prompt_token_ids))
+        tracker.finish("stalled" if outcome.stalled else reason, len(request.prompt_token_ids))
 
 
 @dataclass
@@ -91,6 +122,7 @@ class Started:
     request: EngineCoreRequest
     stream: OutputStream
     ticket: Ticket
+    outcome: Outcome
 
     @property
     def request_id(self) -> str:
@@ -102,22 +134,26 @@ class Started:
 
 
 def start(
-    state: ServerState, prompt_ids: list[int], params: SamplingParams, prefix: str
+    state: ServerState, prompt_ids: list[int], params: SamplingParams, prefix: str, ticket: Ticket
 ) -> Started:
-    """Admit and validate; nothing is held if either refuses. The stream must be iterated
-    or closed, and the ticket released (idempotent) when the response is over."""
-    ticket = admit(state)
+    """Validate a request admitted with `ticket`. The caller releases its tickets
+    (idempotent) when the response is over, or at once if any of its requests is refused."""
     try:
         request = state.engine.make_request(prompt_ids, params, new_id(prefix))
     except (InvalidRequestError, EngineDeadError) as exc:
-        ticket.release()
         raise from_engine_error(exc) from None
-    return Started(request, outputs(state, request, ticket), ticket)
+    outcome = Outcome()
+    return Started(request, outputs(state, request, ticket, outcome), ticket, outcome)
 
 
-def release_all(started: list[Started]) -> None:
+def release_all(tickets: list[Ticket]) -> None:
+    for ticket in tickets:
+        ticket.release()
+
+
+def mark_stalled(started: list[Started]) -> None:
     for s in started:
-        s.ticket.release()
+        s.outcome.stalled = True
 
 
 @dataclass
@@ -130,6 +166,7 @@ class Collected:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None
     num_prompt_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
@@ -141,6 +178,7 @@ class Collected:
         self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+            self.error = out.error
 
 
 async def collect(stream: OutputStream, request: Request) -> Collected:
@@ -162,8 +200,28 @@ async def collect(stream: OutputStream, request: Request) -> Collected:
             raise APIError(499, "client closed the request", code="client_closed")
     task.result()  # re-raises the engine's InvalidRequestError / EngineDeadError
     if result.finish_reason == "error":
-        raise APIError(500, "the engine failed this request", "server_error", "engine_error")
+        raise engine_failure(result.error)
     return result
+
+
+def engine_failure(error: str | None) -> APIError:
+    """A request the engine ended with finish_reason "error": its core failed or died while
+    running it (the front validated it, so nothing else ends a request so). 503: the server
+    is not serving right now; the same request may succeed once the core is back."""
+    return APIError(
+        503,
+        f"the engine failed this request: {error or 'no reason given'}",
+        type="service_unavailable",
+        code="engine_error",
+    )
+
+
+def failure_event(out: RequestOutput) -> bytes | None:
+    """After a stream's last event: an error event saying why the engine failed it."""
+    if out.finish_reason != "error":
+        return None
+    err = engine_failure(out.error)
+    return sse_event(error_body(err.message, err.type, err.code))
 
 
 async def collect_many(streams: list[OutputStream], request: Request) -> list[Collected]:
@@ -185,7 +243,9 @@ async def merge(
             async for out in s:
                 yield 0, out
         return
-    queue: asyncio.Queue = asyncio.Queue()
+    # Bounded: a consumer that stops reading stops the pumps too, so the outputs wait
+    # unread in the engine's queues, where ending the response drops them.
+    queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, stream: OutputStream) -> None:
         try:

@@ -1,10 +1,11 @@
 """Admission and graceful drain.
 
 Lifecycle counts the generation requests in flight and refuses new ones while draining.
-DrainingServer hooks uvicorn's own signal handling: the first SIGTERM does not stop the
-server at once; it starts a drain (/ready turns 503, new generation requests get 503),
-and the server exits once the requests in flight have finished, or the drain timeout
-has passed, then shuts down as usual (lifespan: the engine stops) and exits 0."""
+DrainingServer hooks uvicorn's own signal handling: the first SIGTERM or SIGINT does not
+stop the server at once; it starts a drain (/ready turns 503, new generation requests get
+503), and the server exits once the requests in flight have finished, or the drain
+timeout has passed, then shuts down as usual (lifespan: the engine and its core process
+stop) and exits 0. A second signal stops it without waiting."""
 
 from __future__ import annotations
 
@@ -63,11 +64,11 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only set flags; on_tick (event loop) acts on them.
-        if sig == signal.SIGTERM and self.drain_deadline is None:
+        if sig in (signal.SIGTERM, signal.SIGINT) and self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.drain_timeout
             self.lifecycle.start_drain()
-            # Not appended to _captured_signals: uvicorn would re-raise SIGTERM after a
-            # clean shutdown and the exit code would be 143 instead of 0.
+            # Not appended to _captured_signals: uvicorn would re-raise the signal after a
+            # clean shutdown and the exit code would be 143 (130) instead of 0.
             return
         super().handle_exit(sig, frame)
 

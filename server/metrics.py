@@ -2,8 +2,11 @@
 so two apps in one process, e.g. tests, do not share counts).
 
 Request-level series are observed by a RequestTracker as outputs stream out; the engine's
-own state (running, waiting, KV usage, preemptions, prefix-cache hits) is read from
-engine.stats() at scrape time by EngineCollector, so it is never stale."""
+own state (running, waiting, KV usage, preemptions, prefix-cache hits) is read at scrape
+time by EngineCollector from engine.stats(): the snapshot that came with the core's latest
+step, at most one step old, never a round trip to the core process. The core's counters
+start again from 0 in a restarted core (Prometheus reads that as a counter reset);
+palm_engine_restarts_total is the front's own."""
 
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from ..engine.stats import EngineStats
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
-FINISH_REASONS = ("stop", "length", "abort", "error")
+# "stalled": the client stopped reading a stream and the server gave up on it.
+FINISH_REASONS = ("stop", "length", "abort", "error", "stalled")
 
 
 _ENGINE_SERIES = (
@@ -29,13 +33,15 @@ _ENGINE_SERIES = (
     ("palm_num_preemptions", "Sequences preempted"),
     ("palm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
 )
+_RESTARTS = ("palm_engine_restarts", "Engine core processes restarted after one died")
 
 
 class EngineCollector(Collector):
     """Gauges and engine-side counters, read from engine.stats() when Prometheus scrapes."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], restarts: Callable[[], int]) -> None:
         self._stats = stats
+        self._restarts = restarts
 
     def describe(self) -> Iterator[Metric]:
         # Names only, so registering does not call the engine (it may not be started).
@@ -45,6 +51,7 @@ class EngineCollector(Collector):
                 if "num_requests" in name or "usage" in name
                 else CounterMetricFamily(name, doc)
             )
+        yield CounterMetricFamily(*_RESTARTS)
 
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
@@ -62,10 +69,13 @@ class EngineCollector(Collector):
                 else CounterMetricFamily
             )
             yield family(name, doc, value=value)
+        yield CounterMetricFamily(*_RESTARTS, value=self._restarts())
 
 
 class Metrics:
-    def __init__(self, engine_stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self, engine_stats: Callable[[], EngineStats], engine_restarts: Callable[[], int]
+    ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.ttft = Histogram(
             "palm_time_to_first_token_seconds",
@@ -116,7 +126,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        r.register(EngineCollector(engine_stats))
+        r.register(EngineCollector(engine_stats, engine_restarts))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

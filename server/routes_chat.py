@@ -14,7 +14,18 @@ from fastapi.responses import Response
 from ..engine.sampling_params import SamplingParams
 from .chat_template import ChatTemplateError
 from .errors import bad_request, error_body, from_engine_error
-from .generation import Started, collect_many, make_params, merge, release_all, start, tokenize
+from .generation import (
+    Started,
+    admit,
+    collect_many,
+    failure_event,
+    make_params,
+    mark_stalled,
+    merge,
+    release_all,
+    start,
+    tokenize,
+)
 from .logprobs import chat_logprobs
 from .protocol import ChatCompletionRequest
 from .responses import (
@@ -79,22 +90,29 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response | Chat
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
-    prompt_ids, started = tokenize(state, _prompt(state, body)), []  # once, whatever n is
+    # The messages' text is tokenized once, whatever n is.
+    prompt_ids, started = tokenize(state, _prompt(state, body), "messages"), []
     max_tokens = _max_tokens(state, body, len(prompt_ids))
+    tickets = admit(state, body.n, f" (n={body.n})")
     try:
-        for i in range(body.n):
+        for i, ticket in enumerate(tickets):
             params = _params(state, body, max_tokens, i)
-            started.append(start(state, prompt_ids, params, "chatcmpl"))
+            started.append(start(state, prompt_ids, params, "chatcmpl", ticket))
     except BaseException:
-        release_all(started)
+        release_all(tickets)
         raise
     view = _ChatView(state, body, started)
     if body.stream:
-        return SSEResponse(view.events(), lambda: release_all(started))
+        return SSEResponse(
+            view.events(),
+            lambda: release_all(tickets),
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled(started),
+        )
     try:
         results = await collect_many([s.stream for s in started], request)
     finally:
-        release_all(started)
+        release_all(tickets)
     tok = state.engine.tokenizer
     choices = [
         ChatChoice(
@@ -153,6 +171,8 @@ class _ChatView:
                         index=k, delta=ChatDelta(), finish_reason=out.finish_reason
                     )
                     yield self.chunk([done])
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
             if body.stream_options and body.stream_options.include_usage:
                 yield self.chunk([], self.usage(generated))
         except Exception as exc:  # headers are sent: the error travels as an event

@@ -28,8 +28,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     413: _error("Request body over max_request_bytes"),
     429: _error("Waiting queue full; see the Retry-After header"),
     499: _error("The client went away before the answer (never seen by that client)"),
-    500: _error("The engine failed the request"),
-    503: _error("Draining (SIGTERM) or the engine has stopped"),
+    500: _error("An internal error (a bug): never a stack trace"),
+    503: _error(
+        "Draining (SIGTERM), the engine core restarting (Retry-After), stopped, or it died "
+        "while running this request"
+    ),
 }
 
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {

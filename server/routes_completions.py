@@ -18,8 +18,11 @@ from .errors import bad_request, error_body, from_engine_error
 from .generation import (
     Collected,
     Started,
+    admit,
     collect_many,
+    failure_event,
     make_params,
+    mark_stalled,
     merge,
     release_all,
     start,
@@ -74,22 +77,30 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
-    prompts, started = _prompts(body), []
+    prompts, started = _prompts(body), list[Started]()
     prompt_ids = [tokenize(state, prompt) for prompt in prompts]  # once each, whatever n is
+    fan_out = f" ({len(prompts)} prompt(s) x n={body.n})"
+    tickets = admit(state, len(prompts) * body.n, fan_out)
     try:
         for ids in prompt_ids:
             for i in range(body.n):
-                started.append(start(state, ids, _params(state, body, i), "cmpl"))
+                params = _params(state, body, i)
+                started.append(start(state, ids, params, "cmpl", tickets[len(started)]))
     except BaseException:
-        release_all(started)
+        release_all(tickets)
         raise
     view = _View(state, body, prompts, started)
     if body.stream:
-        return SSEResponse(view.events(), lambda: release_all(started))
+        return SSEResponse(
+            view.events(),
+            lambda: release_all(tickets),
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled(started),
+        )
     try:
         results = await collect_many([s.stream for s in started], request)
     finally:
-        release_all(started)
+        release_all(tickets)
     return view.response(results)
 
 
@@ -181,6 +192,8 @@ class _View:
                         finish_reason=out.finish_reason if out.finished else None,
                     )
                     yield sse_event(self.chunk([choice]))
+                if out.finished and (failed := failure_event(out)) is not None:
+                    yield failed
             if body.stream_options and body.stream_options.include_usage:
                 yield sse_event(self.chunk([], self.usage(generated)))
         except Exception as exc:  # headers are sent: the error travels as an event

@@ -12,7 +12,16 @@ from fastapi.responses import Response
 
 from ..engine.outputs import RequestOutput
 from .errors import error_body, from_engine_error
-from .generation import OutputStream, collect, make_params, start, tokenize
+from .generation import (
+    OutputStream,
+    admit,
+    collect,
+    failure_event,
+    make_params,
+    mark_stalled,
+    start,
+    tokenize,
+)
 from .logprobs import generate_logprob
 from .protocol import GenerateRequest
 from .responses import GenerateResponse, GenerateStreamEvent
@@ -43,9 +52,20 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         logprobs=body.logprobs,
         **sampling_kwargs(body),
     )
-    run = start(state, tokenize(state, body.prompt), params, "gen")
+    prompt_ids = tokenize(state, body.prompt)
+    (ticket,) = admit(state, 1)
+    try:
+        run = start(state, prompt_ids, params, "gen", ticket)
+    except BaseException:
+        ticket.release()
+        raise
     if body.stream:
-        return SSEResponse(_events(state, run.stream, run.request_id), run.ticket.release)
+        return SSEResponse(
+            _events(state, run.stream, run.request_id),
+            ticket.release,
+            stall_timeout=state.settings.stream_stall_timeout,
+            on_stall=lambda: mark_stalled([run]),
+        )
     try:
         result = await collect(run.stream, request)
     finally:
@@ -84,6 +104,8 @@ async def _events(state: ServerState, stream: OutputStream, rid: str) -> AsyncIt
                             usage=usage(prompt_tokens, generated),
                         )
                     )
+                    if (failed := failure_event(out)) is not None:
+                        yield failed
     except Exception as exc:  # headers are sent: the error travels as an event
         err = from_engine_error(exc)
         yield sse_event(error_body(err.message, err.type, err.code))

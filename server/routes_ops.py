@@ -12,9 +12,18 @@ from .routes_common import get_state
 router = APIRouter()
 
 
-@router.get("/health", response_model=Status, summary="Liveness: the process answers")
-async def health() -> Status:
-    return Status(status="ok")
+@router.get(
+    "/health",
+    response_model=Status,
+    responses={503: {"model": Status}},
+    summary="Liveness: the process answers and its engine is not dead for good",
+)
+async def health(request: Request) -> Response:
+    # 503 only once the engine core died and no restart is left: a liveness probe should
+    # then replace the whole server. A core that is restarting is not a reason to.
+    if get_state(request).engine.status == "dead":
+        return JSONResponse({"status": "engine dead"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get(
@@ -27,8 +36,10 @@ async def ready(request: Request) -> Response:
     state = get_state(request)
     if state.lifecycle.draining:
         return JSONResponse({"status": "draining"}, status_code=503)
-    if not state.engine.healthy:
-        return JSONResponse({"status": "engine stopped"}, status_code=503)
+    status = state.engine.status
+    if status != "ready":
+        text = {"restarting": "engine restarting", "starting": "engine starting"}
+        return JSONResponse({"status": text.get(status, "engine stopped")}, status_code=503)
     return JSONResponse({"status": "ready"})
 
 

@@ -1,18 +1,26 @@
-"""`palm-serve serve`: settings -> engine (model loaded, KV pool allocated) -> app ->
-uvicorn with graceful drain on SIGTERM."""
+"""`palm-serve serve`: settings -> placement (which CPUs the front and the core use) ->
+engine (the core process started, its model loaded and KV pool allocated) -> app ->
+uvicorn with graceful drain on SIGTERM / SIGINT.
+
+Two processes by default: this one (the front: HTTP, tokenization, detokenization, stop
+strings, SSE, metrics) and the engine core process it spawns and restarts (model, step
+loop); `--no-engine-process` runs the core in a thread of this process instead."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from .placement import OMP_WAIT_VARIABLES, Placement, available_cpus, parse_cpus, plan_placement
 from .settings import Settings, default_model_dir
 
 if TYPE_CHECKING:
     from ..engine.async_engine import AsyncEngine
+    from ..engine.config import EngineConfig
 
 
 def serve(given: dict[str, Any]) -> int:
@@ -23,16 +31,51 @@ def serve(given: dict[str, Any]) -> int:
             field = ".".join(str(p) for p in err["loc"])
             print(f"error: --{field.replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
+    placement = None
+    if settings.engine_process:
+        try:
+            placement = placement_for(settings)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if placement.front_cpus is not None and hasattr(os, "sched_setaffinity"):
+            # Before any other thread starts: threads inherit the mask of their creator.
+            os.sched_setaffinity(0, placement.front_cpus)
+    else:
+        sleeping_workers()
     problem = model_problem(settings)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if settings.num_threads is not None:
-        import torch
+    from ..engine import CoreStartError
 
-        torch.set_num_threads(settings.num_threads)
-    engine = load_engine(settings)
+    try:
+        engine = load_engine(settings, placement)
+    except CoreStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return run_server(settings, engine)
+
+
+def sleeping_workers() -> None:
+    """With the engine in a thread of this process, torch's OpenMP workers share the cores
+    with the event loop (HTTP, SSE); a spinning or descheduled worker then stalls every
+    parallel region, so they sleep instead and each parallel op pays a worker wake-up
+    (docs/BENCHMARKS.md has both measured). libgomp reads this when torch loads, so call it
+    before anything imports torch; a user's own OMP_WAIT_POLICY or spin count wins
+    (PASSIVE would make libgomp ignore a spin count)."""
+    if not any(name in os.environ for name in OMP_WAIT_VARIABLES):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
+def placement_for(settings: Settings) -> Placement:
+    """The settings' CPUs and threads, the measured default for what they leave open."""
+    return plan_placement(
+        available_cpus(),
+        engine_cpus=parse_cpus(settings.engine_cpus) if settings.engine_cpus else None,
+        engine_threads=settings.engine_threads,
+        front_cpus=parse_cpus(settings.front_cpus) if settings.front_cpus else None,
+    )
 
 
 def model_problem(settings: Settings) -> str | None:
@@ -56,12 +99,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_engine(settings: Settings) -> AsyncEngine:
-    """Load the weights and allocate the KV pool, with a progress bar over the steps."""
-    from tqdm import tqdm
-
+def load_engine(settings: Settings, placement: Placement | None = None) -> AsyncEngine:
+    """The engine as the settings ask: its core process started and ready (the model loaded
+    and the KV pool allocated there), or with --no-engine-process the model loaded here.
+    The placement defaults to the settings' (the front's own affinity is serve()'s job)."""
     from ..engine.config import EngineConfig
-    from ..engine.factory import build_engine
 
     config = EngineConfig(
         block_size=settings.block_size,
@@ -72,6 +114,46 @@ def load_engine(settings: Settings) -> AsyncEngine:
         enable_prefix_caching=settings.enable_prefix_caching,
         max_model_len=settings.max_model_len,
     )
+    if settings.engine_process:
+        return _process_engine(settings, config, placement or placement_for(settings))
+    return _thread_engine(settings, config)
+
+
+def _process_engine(settings: Settings, config: EngineConfig, placement: Placement) -> AsyncEngine:
+    from ..engine.core_main import CoreSpec
+    from ..engine.core_process import CoreProcessOptions, build_process_engine
+
+    device = resolve_device(settings.device)
+    spec = CoreSpec(
+        model_dir=str(settings.model_dir()),
+        engine_config=config,
+        dtype=settings.dtype,
+        device=device,
+        kernel_backend=settings.kernel_backend,
+        prepack_cpu_linears=settings.cpu_prepacked_linears,
+        compile=settings.compile,
+        seed=None,
+        threads=placement.engine_threads,
+        cpus=placement.engine_cpus,
+    )
+    options = CoreProcessOptions(
+        restarts=settings.engine_restarts,
+        restart_backoff=settings.engine_restart_backoff,
+        environment=placement.core_environment,
+    )
+    print(f"starting the engine core process: {settings.model_dir()} on {device}", file=sys.stderr)
+    return build_process_engine(spec, options)
+
+
+def _thread_engine(settings: Settings, config: EngineConfig) -> AsyncEngine:
+    """Load the weights and allocate the KV pool here, with a progress bar over the steps."""
+    import torch
+    from tqdm import tqdm
+
+    from ..engine.factory import build_engine
+
+    if settings.engine_threads is not None:
+        torch.set_num_threads(settings.engine_threads)
     with tqdm(total=2, desc="loading model", unit="step", file=sys.stderr) as bar:
         device = resolve_device(settings.device)
         bar.update(1)
@@ -95,18 +177,29 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def _where(engine: AsyncEngine) -> str:
+    info = engine.info
+    if info.core_pid is None:
+        return "in a thread of this process (--no-engine-process)"
+    core = ",".join(map(str, info.cpus)) or "any"
+    front = ",".join(map(str, available_cpus()))
+    return f"core process {info.core_pid} on CPU {core}; this process (front) on CPU {front}"
+
+
 def summary(settings: Settings, engine: AsyncEngine) -> str:
     info, device = engine.info, resolve_device(settings.device)
     mc = info.model_config
     tokens = info.num_blocks * info.block_size
     key = "on" if settings.api_key else "off"
+    threads = info.num_threads or _torch_threads()
     lines = [
         f"palm-serve listening on http://{settings.host}:{settings.port}",
         f"  model    {settings.model_name()} ({Path(settings.model_dir()).resolve()}): "
         f"{mc.depth} layers, dim {mc.dim}, vocab {mc.vocab_size}",
         f"  context  {engine.max_model_len} tokens",
-        f"  backend  {info.backend_name} ({settings.dtype}, {device}, "
-        f"{_torch_threads()} CPU threads)",
+        f"  backend  {info.backend_name} ({settings.dtype}, {device}, {threads} CPU thread"
+        + ("s)" if threads != 1 else ")"),
+        f"  engine   {_where(engine)}",
         f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",
@@ -115,15 +208,15 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
 
 
 def run_server(settings: Settings, engine: AsyncEngine) -> int:
-    import uvicorn
-
     from .app import create_app
+    from .http_protocol import uvicorn_config
     from .lifecycle import DrainingServer, Lifecycle
 
     lifecycle = Lifecycle()
     app = create_app(settings, engine, lifecycle)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        settings.header_read_timeout,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,

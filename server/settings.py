@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ByteSize, Field, SecretStr, field_validator
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -44,8 +44,32 @@ class Settings(BaseSettings):
     kernel_backend: Literal["auto", "torch", "triton", "cpu"] = Field(
         "auto", description="attention kernels: auto (Triton on CUDA, else cpu if it builds)"
     )
-    num_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on the CPU; default: torch's (one per core)"
+    engine_process: bool = Field(
+        True,
+        description="run the engine core (model, step loop) in a process of its own; off: "
+        "in a thread of the server's process (debugging, one CPU)",
+    )
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads of the engine core; default: one per engine CPU "
+        "(with --no-engine-process: torch's, one per core)",
+    )
+    engine_cpus: str | None = Field(
+        None,
+        description="CPUs the engine core process runs on, as taskset -c takes them "
+        "('1', '0-3', '0,2'); default: all but the first (one CPU: that one)",
+    )
+    front_cpus: str | None = Field(
+        None,
+        description="CPUs the HTTP front (this process) runs on; default: those the engine "
+        "core does not use (none left: not pinned)",
+    )
+    engine_restarts: int = Field(
+        3, ge=0, description="times a dead engine core process is restarted over the server's life"
+    )
+    engine_restart_backoff: float = Field(
+        1.0, ge=0, description="seconds before the first restart of a dead core; doubled each time"
     )
     cpu_prepacked_linears: bool = Field(
         True,
@@ -89,6 +113,21 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(
         4096, ge=1, description="largest max_tokens a request may ask for"
     )
+    header_read_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a client gets to send a request's headers; then the "
+        "connection is closed",
+    )
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="seconds a client gets to send a request's body; then 408"
+    )
+    stream_stall_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a stream may wait on a client that does not read; then the "
+        "request is aborted and its KV blocks freed",
+    )
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )
@@ -106,6 +145,21 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("engine_cpus", "front_cpus")
+    @classmethod
+    def _cpu_list(cls, value: str | None) -> str | None:
+        from .placement import parse_cpus
+
+        if value is not None:
+            parse_cpus(value)  # raises ValueError naming the bad part
+        return value
+
+    @model_validator(mode="after")
+    def _pinning_needs_a_process(self) -> Settings:
+        if not self.engine_process and (self.engine_cpus or self.front_cpus):
+            raise ValueError("engine_cpus and front_cpus need the engine in its own process")
+        return self
 
     @field_validator("chat_template")
     @classmethod

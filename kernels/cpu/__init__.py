@@ -1,10 +1,12 @@
-"""Compiled CPU kernels (C++, OpenMP, AVX2), built on first use; the torch twins' signatures.
+"""Compiled CPU kernels (C++, OpenMP, AVX2) with the torch twins' signatures: paged attention,
+rotary embedding and the KV-cache write (also fused), built on first use.
 
 available() says whether they built here; where they did not (no C++ compiler, a failed
 build), unavailable_reason() says why in one line and the backend keeps the twins."""
 
 from .build import build_error, summary
 from .paged_attention import paged_attention
+from .rotary_kv_cache import rotary_embedding, rotary_write_kv_cache, write_kv_cache
 
 
 def available() -> bool:
@@ -16,4 +18,12 @@ def unavailable_reason() -> str | None:
     return None if error is None else summary(error)
 
 
-__all__ = ["available", "build_error", "paged_attention", "unavailable_reason"]
+__all__ = [
+    "available",
+    "build_error",
+    "paged_attention",
+    "rotary_embedding",
+    "rotary_write_kv_cache",
+    "unavailable_reason",
+    "write_kv_cache",
+]

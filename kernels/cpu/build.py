@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -17,13 +18,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
 NAME = "palm_cpu_kernels"
-SOURCES = ("paged_attention.cpp",)
+SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp")
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
+# The flags of the build this process loaded: its ops and fakes are registered once.
+_loaded: dict[str, list[str]] = {}
 
 
 def isa_flags() -> list[str]:
@@ -36,14 +40,21 @@ def isa_flags() -> list[str]:
 
 def build_directory(isa: list[str]) -> Path:
     """TORCH_EXTENSIONS_DIR if set (torch's own variable), else ~/.cache/palm-serve; one
-    directory per Python, torch and instruction set, as the binary depends on all three."""
-    root = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if root is None:
-        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-        root = Path(cache) / "palm-serve" / "cpu-kernels"
+    directory per Python, torch, instruction set and version of the sources, as the binary
+    depends on all four (two checkouts of different sources must never share a build)."""
+    torch_dir = os.environ.get("TORCH_EXTENSIONS_DIR")
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    root = Path(torch_dir) if torch_dir else Path(cache) / "palm-serve" / "cpu-kernels"
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     tag = "avx2" if isa else "scalar"
-    return Path(root) / f"{NAME}-{py}-torch{torch.__version__}-{tag}"
+    return root / f"{NAME}-{py}-torch{torch.__version__}-{tag}-{_sources_digest()}"
+
+
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((SOURCE_DIR / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @contextlib.contextmanager
@@ -63,23 +74,32 @@ def _ninja_on_path() -> Iterator[None]:
         os.environ["PATH"] = saved
 
 
-def load(verbose: bool = False) -> None:
+def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     """Build the kernels if the cache lacks them, load them into this process and register
-    their fake implementations. Raises (with the compiler's message) when that fails."""
+    their fake implementations. Raises (with the compiler's message) when that fails.
+    isa: the instruction-set flags, isa_flags() by default ([] builds the scalar loops)."""
     from torch.utils import cpp_extension
 
+    isa = isa_flags() if isa is None else isa
+    if "isa" in _loaded:
+        if _loaded["isa"] != isa:
+            raise RuntimeError(f"this process already loaded the build with {_loaded['isa']}")
+        return
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
-    isa = isa_flags()
     directory = build_directory(isa)
     directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):  # say why the first start pauses
+        logger.info("building the CPU kernels (once, about a minute) in %s", directory)
     started = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
             name=NAME,
             sources=[str(SOURCE_DIR / s) for s in SOURCES],
-            extra_cflags=["-O3", "-fopenmp", *isa],
+            # fp-contract off: no FMA the source does not ask for (rotary_kv_cache.cpp
+            # equals the twins bit for bit only if each product is rounded as in torch).
+            extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", *isa],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(SOURCE_DIR)],
             build_directory=str(directory),
@@ -90,17 +110,63 @@ def load(verbose: bool = False) -> None:
     if seconds > 2.0:  # a build rather than a load from the cache
         logger.info("built the CPU kernels in %.1f s (cached in %s)", seconds, directory)
     _register_fakes()
+    _loaded["isa"] = isa
 
 
 def _register_fakes() -> None:
     """Shapes only: what torch.compile's fake tensors need to trace past the ops."""
 
     @torch.library.register_fake("palm_cpu::paged_attention")
-    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale):
+    def _(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,
+        query_start_loc: Tensor,
+        context_lens: Tensor,
+        scale: float,
+    ) -> Tensor:
         return torch.empty_like(q)
 
     @torch.library.register_fake("palm_cpu::paged_attention_out")
-    def _(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, scale, out):
+    def _(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        block_tables: Tensor,
+        query_start_loc: Tensor,
+        context_lens: Tensor,
+        scale: float,
+        out: Tensor,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("palm_cpu::rotary_embedding")
+    def _(
+        q: Tensor,
+        k: Tensor,
+        positions: Tensor,
+        cos_sin_cache: Tensor,
+        xpos_scale_cache: Tensor | None,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("palm_cpu::write_kv_cache")
+    def _(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        return None
+
+    @torch.library.register_fake("palm_cpu::rotary_write_kv_cache")
+    def _(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        positions: Tensor,
+        slot_mapping: Tensor,
+        cos_sin_cache: Tensor,
+        xpos_scale_cache: Tensor | None,
+    ) -> None:
         return None
 
 

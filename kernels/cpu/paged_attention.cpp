@@ -7,7 +7,8 @@
 // each chunk serves every query row of the tile and all G = H / Hkv query heads that share
 // the K/V head while it is in L1. A long context is split when there are too few items to
 // keep the threads busy; the split that finishes a task last merges its partial results.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -42,6 +43,7 @@ struct Problem {
   int64_t heads, kv_heads, group, dim, block_size, table_width;
   const int32_t* tables;
   float scale;
+  int64_t q_token_stride, q_head_stride;  // q may be a view of the fused projection
 };
 
 int64_t keys_of(const Task& t) { return t.pos0 + t.rows; }
@@ -104,39 +106,72 @@ struct State {
 
 template <typename T>
 void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
-  const int64_t width = p.group * p.dim;  // a K/V head's query heads are adjacent in q
-  for (int32_t r = 0; r < t.rows; ++r) {
-    const T* src = q + ((t.row0 + r) * p.heads + t.kv_head * p.group) * p.dim;
-    float* dst = st.q.data() + r * width;
-    for (int64_t i = 0; i < width; ++i) dst[i] = to_float(src[i]);
-  }
+  for (int32_t r = 0; r < t.rows; ++r)
+    for (int64_t g = 0; g < p.group; ++g) {
+      const int64_t head = t.kv_head * p.group + g;
+      const T* src = q + (t.row0 + r) * p.q_token_stride + head * p.q_head_stride;
+      float* dst = st.q.data() + (r * p.group + g) * p.dim;
+      for (int64_t d = 0; d < p.dim; ++d) dst[d] = to_float(src[d]);
+    }
 }
 
-// Keys [begin, end) of one split for every query of the task, chunk by chunk.
+// The K and V rows of a split's keys, a chunk at a time, through the block table. A
+// running (block, offset) rather than a division per key, which would cost more than the
+// key's dot product at small head_dim.
+template <typename T>
+class RowWalker {
+ public:
+  RowWalker(const Problem& p, const Task& t, const T* k_cache, const T* v_cache, int32_t begin)
+      : table_(p.tables + int64_t(t.seq) * p.table_width),
+        block_size_(p.block_size),
+        row_stride_(p.kv_heads * p.dim),
+        block_(begin / p.block_size),
+        offset_(begin % p.block_size),
+        k_(k_cache + t.kv_head * p.dim),
+        v_(v_cache + t.kv_head * p.dim) {}
+
+  // The next n keys' rows into k[0, n) and v[0, n); k is padded to kKeyChunk with a row
+  // that may be read but is never weighted (dot_keys works in eights).
+  void next(int n, const T** k, const T** v) {
+    for (int i = 0; i < n; ++i) {
+      const int64_t row = (int64_t(table_[block_]) * block_size_ + offset_) * row_stride_;
+      k[i] = k_ + row;
+      v[i] = v_ + row;
+      if (++offset_ == block_size_) {
+        offset_ = 0;
+        ++block_;
+      }
+    }
+    for (int i = n; i < kKeyChunk; ++i) k[i] = k[0];
+  }
+
+ private:
+  const int32_t* table_;
+  int64_t block_size_, row_stride_, block_, offset_;
+  const T* k_;
+  const T* v_;
+};
+
+// Keys [begin, end) of one split for every query of the task, chunk by chunk; each chunk's
+// rows, loaded once, serve all the task's query rows and the G query heads of its K/V head.
 template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
-  const int32_t* table = p.tables + int64_t(t.seq) * p.table_width;
-  const T* kp[kKeyChunk];
-  const T* vp[kKeyChunk];
+  RowWalker<T> walker(p, t, k_cache, v_cache, begin);
+  const T* k[kKeyChunk];
+  const T* v[kKeyChunk];
   alignas(32) float w[kKeyChunk];
   for (int32_t j0 = begin; j0 < end; j0 += kKeyChunk) {
     const int n = std::min(kKeyChunk, end - j0);
-    for (int i = 0; i < n; ++i) {
-      const int64_t pos = j0 + i;
-      const int64_t slot = int64_t(table[pos / p.block_size]) * p.block_size + pos % p.block_size;
-      kp[i] = k_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
-      vp[i] = v_cache + (slot * p.kv_heads + t.kv_head) * p.dim;
-    }
-    for (int i = n; i < kKeyChunk; ++i) kp[i] = kp[0];  // read, never weighted
+    walker.next(n, k, v);
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;
-        dot_keys(st.q.data() + qi * p.dim, kp, visible, int(p.dim), p.scale, w);
+        dot_keys(st.q.data() + qi * p.dim, k, visible, int(p.dim), p.scale, w);
         const float alpha = softmax_chunk(w, visible, st.m[qi], st.l[qi]);
-        scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, vp, visible, int(p.dim));
+        scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, v, visible, int(p.dim));
       }
     }
   }
@@ -233,9 +268,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "heads must be a multiple of the K/V heads");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "out must match q in shape and dtype");
-  for (const at::Tensor* t : {&q, &k_cache, &v_cache, &out, &block_tables, &query_start_loc,
+  TORCH_CHECK(q.device().is_cpu() && q.stride(2) == 1,
+              "q must be on the CPU with a contiguous last dimension");
+  for (const at::Tensor* t : {&k_cache, &v_cache, &out, &block_tables, &query_start_loc,
                               &context_lens}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(), "tensors must be contiguous on the CPU");
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
+                "the caches, out and the tables must be contiguous on the CPU");
   }
   for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens})
     TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
@@ -275,7 +313,7 @@ void paged_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
   const int32_t* lens = context_lens.const_data_ptr<int32_t>();
   Problem p{q.size(1), k_cache.size(2), q.size(1) / k_cache.size(2), q.size(2),
             k_cache.size(1), block_tables.size(1), block_tables.const_data_ptr<int32_t>(),
-            float(scale)};
+            float(scale), q.stride(0), q.stride(1)};
   check_sequences(starts, lens, p.tables, num_seqs, p.table_width, p.block_size,
                   k_cache.size(0), q.size(0));
   switch (q.scalar_type()) {

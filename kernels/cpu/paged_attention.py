@@ -18,9 +18,10 @@ def paged_attention(
     out: torch.Tensor | None = None,
     plan: None = None,
 ) -> torch.Tensor:
-    """q [T, H, D]; caches [NB, BS, Hkv, D]; block_tables [S, max_blocks] int32;
-    query_start_loc [S+1] int32; context_lens [S] int32 (new tokens included). Query i of a
-    sequence with q_len new tokens sits at position context_len - q_len + i.
+    """q [T, H, D] (any strides but the last); caches [NB, BS, Hkv, D]; block_tables
+    [S, max_blocks] int32; query_start_loc [S+1] int32; context_lens [S] int32 (new tokens
+    included). Query i of a sequence with q_len new tokens sits at position
+    context_len - q_len + i.
 
     Returns out [T, H, D] in q's dtype; the softmax runs in fp32. plan: always None (the
     kernel reads the tables itself; the argument keeps the twin's signature). Needs the
@@ -51,8 +52,8 @@ def _check(
         raise ValueError(f"q [T, H, D] and caches [NB, BS, Hkv, D]: got {q.shape}, {k_cache.shape}")
     if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"q and the caches must share one of {_DTYPES}")
-    if not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("q and the caches must be contiguous")
+    if q.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("q needs a contiguous last dimension, the caches must be contiguous")
     for name, t in (("block_tables", block_tables), ("query_start_loc", query_start_loc),
                     ("context_lens", context_lens)):  # fmt: skip
         if t.dtype != torch.int32 or not t.is_contiguous():

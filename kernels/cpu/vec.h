@@ -163,8 +163,7 @@ inline float softmax_chunk(float* scores, int n, float& m, float& l) {
     sum += scores[i];
   }
 #endif
-  // The first chunk: nothing accumulated yet, and exp(-inf - m') must not be computed as
-  // exp(NaN) when m' is -inf too (it is not: every chunk has a finite score).
+  // Before the first chunk m is -inf and nothing is accumulated: alpha 0, spelled out.
   const float alpha = m == kNegInf ? 0.f : std::exp(m - m_new);
   l = l * alpha + sum;
   m = m_new;

@@ -125,7 +125,6 @@ def check_invariants(bm: BlockManager, live: list[FakeSeq]) -> None:
             refs[b] += 1
     assert refs == [b.ref_count for b in bm.blocks]
     assert set(bm.free_queue) == {i for i, r in enumerate(refs) if r == 0}
-    assert bm.num_free_blocks + bm.num_used_blocks == bm.num_blocks
     assert bm.usage == sum(r > 0 for r in refs) / bm.num_blocks
     for block_hash, block_id in bm.cached.items():
         assert bm.blocks[block_id].block_hash == block_hash
@@ -172,3 +171,39 @@ def test_invariants_under_random_operations(ops, num_blocks: int, block_size: in
         bm.free(seq)
     check_invariants(bm, [])
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_the_prefix_key_chains_every_block_to_its_own_parent() -> None:
+    """C shares A's first block and B's second; its third block equals A's third, but
+    follows another prefix, so it must not be served from A's (K/V computed for X Y Z is
+    not the K/V of X Y' Z)."""
+    bm = BlockManager(num_blocks=12, block_size=2)
+    x, y, y2, z = [1, 1], [2, 2], [3, 3], [4, 4]
+    a = FakeSeq(x + y + z + [9])  # blocks 0, 1, 2 keyed (+ 3 partial)
+    b = FakeSeq(x + y2 + [9])  # X hit (0); Y' in block 4 (+ 5 partial)
+    assert admit(bm, a) and a.block_table == [0, 1, 2, 3]
+    assert admit(bm, b) and b.block_table == [0, 4, 5]
+    c = FakeSeq(x + y2 + z + [9])
+    assert bm.find_cached_prefix(c) == [0, 4]
+    assert admit(bm, c) and c.block_table == [0, 4, 6, 7]
+
+
+def test_a_prefix_hit_revives_freed_cached_blocks_exactly() -> None:
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a = FakeSeq([1, 2, 3, 4, 5, 6, 7])  # 3 full blocks keyed + 1 partial
+    assert admit(bm, a) and a.block_table == [0, 1, 2, 3]
+    bm.free(a)
+    assert (bm.num_free_blocks, [bm.blocks[i].ref_count for i in range(4)]) == (6, [0] * 4)
+    b = FakeSeq([1, 2, 3, 4, 5, 6, 70, 71])  # 3 cached blocks, then its own
+    cached = bm.find_cached_prefix(b)
+    assert cached == [0, 1, 2]
+    # Three revived blocks and one new one must be free; with only 3 free, it must fail.
+    c = FakeSeq([50, 51, 52, 53, 54])  # takes blocks 4, 5, 3 (never used first, then a's tail)
+    assert admit(bm, c) and c.block_table == [4, 5, 3]
+    assert not bm.allocate(b, 2, cached)  # needs 3 revived + 1 new: 4 > 3 free
+    assert b.block_table == [] and bm.num_free_blocks == 3
+    bm.free(c)
+    assert bm.allocate(b, 2, cached)
+    assert b.block_table[:3] == [0, 1, 2]
+    assert [bm.blocks[i].ref_count for i in b.block_table] == [1, 1, 1, 1]
+    assert bm.num_free_blocks == 2 and 0 not in bm.free_queue

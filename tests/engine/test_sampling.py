@@ -201,3 +201,68 @@ def test_prompt_logprobs_bypass_the_prefix_cache(model, monkeypatch) -> None:
         assert [t for t, _ in entries[i].top] == ref[i - 1].topk(2).indices.tolist()
     assert all(o.prompt_logprobs is None for o in outputs["ppl"][1:])
     assert_pool_whole(engine)
+
+
+def test_extreme_admitted_values_sample_defined_tokens() -> None:
+    """A temperature below 1e-5 is greedy; a penalty that pushes logits past the float
+    range leaves them finite, so sampling draws only among the tokens it boosted."""
+    from palm_serve.engine.sampler import Sampler
+    from palm_serve.engine.sequence import Sequence
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 5
+    logits[:, 7] = 3.0  # token 7 was seen and has a positive logit
+
+    def seq(**params) -> Sequence:
+        return Sequence(
+            request_id="s",
+            prompt_token_ids=[7, 7],
+            params=SamplingParams(**params),
+            generator=torch.Generator().manual_seed(1),
+        )
+
+    tiny = Sampler()(logits.clone(), [seq(temperature=t) for t in (1e-38, 2e-38, 9e-6)])
+    assert tiny.token_ids == logits.argmax(dim=-1).tolist()
+    penalized = apply_penalties(logits.clone(), [seq(repetition_penalty=1e-300)] * 3)
+    assert bool(torch.isfinite(penalized).all())
+    drawn = Sampler()(logits.clone(), [seq(temperature=1.0, repetition_penalty=1e-300)] * 3)
+    assert drawn.token_ids == [7, 7, 7]
+
+
+def test_each_row_gets_its_own_number_of_top_logprobs() -> None:
+    from palm_serve.engine.sampler import Sampler
+    from palm_serve.engine.sequence import Sequence
+
+    logits = torch.randn(2, 30)
+    seqs = [
+        Sequence(f"r{n}", [1], SamplingParams(temperature=0, logprobs=n), torch.Generator())
+        for n in (1, 3)
+    ]
+    out = Sampler()(logits, seqs)
+    assert [len(lp.top) for lp in out.logprobs] == [1, 3]
+    reference = logits.log_softmax(-1)
+    for row, lp in enumerate(out.logprobs):
+        ids = [t for t, _ in lp.top]
+        assert ids == reference[row].topk(len(ids)).indices.tolist()
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [dict(frequency_penalty=1.0), dict(presence_penalty=0.5), dict(repetition_penalty=1.5)],
+)
+def test_each_penalty_alone_is_applied(penalty) -> None:
+    """One penalty, the others at their defaults, against the formula written out."""
+    from palm_serve.engine.sequence import Sequence
+
+    logits = torch.randn(1, 20) * 3
+    seq = Sequence("p", [3, 4], SamplingParams(**penalty), torch.Generator())
+    seq.token_ids += [5, 5, 3]  # output 5 twice, 3 once; the prompt has 3 and 4
+    expected = logits.clone()[0]
+    for token, count in {5: 2, 3: 1}.items():
+        expected[token] -= penalty.get("frequency_penalty", 0) * count
+        expected[token] -= penalty.get("presence_penalty", 0)
+    rep = penalty.get("repetition_penalty", 1.0)
+    for token in (3, 4, 5):
+        value = expected[token]
+        expected[token] = value / rep if value > 0 else value * rep
+    torch.testing.assert_close(apply_penalties(logits.clone(), [seq])[0], expected)

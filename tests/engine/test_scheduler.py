@@ -99,3 +99,71 @@ def test_prefix_hits_are_counted_and_skip_prefill() -> None:
     plan = step(sched)
     assert plan_of(plan)[1] == ("b", 8, 3, True)
     assert sched.prefix_cache_hit_tokens == 8
+
+
+def test_a_chunk_that_leaves_two_prompt_tokens_finishes_next_step() -> None:
+    sched = make_scheduler(num_blocks=16, max_num_batched_tokens=8)
+    sched.add(make_request("a", list(range(10))))
+    assert plan_of(step(sched)) == [("a", 0, 8, False)]
+    assert plan_of(step(sched)) == [("a", 8, 2, True)]
+
+
+def test_a_budget_used_up_exactly_defers_the_next_decode() -> None:
+    sched = make_scheduler(num_blocks=16, max_num_batched_tokens=3)
+    for n in "abc":
+        sched.add(make_request(n, [1]))
+    assert [s[0] for s in plan_of(step(sched))] == ["a", "b", "c"]
+    sched.max_num_batched_tokens = 2
+    # a and b use the whole budget; c's decode waits, with no empty entry in the plan.
+    assert plan_of(step(sched)) == [("a", 1, 1, True), ("b", 1, 1, True)]
+
+
+def test_a_sequence_that_preempts_itself_leaves_its_budget_to_others() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=12)
+    a, c, b = (
+        make_request("a", [1, 2]),
+        make_request("c", list(range(6))),
+        make_request("b", [5] * 4),
+    )
+    for seq in (a, c, b):
+        sched.add(seq)
+    # a: block 0; c: blocks 1, 2; b: block 3 -- the pool is full.
+    assert plan_of(step(sched)) == [("a", 0, 2, True), ("c", 0, 6, True), ("b", 0, 4, True)]
+    c.num_computed_tokens = 5  # as if c's prefill had been chunked: 2 tokens, in its blocks
+    sched.max_num_batched_tokens = 2
+    # a decodes in its block; b needs a fifth block and is the newest: it preempts itself,
+    # and the token of budget it did not use goes to c.
+    plan = step(sched)
+    assert plan_of(plan) == [("a", 2, 1, True), ("c", 5, 1, False)]
+    assert plan.preempted == [b] and b.status is SequenceStatus.WAITING
+
+
+def test_a_prompt_that_exactly_fills_the_pool_is_served() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    full = make_request("full", list(range(16)))
+    sched.add(full)
+    plan = step(sched)
+    assert plan_of(plan) == [("full", 0, 16, True)] and not plan.rejected
+
+
+def test_plans_never_exceed_the_budget_or_hold_empty_entries() -> None:
+    """Random arrivals into a pool small enough to preempt, a sequence preempting itself
+    included: every plan stays within the token budget and every entry computes >= 1."""
+    import random
+
+    rng = random.Random(3)
+    for trial in range(20):
+        budget = rng.randint(1, 12)
+        sched = make_scheduler(
+            num_blocks=rng.randint(3, 8), block_size=2, max_num_batched_tokens=budget
+        )
+        for i in range(6):
+            sched.add(make_request(f"{trial}-{i}", [rng.randrange(50)] * rng.randint(1, 5),
+                                   greedy(rng.randint(1, 8))))  # fmt: skip
+        for _ in range(60):
+            plan = step(sched)
+            assert plan.num_batched_tokens == sum(s.num_new_tokens for s in plan.scheduled)
+            assert plan.num_batched_tokens <= budget
+            assert all(s.num_new_tokens >= 1 for s in plan.scheduled)
+            if not sched.has_unfinished():
+                break

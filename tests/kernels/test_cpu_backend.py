@@ -5,7 +5,10 @@ torch twins, through chunked prefills, mixed prefill + decode steps and decodes.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,3 +90,24 @@ def test_forward_equals_torch_forward(name: str, block_size: int) -> None:
         print(f"{name} BS={block_size} step {step}: hidden {diff:.3g}, logits {relative:.3g} rel")
         assert relative < LOGITS_RTOL
         assert torch.equal(logits.argmax(-1), reference_logits.argmax(-1))
+
+
+def test_without_a_compiler_the_server_keeps_the_twins() -> None:
+    """A process whose C++ compiler does not exist: available() is False with the reason,
+    and 'auto' says so in one warning before it takes the twins."""
+    script = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')\n"
+        "from palm_serve.kernels import cpu, select_backend\n"
+        "assert not cpu.available()\n"
+        "print(select_backend('auto', torch.device('cpu')).name)\n"
+    )
+    env = {**os.environ, "CXX": "/nonexistent/c++"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch"
+    assert done.stderr.strip().splitlines() == [
+        "WARNING compiled CPU kernels unavailable (RuntimeError: no C++ compiler: "
+        "'/nonexistent/c++' is not on PATH): using the torch twins"
+    ]

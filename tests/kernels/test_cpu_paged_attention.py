@@ -13,8 +13,12 @@ The extension must build here: a failed build fails these tests, it never skips 
 from __future__ import annotations
 
 import contextlib
+import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -148,12 +152,24 @@ def test_returns_new_tensor_without_out() -> None:
                    FP32_ATOL)  # fmt: skip
 
 
+def test_strided_q() -> None:
+    """q as a view of a fused projection [T, H + 2 Hkv, D], as the model could pass it."""
+    batch = _batch("mixed-gqa-2")
+    fused = torch.randn(batch.q.shape[0], batch.q.shape[1] + 4, batch.q.shape[2])
+    fused[:, : batch.q.shape[1]] = batch.q
+    args = batch.args(batch.k_cache, batch.v_cache)
+    strided = cpu_paged_attention(fused[:, : batch.q.shape[1]], *args[1:])
+    assert torch.equal(strided, cpu_paged_attention(*args))
+
+
 def test_rejects_bad_inputs() -> None:
     batch = _batch("mixed-mqa")
     k, v = batch.clean_caches()
     args = batch.args(k, v)
     with pytest.raises(ValueError, match="contiguous"):
-        cpu_paged_attention(batch.q.transpose(0, 1).contiguous().transpose(0, 1), *args[1:])
+        cpu_paged_attention(batch.q.transpose(1, 2).contiguous().transpose(1, 2), *args[1:])
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_paged_attention(*args[:2], v.transpose(0, 1).contiguous().transpose(0, 1), *args[3:])
     with pytest.raises(ValueError, match="int32"):
         cpu_paged_attention(*args[:3], batch.block_tables.long(), *args[4:])
     with pytest.raises(ValueError, match="share one"):
@@ -177,3 +193,16 @@ def test_traceable_without_graph_break() -> None:
     torch.library.opcheck(torch.ops.palm_cpu.paged_attention_out.default, (*args, out))
     compiled = torch.compile(cpu_paged_attention, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(*args), cpu_paged_attention(*args))
+
+
+def test_scalar_fallback_builds_and_equals_twin() -> None:
+    """The build without AVX2 (CPUs that lack it), in a process of its own: it compiles
+    (once; cached like the main build) and gives the twins' results."""
+    worker = Path(__file__).parent / "cpu_scalar_worker.py"
+    done = subprocess.run([sys.executable, str(worker)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    diffs = json.loads(done.stdout.strip().splitlines()[-1])
+    print(diffs)
+    assert diffs["mixed"] < FP32_ATOL and diffs["head_dim_44"] < FP32_ATOL
+    assert diffs["rotary"] == 0.0

@@ -93,14 +93,15 @@ def _paged_batch(rng: random.Random, seqs, block_size: int, heads: int, n_kv: in
         for t in range(ctx):
             k_cache[table[t // block_size], t % block_size] = keys[t]
             v_cache[table[t // block_size], t % block_size] = values[t]
-        tables.append(table + [0] * (5 - len(table)))
+        tables.append(table)
         per_seq.append((torch.randn(new, heads, d), keys, values))
         starts.append(starts[-1] + new)
+    width = max(len(t) for t in tables) + 1  # one column of padding past the longest
     args = (
         torch.cat([q for q, _, _ in per_seq]),
         k_cache,
         v_cache,
-        torch.tensor(tables, dtype=torch.int32),
+        torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
         torch.tensor(starts, dtype=torch.int32),
         torch.tensor([c for c, _ in seqs], dtype=torch.int32),
     )
@@ -112,6 +113,7 @@ BATCHES = {
     "decodes only": [(9, 1), (1, 1), (17, 1), (4, 1)],
     "chunks only": [(6, 6), (13, 5)],
     "decodes of two lengths": [(9, 1), (3, 1), (9, 1), (6, 6), (3, 1), (9, 1)],
+    "two-token chunks": [(5, 2), (9, 1), (2, 2), (7, 2)],
 }
 
 
@@ -127,6 +129,19 @@ def test_paged_attention_matches_naive_loops(batch: str, n_kv: int, split_cost: 
     lengths = {ctx for ctx, new in BATCHES[batch] if new == 1}
     assert len(plan.decode_groups) == (len(lengths) if split_cost == 0 else bool(lengths))
     out = paged_attention(*args, scale=d**-0.5, plan=plan)
+    for s, (q, keys, values) in enumerate(per_seq):
+        expected = _naive_attention(q, keys, values, d**-0.5)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [1, 2])
+@pytest.mark.parametrize("batch", ["mixed", "two-token chunks"])
+def test_paged_attention_with_more_kv_heads_than_tokens_per_block(batch, block_size) -> None:
+    heads, n_kv, d = 8, 4, 8
+    args, per_seq, starts = _paged_batch(
+        random.Random(1), BATCHES[batch], block_size, heads, n_kv, d
+    )
+    out = paged_attention(*args, scale=d**-0.5)
     for s, (q, keys, values) in enumerate(per_seq):
         expected = _naive_attention(q, keys, values, d**-0.5)
         torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers (dev extra) not installed")
+# A declared dev dependency: a broken install must fail here, not skip the parity checks.
+import transformers
 
 from palm_serve.model import (  # noqa: E402
     AttentionMetadata,

@@ -1,10 +1,12 @@
 """Helpers of the HTTP tests: a tiny random model on disk, a real uvicorn server on
-127.0.0.1 (a free port) in a background thread, the dense no-cache greedy oracle, and
-the Prometheus text parser."""
+127.0.0.1 (a free port) in a background thread, its engine core in a process of its own
+as `palm-serve serve` runs it, the dense no-cache greedy oracle, and the Prometheus text
+parser."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 import time
@@ -19,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from palm_serve.model import load_model, load_tokenizer, save_model_dir
 from palm_serve.server.app import create_app
+from palm_serve.server.http_protocol import uvicorn_config
+from palm_serve.server.placement import available_cpus
 from palm_serve.server.serve import load_engine
 from palm_serve.server.settings import Settings
 
@@ -45,6 +49,10 @@ def settings_for(model_dir: Path, **overrides) -> Settings:
         num_kv_blocks=1024,
         max_tokens_limit=512,
         log_level="warning",
+        # Tiny model: one thread is fastest, and the core may use any CPU of this shared
+        # machine (its workers then sleep between parallel regions).
+        engine_threads=1,
+        engine_cpus=",".join(map(str, available_cpus())),
     )
     values.update(overrides)
     return Settings(**values)
@@ -58,8 +66,13 @@ class ServerThread:
         self.settings = settings
         self.engine = load_engine(settings)
         self.app = create_app(settings, self.engine)
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2
+        config = uvicorn_config(
+            self.app,
+            settings.header_read_timeout,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -136,6 +149,32 @@ class Oracle:
     def logprobs(self, ids: list[int]) -> torch.Tensor:
         """[len(ids), vocab]: row t is log p(. | ids[:t+1])."""
         return torch.log_softmax(self.model.forward_dense(torch.tensor([ids]))[0].float(), -1)
+
+
+def process_alive(pid: int) -> bool:
+    """Running or sleeping; an exited process (gone, or a zombie nobody reaped) is not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is pid (the core, multiprocessing's resource tracker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
 
 
 def free_port() -> int:

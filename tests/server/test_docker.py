@@ -68,7 +68,7 @@ def test_compose_parses_and_references_existing_files():
 
 def exported_series() -> set[str]:
     """Every sample name the server's /metrics can carry."""
-    metrics = Metrics(lambda: EngineStats())
+    metrics = Metrics(lambda: EngineStats(), lambda: 0)
     # Labelled series show up once they have a child.
     metrics.http_requests.labels("GET", "/health", "200").inc()
     metrics.http_latency.labels("GET", "/health", "200").observe(0.01)

@@ -1,5 +1,6 @@
 """SIGTERM on a real `palm-serve serve` process: /ready turns 503, new requests get 503,
-the stream in flight completes, and the process exits 0."""
+the stream in flight completes, and the process exits 0, its engine core process (and
+every other child) gone with it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import httpx
 
-from server_helpers import free_port, write_model_dir
+from server_helpers import children, free_port, process_alive, write_model_dir
 
 MAX_TOKENS = 400  # ~2 s of streaming: far longer than the 503 checks made meanwhile
 
@@ -84,8 +85,10 @@ def stream_through_sigterm(proc, url: str, max_tokens: int, during) -> list[dict
     return [json.loads(e[len("data: ") :]) for e in events[:-1]]
 
 
-def test_sigterm_drains_then_exits_0(tmp_path):
+def test_sigterm_drains_then_exits_0_and_leaves_no_child(tmp_path):
     proc, url = start_server(tmp_path, drain_timeout=60)
+    kids = children(proc.pid)  # the engine core, multiprocessing's resource tracker
+    assert kids
     try:
 
         def refused_meanwhile() -> None:
@@ -98,6 +101,7 @@ def test_sigterm_drains_then_exits_0(tmp_path):
         assert sum(1 for e in events if e.get("token_id") is not None) == MAX_TOKENS
         assert events[-1]["finish_reason"] == "length"
         assert proc.wait(60) == 0
+        wait_gone(kids)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -105,6 +109,7 @@ def test_sigterm_drains_then_exits_0(tmp_path):
     out, err = proc.communicate()
     assert f"listening on {url}" in out
     assert "KV pool  512 blocks x 16 tokens = 8192 tokens" in out and "backend  torch" in out
+    assert any(f"engine   core process {pid} " in out for pid in kids)
 
 
 def test_drain_timeout_aborts_what_still_runs_and_exits_0(tmp_path):
@@ -119,6 +124,13 @@ def test_drain_timeout_aborts_what_still_runs_and_exits_0(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def wait_gone(pids: list[int], seconds: float = 5) -> None:
+    deadline = time.monotonic() + seconds
+    while any(process_alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"children left: {pids}"
+        time.sleep(0.05)
 
 
 def _ready_status(url: str, seconds: float = 10) -> int:

@@ -102,6 +102,28 @@ def test_seeded_sampling_is_reproducible(server):
     assert generate(server, **body)["token_ids"] == generate(server, **body)["token_ids"]
 
 
+def test_seeded_sampling_equals_a_reference_sampler(server, oracle):  # noqa: F811
+    """The served tokens are the draws of a sampler written out here over the dense
+    forward: softmax(logits / T), one uniform per token from torch.Generator(seed), the
+    first token whose cumulative probability passes it. A server that ignored the
+    temperature or decoded greedily would fail (checked: the draws differ from greedy)."""
+    import torch
+
+    prompt, n, temperature, seed = "Sample me", 12, 3.0, 1234
+    ids = oracle.tokenizer.encode(prompt)
+    generator = torch.Generator().manual_seed(seed)
+    expected: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = oracle.model.forward_dense(torch.tensor([ids + expected]))[0, -1].float()
+            cdf = (logits / temperature).softmax(-1).cumsum(-1)
+            u = torch.rand(1, generator=generator)
+            expected.append(int(torch.searchsorted(cdf, u * cdf[-1], right=True)))
+    assert expected != oracle.greedy(prompt, n)
+    body = dict(prompt=prompt, max_tokens=n, temperature=temperature, seed=seed, ignore_eos=True)
+    assert generate(server, **body)["token_ids"] == expected
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="this machine has no curl binary")
 def test_curl_streaming_and_not(server):
     body = json.dumps({"prompt": "Hello", "max_tokens": 8, "temperature": 0})
@@ -126,3 +148,44 @@ def test_curl_streaming_and_not(server):
     assert all(f.startswith("data: ") for f in frames[:-1])
     events = [json.loads(f[len("data: ") :]) for f in frames[:-2]]
     assert "".join(e["text"] for e in events) == text
+
+
+def test_a_refused_request_releases_its_admission(server):
+    """A request admitted, then refused by validation, leaves nothing in flight: else a
+    server would fill its queue with ghosts and answer 429 forever."""
+    before = server.state.lifecycle.inflight
+    for _ in range(5):
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": ["fine", "x" * 600], "max_tokens": 2},  # the second is too long
+            timeout=60,
+        )
+        assert r.status_code == 400
+    assert server.state.lifecycle.inflight == before
+
+
+def test_every_choice_of_a_multi_choice_stream_finishes(server):
+    body = {"prompt": ["one", "two"], "n": 2, "max_tokens": 5, "temperature": 0, "stream": True}
+    finished, texts = {}, {}
+    with httpx.Client(timeout=60) as client:
+        with connect_sse(client, "POST", f"{server.url}/v1/completions", json=body) as src:
+            for event in src.iter_sse():
+                if event.data == "[DONE]":
+                    break
+                for choice in event.json()["choices"]:
+                    texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+                    if choice["finish_reason"]:
+                        finished[choice["index"]] = choice["finish_reason"]
+    whole = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=60)
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert [texts[k] for k in range(4)] == [c["text"] for c in whole.json()["choices"]]
+
+
+def test_a_refused_generate_releases_its_admission(server):
+    before = server.state.lifecycle.inflight
+    for _ in range(3):
+        r = httpx.post(
+            f"{server.url}/v1/generate", json={"prompt": "x" * 600, "max_tokens": 2}, timeout=60
+        )
+        assert r.status_code == 400
+    assert server.state.lifecycle.inflight == before

@@ -60,12 +60,15 @@ def test_completion_stream_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
 
 
-def test_several_prompts_and_n(client):
+def test_several_prompts_and_n(client, oracle):
     c = client.completions.create(
-        model="tiny", prompt=["One", "Two"], n=2, max_tokens=4, temperature=0
+        model="tiny", prompt=["One", "Two"], n=2, max_tokens=4, temperature=0, stop=[]
     )
     assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
-    assert c.choices[0].text == c.choices[1].text  # greedy: n copies agree
+    # Choice k answers prompt k // n: every choice of every prompt is its greedy text.
+    for k, prompt in enumerate(["One", "One", "Two", "Two"]):
+        expected = oracle.tokenizer.decode(oracle.greedy(prompt, 4))
+        assert c.choices[k].text == expected, (k, prompt)
     assert c.usage.prompt_tokens == 6 and c.usage.completion_tokens == 16
 
 

@@ -1,0 +1,207 @@
+"""The engine core process: its main (run_core_process, the target the front spawns) and
+its loop. It builds the model itself from the model directory, so only a small CoreSpec
+crosses at spawn; it answers with CoreReady, then loops: take what the front sent, step,
+send that step's EngineCoreOutputs (one message per step, the stats snapshot inside).
+
+It lives only as long as the front: PR_SET_PDEATHSIG kills it when the front dies (even
+by SIGKILL), and an idle core also checks that its parent is still the front. It ignores
+SIGINT, which a terminal sends to the whole process group: the front drains first, then
+tells the core to stop. A step that raises ends the process (its state, e.g. a half-written
+KV cache, cannot be trusted): it reports CoreFailed and exits 1; the front restarts it."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from .config import EngineConfig
+from .core import EngineCore
+from .core_client import apply_message
+from .core_codec import CoreCodec, CoreFailed, CoreReady, Shutdown, ToCore
+from .messages import EngineCoreOutputs
+
+logger = logging.getLogger(__name__)
+
+# An idle core wakes this often to check that the front still lives (the death signal
+# covers the front's death, this covers a death signal set too late).
+IDLE_POLL_MS = 1000
+# The last message (CoreFailed) gets this long to leave before the process exits.
+EXIT_LINGER_MS = 1000
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """What a core process needs to build itself: paths and settings, nothing large."""
+
+    model_dir: str
+    engine_config: EngineConfig
+    dtype: str
+    device: str
+    kernel_backend: str
+    prepack_cpu_linears: bool
+    # torch.compile the step at start (model/compiled.py).
+    compile: bool
+    seed: int | None
+    # torch intra-op threads; None: torch's default for the CPUs below.
+    threads: int | None
+    # CPUs the process may run on (sched_setaffinity); None: wherever it was started.
+    cpus: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class CoreLink:
+    """How one core process reaches its front. The core binds input_address (PULL) and
+    connects to output_address (PUSH)."""
+
+    input_address: str
+    output_address: str
+    parent_pid: int
+
+
+def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
+    """The core process's main. Returns (exit 0) after a Shutdown; exits 1 on a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(link.parent_pid)
+    place(spec.cpus, spec.threads)
+    context = zmq.Context(io_threads=1)
+    inbox = context.socket(zmq.PULL)
+    inbox.bind(link.input_address)
+    outbox = context.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.SNDHWM, 0)  # never block the step loop on a slow reader
+    outbox.connect(link.output_address)
+    codec = CoreCodec()
+    code = 0
+    try:
+        core = build_engine_core(spec)
+        outbox.send_multipart(codec.encode(ready_message(core)))
+        code = CoreLoop(core, inbox, outbox, codec, link.parent_pid).run()
+    except Exception as exc:  # noqa: BLE001 - whatever it was, the front must hear why
+        logger.exception("engine core failed")
+        outbox.send_multipart(codec.encode(CoreFailed(f"{type(exc).__name__}: {exc}")))
+        code = 1
+    finally:
+        inbox.close(linger=0)
+        outbox.close(linger=EXIT_LINGER_MS)
+        context.term()
+    if code:
+        sys.exit(code)
+
+
+def build_engine_core(spec: CoreSpec) -> EngineCore:
+    # Imported here: the factory pulls in the model and kernels, which only the core needs.
+    from ..model.tokenizer import load_tokenizer
+    from .factory import build_core, load_served_model
+
+    model = load_served_model(
+        spec.model_dir,
+        dtype=spec.dtype,
+        device=spec.device,
+        kernel_backend=spec.kernel_backend,
+        prepack_cpu_linears=spec.prepack_cpu_linears,
+        compile=spec.compile,
+        block_size=spec.engine_config.block_size,
+    )
+    # Only for its EOS id when the model's config names none (as build_engine does).
+    tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
+    return build_core(model, spec.engine_config, tokenizer.eos_token_id, spec.seed)
+
+
+def ready_message(core: EngineCore) -> CoreReady:
+    bm = core.block_manager
+    return CoreReady(
+        pid=os.getpid(),
+        max_model_len=core.max_model_len,
+        num_blocks=bm.num_blocks,
+        block_size=bm.block_size,
+        backend_name=core.runner.model.kernels.name,
+        num_threads=torch.get_num_threads(),
+        cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+    )
+
+
+class CoreLoop:
+    """Drain the inbox, step, send the step's outputs; sleep on the socket when idle."""
+
+    def __init__(
+        self,
+        core: EngineCore,
+        inbox: zmq.Socket[bytes],
+        outbox: zmq.Socket[bytes],
+        codec: CoreCodec,
+        parent_pid: int,
+    ) -> None:
+        self.core, self.inbox, self.outbox, self.codec = core, inbox, outbox, codec
+        self.parent_pid = parent_pid
+
+    def run(self) -> int:
+        core = self.core
+        while True:
+            busy = core.has_unfinished()
+            if not busy and not self.inbox.poll(IDLE_POLL_MS):
+                if os.getppid() != self.parent_pid:
+                    return 0  # the front is gone: nobody to serve
+                continue
+            received = self._receive()
+            if received is None:
+                core.finish_all("abort")
+                return 0
+            if not (received or core.has_unfinished()):
+                continue
+            try:
+                outputs = core.step() if core.has_unfinished() else []
+            except Exception as exc:  # noqa: BLE001 - any failure ends the core, see module doc
+                logger.exception("engine step failed")
+                self._send_failure(f"engine step failed: {type(exc).__name__}: {exc}")
+                return 1
+            self.outbox.send_multipart(self.codec.encode(EngineCoreOutputs(outputs, core.stats())))
+
+    def _receive(self) -> int | None:
+        """Apply every message waiting; their count, or None after a Shutdown."""
+        count = 0
+        while True:
+            try:
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return count
+            message: ToCore = self.codec.decode_to_core(frames)
+            if isinstance(message, Shutdown):
+                return None
+            apply_message(self.core, message)
+            count += 1
+
+    def _send_failure(self, message: str) -> None:
+        try:
+            self.core.finish_all("error", message)
+        except Exception:  # noqa: BLE001 - the front must still hear of it
+            logger.exception("cleanup after the failed step failed too")
+        self.outbox.send_multipart(self.codec.encode(CoreFailed(message)))
+
+
+# ---- the process's place on the machine --------------------------------------------------
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when the thread that spawned it dies (the front is gone,
+    however it died). Elsewhere the idle loop's parent check is all there is."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != parent_pid:  # the front died before the signal was armed
+        os._exit(0)
+
+
+def place(cpus: tuple[int, ...] | None, threads: int | None) -> None:
+    """Pin the process (threads created from now on inherit it) and size torch's pool."""
+    if cpus is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+    if threads is not None:
+        torch.set_num_threads(threads)

@@ -1,0 +1,216 @@
+// Rotary embedding (RoFormer, arXiv:2104.09864; optional xPos, arXiv:2212.10554) and the
+// KV-cache write on the CPU, separately or fused into one pass over the tokens: the
+// siblings of kernels/rotary.py and kernels/kv_cache.py, and equal to them bit for bit.
+//
+// The twins compute out1 = x1 * cos - x2 * sin and out2 = x2 * cos + x1 * sin in fp32, each
+// product rounded, then scale by the xPos factor (k by 1 / factor); build.py compiles with
+// -ffp-contract=off so that the compiler does not fuse those products into FMAs either.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "vec.h"
+
+namespace palm_cpu {
+namespace {
+
+constexpr int64_t kGrainElements = 1 << 15;  // below this much work, no thread wake-up
+
+struct Rotary {
+  const float* cos_sin;  // [P, D]: cos of the half-dim frequencies, then their sin
+  const float* xpos;     // [P, D/2] or null
+  const int64_t* positions;
+  int64_t dim;
+};
+
+// Rotates one head's row x [D] at position pos in place; inverse: k's 1 / xPos factor.
+template <typename T>
+void rotate_row(T* x, const Rotary& r, int64_t pos, bool inverse) {
+  const int64_t half = r.dim / 2;
+  const float* cos = r.cos_sin + pos * r.dim;
+  const float* sin = cos + half;
+  const float* scale = r.xpos ? r.xpos + pos * half : nullptr;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
+    float out1 = x1 * cos[i] - x2 * sin[i];
+    float out2 = x2 * cos[i] + x1 * sin[i];
+    if (scale) {
+      const float s = inverse ? 1.f / scale[i] : scale[i];
+      out1 *= s;
+      out2 *= s;
+    }
+    x[i] = from_float<T>(out1);
+    x[i + half] = from_float<T>(out2);
+  }
+}
+
+// A [T, heads, D] tensor with a contiguous last dimension, any other strides.
+template <typename T>
+struct Rows {
+  T* data;
+  int64_t heads, token_stride, head_stride;
+  explicit Rows(const at::Tensor& x)
+      : data(x.data_ptr<T>()), heads(x.size(1)), token_stride(x.stride(0)),
+        head_stride(x.stride(1)) {}
+  T* row(int64_t t, int64_t h) const { return data + t * token_stride + h * head_stride; }
+};
+
+template <typename T>
+void write_token(const Rows<T>& k, const Rows<T>& v, T* k_cache, T* v_cache, int64_t t,
+                 int64_t slot, int64_t dim) {
+  const int64_t width = k.heads * dim;  // a slot's [Hkv, D], contiguous in the cache
+  for (int64_t h = 0; h < k.heads; ++h) {
+    std::copy_n(k.row(t, h), dim, k_cache + slot * width + h * dim);
+    std::copy_n(v.row(t, h), dim, v_cache + slot * width + h * dim);
+  }
+}
+
+// Either part may be absent: rotary without q (none), or the write without caches.
+template <typename T>
+void run(const std::optional<Rows<T>>& q, const Rows<T>& k, const std::optional<Rows<T>>& v,
+         T* k_cache, T* v_cache, const int64_t* slots, const std::optional<Rotary>& rotary,
+         int64_t num_tokens, int64_t dim) {
+  const int64_t per_token = (q ? q->heads : 0) * dim + 2 * k.heads * dim;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, per_token));
+  at::parallel_for(0, num_tokens, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      if (rotary) {
+        const int64_t pos = rotary->positions[t];
+        for (int64_t h = 0; h < q->heads; ++h) rotate_row(q->row(t, h), *rotary, pos, false);
+        for (int64_t h = 0; h < k.heads; ++h) rotate_row(k.row(t, h), *rotary, pos, true);
+      }
+      if (v && slots[t] >= 0) write_token(k, *v, k_cache, v_cache, t, slots[t], dim);
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1,
+              name, " must be [T, heads, D] on the CPU with a contiguous last dimension");
+  TORCH_CHECK(x.scalar_type() == like.scalar_type() && x.size(0) == like.size(0) &&
+                  x.size(2) == like.size(2),
+              name, " must match k in dtype, tokens and head_dim");
+}
+
+std::optional<Rotary> check_rotary(const at::Tensor& k, const at::Tensor& positions,
+                                   const at::Tensor& cos_sin,
+                                   const std::optional<at::Tensor>& xpos) {
+  const int64_t dim = k.size(2);
+  TORCH_CHECK(dim % 2 == 0, "rotary needs an even head_dim");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
+                  cos_sin.dim() == 2 && cos_sin.size(1) == dim,
+              "cos_sin_cache must be contiguous fp32 [P, head_dim]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == k.size(0),
+              "positions must be contiguous int64 [T]");
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < positions.numel(); ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin.size(0), "position ", pos[t],
+                " outside the rotary tables of ", cos_sin.size(0));
+  const float* scale = nullptr;
+  if (xpos) {
+    TORCH_CHECK(xpos->scalar_type() == at::kFloat && xpos->is_contiguous() &&
+                    xpos->dim() == 2 && xpos->size(0) == cos_sin.size(0) &&
+                    xpos->size(1) == dim / 2,
+                "xpos_scale_cache must be contiguous fp32 [P, head_dim / 2]");
+    scale = xpos->const_data_ptr<float>();
+  }
+  return Rotary{cos_sin.const_data_ptr<float>(), scale, pos, dim};
+}
+
+void check_cache(const at::Tensor& k, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                 const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "caches must be contiguous [NB, BS, Hkv, D] of one shape");
+  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k.scalar_type(),
+              "the caches must have k's dtype");
+  TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "k's [Hkv, D] must match the caches'");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.numel() == k.size(0),
+              "slot_mapping must be contiguous int64 [T]");
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  const int64_t* s = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t)
+    TORCH_CHECK(s[t] >= -1 && s[t] < num_slots, "slot ", s[t], " outside the cache");
+}
+
+template <typename Fn>
+void dispatch(const at::Tensor& k, Fn&& fn) {
+  switch (k.scalar_type()) {
+    case at::kFloat:
+      return fn(float{});
+    case at::kHalf:
+      return fn(c10::Half{});
+    case at::kBFloat16:
+      return fn(c10::BFloat16{});
+    default:
+      TORCH_CHECK(false, "k must be float32, float16 or bfloat16, not ", k.scalar_type());
+  }
+}
+
+void rotary_write_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& positions, const at::Tensor& slot_mapping,
+                           const at::Tensor& cos_sin_cache,
+                           const std::optional<at::Tensor>& xpos_scale_cache) {
+  check_rows(k, k, "k");
+  check_rows(q, k, "q");
+  check_rows(v, k, "v");
+  TORCH_CHECK(v.size(1) == k.size(1), "v must have k's K/V heads");
+  check_cache(k, k_cache, v_cache, slot_mapping);
+  auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
+  dispatch(k, [&](auto zero) {
+    using T = decltype(zero);
+    run<T>(Rows<T>(q), Rows<T>(k), Rows<T>(v), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+           slot_mapping.const_data_ptr<int64_t>(), rotary, k.size(0), k.size(2));
+  });
+}
+
+void rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                      const at::Tensor& cos_sin_cache,
+                      const std::optional<at::Tensor>& xpos_scale_cache) {
+  check_rows(k, k, "k");
+  check_rows(q, k, "q");
+  auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
+  dispatch(k, [&](auto zero) {
+    using T = decltype(zero);
+    run<T>(Rows<T>(q), Rows<T>(k), std::nullopt, nullptr, nullptr, nullptr, rotary, k.size(0),
+           k.size(2));
+  });
+}
+
+void write_kv_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  check_rows(k, k, "k");
+  check_rows(v, k, "v");
+  TORCH_CHECK(v.size(1) == k.size(1), "v must have k's K/V heads");
+  check_cache(k, k_cache, v_cache, slot_mapping);
+  dispatch(k, [&](auto zero) {
+    using T = decltype(zero);
+    run<T>(std::nullopt, Rows<T>(k), Rows<T>(v), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
+           slot_mapping.const_data_ptr<int64_t>(), std::nullopt, k.size(0), k.size(2));
+  });
+}
+
+}  // namespace
+}  // namespace palm_cpu
+
+TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {
+  m.def("rotary_embedding(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin_cache, "
+        "Tensor? xpos_scale_cache) -> ()");
+  m.def("write_kv_cache(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slot_mapping) -> ()");
+  m.def("rotary_write_kv_cache(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor(c!) k_cache, "
+        "Tensor(d!) v_cache, Tensor positions, Tensor slot_mapping, Tensor cos_sin_cache, "
+        "Tensor? xpos_scale_cache) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(palm_cpu, CPU, m) {
+  m.impl("rotary_embedding", &palm_cpu::rotary_embedding);
+  m.impl("write_kv_cache", &palm_cpu::write_kv_cache);
+  m.impl("rotary_write_kv_cache", &palm_cpu::rotary_write_kv_cache);
+}

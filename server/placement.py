@@ -1,0 +1,84 @@
+"""Placement: which CPUs the core process and the front run on, how many torch threads the
+core uses, and whether its OpenMP workers spin or sleep between parallel regions.
+
+The default: the front gets the first CPU, the core the others with one thread per CPU,
+and since no thread of ours shares the core's CPUs its OpenMP workers spin
+(OMP_WAIT_POLICY=ACTIVE) instead of paying a wake-up per parallel region. On one CPU
+everything shares it and the workers sleep (PASSIVE). Chosen by measurement on a 2-core
+machine shared with other work (docs/BENCHMARKS.md, "The engine core in its own
+process"): against the core on both CPUs with two sleeping threads, the standard burst's
+throughput tied and its TTFT tail was no worse in any session; two spinning threads that
+share their CPUs with anything else stall, up to ten times slower. On an otherwise idle
+2-core machine two threads may be faster (`--engine-cpus 0-1`): the fastest runs were."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+# A user's own OpenMP wait settings win over the placement's.
+OMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+@dataclass(frozen=True)
+class Placement:
+    engine_cpus: tuple[int, ...]
+    engine_threads: int
+    # None: the front is not pinned.
+    front_cpus: tuple[int, ...] | None
+    # Set in the core's environment; empty when the user's environment decides.
+    core_environment: dict[str, str]
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """'0-1,3' -> (0, 1, 3), as taskset -c reads it; ValueError naming the bad part."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"{part!r} is not a CPU number or range (e.g. 1, 0-3, 0,2)")
+        first, last = int(low), int(high or low)
+        if last < first:
+            raise ValueError(f"{part!r} is an empty range")
+        cpus.update(range(first, last + 1))
+    if not cpus:
+        raise ValueError("no CPU given")
+    return tuple(sorted(cpus))
+
+
+def available_cpus() -> tuple[int, ...]:
+    """The CPUs this process may run on (all of os.cpu_count() where affinity is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def plan_placement(
+    available: Sequence[int],
+    engine_cpus: tuple[int, ...] | None = None,
+    engine_threads: int | None = None,
+    front_cpus: tuple[int, ...] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Placement:
+    """What is given, and the default for the rest (module doc). ValueError for a CPU this
+    process may not use."""
+    have = tuple(sorted(available))
+    for name, cpus in (("engine_cpus", engine_cpus), ("front_cpus", front_cpus)):
+        outside = sorted(set(cpus or ()) - set(have))
+        if outside:
+            raise ValueError(f"{name}: CPU(s) {outside} are not available (this process: {have})")
+    if engine_cpus is None:
+        engine_cpus = have[1:] if len(have) > 1 else have
+    if front_cpus is None:
+        rest = tuple(c for c in have if c not in engine_cpus)
+        front_cpus = rest or None
+    threads = engine_threads or len(engine_cpus)
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    if not any(name in environ for name in OMP_WAIT_VARIABLES):
+        alone = front_cpus is not None and not set(front_cpus) & set(engine_cpus)
+        env["OMP_WAIT_POLICY"] = "ACTIVE" if alone and threads <= len(engine_cpus) else "PASSIVE"
+    return Placement(tuple(engine_cpus), threads, front_cpus, env)

@@ -1,0 +1,309 @@
+"""Hostile clients: each test is the regression test of one fault a black-box probe found
+(issue 15), and fails on the code before its fix. A bad request gets a clear 4xx naming
+the field, never a 500 or a reset connection, and never harms the next request."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from raw_http import RawConnection
+
+from server_helpers import metric, model_dir, parse_metrics, running_server, server  # noqa: F401
+
+GUARD = 60  # seconds: bounds on waiting, never timed assertions
+VALID = json.dumps({"prompt": "ok", "max_tokens": 2}).encode()
+JSON = {"content-type": "application/json"}
+
+
+def _error(answer) -> dict:
+    body = json.loads(answer.body)
+    assert set(body["error"]) == {"message", "type", "code", "param"}, body
+    return body["error"]
+
+
+def _metrics(server) -> dict:  # noqa: F811
+    return parse_metrics(httpx.get(f"{server.url}/metrics", timeout=GUARD).text)
+
+
+def _wait_idle(server) -> None:  # noqa: F811
+    deadline = time.monotonic() + GUARD
+    while server.engine.stats().kv_cache_usage or server.engine.output_processor.states:
+        assert time.monotonic() < deadline, "the engine did not go idle"
+        time.sleep(0.05)
+
+
+# ---- 1. a lone surrogate in a chat message -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi\ud800"}],
+        [{"role": "user", "content": [{"type": "text", "text": "hi\udfff there"}]}],
+        [{"role": "system", "content": "\ud83d"}, {"role": "user", "content": "hi"}],
+    ],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_lone_surrogate_is_a_400_and_the_connection_survives(server, messages, stream):  # noqa: F811
+    raw = RawConnection(server.url)
+    try:
+        body = json.dumps({"messages": messages, "max_tokens": 2, "stream": stream}).encode()
+        answer = raw.request("POST", "/v1/chat/completions", body, JSON)
+        assert answer.status == 400, answer.body
+        error = _error(answer)
+        assert error["param"] == "messages" and "surrogate" in error["message"]
+        assert raw.request("POST", "/v1/generate", VALID, JSON).status == 200
+    finally:
+        raw.close()
+
+
+def test_an_unexpected_error_is_a_500_and_the_connection_survives(server, monkeypatch):  # noqa: F811
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(type(server.state.chat_template), "render", broken)
+    raw = RawConnection(server.url)
+    try:
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        answer = raw.request("POST", "/v1/chat/completions", body, JSON)
+        assert answer.status == 500 and _error(answer)["message"] == "internal error"
+        assert b"a bug" not in answer.body  # never a stack trace in a response
+        assert raw.request("POST", "/v1/generate", VALID, JSON).status == 200
+    finally:
+        raw.close()
+
+
+# ---- 2. tiny temperatures and penalties ----------------------------------------------------
+
+
+def _generate(server, **body) -> dict:  # noqa: F811
+    response = httpx.post(f"{server.url}/v1/generate", json=body, timeout=GUARD)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 2e-38, 1e-6])
+def test_a_tiny_temperature_is_greedy(server, temperature):  # noqa: F811
+    body = dict(prompt="And the king said", max_tokens=12, ignore_eos=True, seed=3)
+    greedy = _generate(server, temperature=0, **body)["token_ids"]
+    assert _generate(server, temperature=temperature, **body)["token_ids"] == greedy
+
+
+def test_a_tiny_repetition_penalty_samples_only_seen_tokens(server):  # noqa: F811
+    """A penalty below 1 boosts tokens already seen; 1e-300 boosts them past the float
+    range, and they must then be all that can be drawn (not NaN probabilities)."""
+    prompt = "abcabc"
+    out = _generate(
+        server, prompt=prompt, max_tokens=8, ignore_eos=True, seed=1, repetition_penalty=1e-300
+    )
+    seen = set(prompt.encode())
+    for token in out["token_ids"]:
+        assert token in seen, (token, seen)
+        seen.add(token)
+
+
+# ---- 3, 4. admission: what can never fit, and free run slots -------------------------------
+
+
+def test_a_fan_out_that_can_never_fit_is_a_400_not_a_429(model_dir):  # noqa: F811
+    with running_server(model_dir, max_num_seqs=2, max_queue=3) as s:
+        r = httpx.post(
+            f"{s.url}/v1/completions",
+            json={"prompt": ["a", "b"], "n": 3, "max_tokens": 2},
+            timeout=GUARD,
+        )
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "n" and "6 sequences" in error["message"]
+        assert "5" in error["message"]  # what the server holds: 2 running + 3 waiting
+        r = httpx.post(
+            f"{s.url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "x"}], "n": 5, "max_tokens": 2},
+            timeout=GUARD,
+        )
+        assert r.status_code == 200 and len(r.json()["choices"]) == 5
+
+
+def test_requests_within_run_slots_and_queue_are_never_429(model_dir):  # noqa: F811
+    with running_server(model_dir, max_num_seqs=4, max_queue=8) as s:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(timeout=GUARD) as client:
+                body = {"prompt": "burst", "max_tokens": 8, "ignore_eos": True}
+                url = f"{s.url}/v1/generate"
+                responses = await asyncio.gather(*(client.post(url, json=body) for _ in range(12)))
+            return [r.status_code for r in responses]
+
+        for _ in range(3):
+            assert asyncio.run(burst()) == [200] * 12
+
+
+# ---- 5. any Content-Type ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/plain",
+        "application/octet-stream",
+        "application/xml",
+        "multipart/form-data; boundary=x",
+    ],
+)
+def test_a_json_body_is_read_whatever_its_content_type(server, content_type):  # noqa: F811
+    r = httpx.post(
+        f"{server.url}/v1/generate",
+        content=VALID,
+        headers={"content-type": content_type},
+        timeout=GUARD,
+    )
+    assert r.status_code == 200, r.text
+
+
+# ---- 6. a client that leaves mid-body ------------------------------------------------------
+
+
+def test_a_client_that_leaves_mid_body_is_not_a_server_error(server):  # noqa: F811
+    def count(m: dict, status: str) -> float:
+        return metric(m, "palm_http_requests_total", method="POST", route="/v1/generate",
+                      status=status)  # fmt: skip
+
+    before = _metrics(server)
+    for _ in range(3):
+        raw = RawConnection(server.url)
+        raw.send_raw(
+            b"POST /v1/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"prompt":'
+        )
+        raw.close()
+    deadline = time.monotonic() + GUARD
+    while count(_metrics(server), "499") - count(before, "499") < 3:
+        assert time.monotonic() < deadline, "the drops were not counted"
+        time.sleep(0.05)
+    assert count(_metrics(server), "500") == count(before, "500")
+
+
+# ---- 7. no redirect built from the Host header ---------------------------------------------
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_header(server):  # noqa: F811
+    raw = RawConnection(server.url)
+    try:
+        answer = raw.request("POST", "/v1/generate/", VALID, {**JSON, "host": "evil.example"})
+        assert answer.status == 404 and "location" not in answer.headers
+    finally:
+        raw.close()
+
+
+# ---- 8. stalled headers and bodies ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient(model_dir):  # noqa: F811
+    with running_server(
+        model_dir, header_read_timeout=1.0, body_read_timeout=1.0, stream_stall_timeout=1.0
+    ) as s:
+        yield s
+
+
+def test_unfinished_headers_are_cut_off(impatient):
+    raw = RawConnection(impatient.url, timeout=15)
+    try:
+        raw.send_raw(b"POST /v1/generate HTTP/1.1\r\nhost: x\r\n")  # never the blank line
+        assert raw.closed_by_server()
+    finally:
+        raw.close()
+    silent = RawConnection(impatient.url, timeout=15)  # connects, says nothing
+    try:
+        assert silent.closed_by_server()
+    finally:
+        silent.close()
+
+
+def test_an_unfinished_body_is_a_408(impatient):
+    raw = RawConnection(impatient.url, timeout=15)
+    try:
+        raw.send_raw(
+            b"POST /v1/generate HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"prompt":'
+        )
+        answer = raw.read_answer()
+        assert answer.status == 408 and "1 s" in _error(answer)["message"]
+    finally:
+        raw.close()
+
+
+# ---- 9. a client that stops reading --------------------------------------------------------
+
+
+def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
+    def stalled(m: dict) -> float:
+        return metric(m, "palm_requests_finished_total", finish_reason="stalled")
+
+    before = stalled(_metrics(impatient))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+    host, port = impatient.url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    try:
+        body = json.dumps(
+            {
+                "prompt": "x",
+                "max_tokens": 400,
+                "ignore_eos": True,
+                "n": 16,
+                "logprobs": 20,
+                "stream": True,
+            }  # fmt: skip
+        ).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + GUARD
+        while stalled(_metrics(impatient)) - before < 16:
+            assert time.monotonic() < deadline, "the stalled stream was never given up"
+            time.sleep(0.1)
+        _wait_idle(impatient)  # every block of the 16 sequences is back
+    finally:
+        sock.close()
+
+
+# ---- 10. parse errors that say what and where ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "says"),
+    [
+        (b'\xff{"prompt": "x"}', {}, 400, "UTF-8"),
+        (b"[" * 10_000 + b"]" * 10_000, {}, 400, "nested"),
+        (b'{"prompt": "x", "max_tokens": ' + b"7" * 5000 + b"}", {}, 400, "5000 digits"),
+        (gzip.compress(VALID), {"content-encoding": "gzip"}, 415, "gzip"),
+        (b'{"prompt": "x", "temperature": NaN}', {}, 400, "NaN"),
+        (b'{"prompt": "x", "temperature": 1e999}', {}, 400, "out of range"),
+        (b'{"prompt": "x",, }', {}, 400, "line 1, column 16"),
+    ],
+)
+def test_a_body_that_is_not_json_is_a_400_saying_what_and_where(
+    server,  # noqa: F811
+    body,
+    headers,
+    status,
+    says,
+):
+    raw = RawConnection(server.url)
+    try:
+        answer = raw.request("POST", "/v1/generate", body, {**JSON, **headers})
+        assert answer.status == status, answer.body
+        error = _error(answer)
+        assert says in error["message"] and error["param"] == "body", error
+        assert raw.request("POST", "/v1/generate", VALID, JSON).status == 200
+    finally:
+        raw.close()

@@ -1,0 +1,43 @@
+"""Where the front and the engine core run: CPU lists as taskset takes them, the default
+placement for one, two and many CPUs, and a user's own OpenMP settings winning."""
+
+from __future__ import annotations
+
+import pytest
+
+from palm_serve.server.placement import Placement, parse_cpus, plan_placement
+
+
+@pytest.mark.parametrize(
+    "text, cpus",
+    [("1", (1,)), ("0-3", (0, 1, 2, 3)), ("0,2", (0, 2)), ("3, 0-1", (0, 1, 3)), ("2-2", (2,))],
+)
+def test_cpu_lists(text, cpus):
+    assert parse_cpus(text) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "1-", "3-1", "0-1,x"])
+def test_bad_cpu_lists_say_what_is_wrong(text):
+    with pytest.raises(ValueError):
+        parse_cpus(text)
+
+
+def test_default_placement():
+    spin = {"OMP_WAIT_POLICY": "ACTIVE"}
+    # Two CPUs: the front on the first, the core alone on the second, spinning.
+    assert plan_placement([0, 1], environ={}) == Placement((1,), 1, (0,), spin)
+    assert plan_placement([0, 1, 2, 3], environ={}) == Placement((1, 2, 3), 3, (0,), spin)
+    # One CPU: shared, so the core's workers sleep.
+    sleep = {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert plan_placement([5], environ={}) == Placement((5,), 1, None, sleep)
+
+
+def test_given_values_and_the_users_environment_win():
+    p = plan_placement([0, 1], engine_cpus=(0, 1), engine_threads=1, environ={})
+    assert p == Placement((0, 1), 1, None, {"OMP_WAIT_POLICY": "PASSIVE"})
+    p = plan_placement([0, 1, 2, 3], engine_cpus=(2, 3), front_cpus=(0,), environ={})
+    assert p == Placement((2, 3), 2, (0,), {"OMP_WAIT_POLICY": "ACTIVE"})
+    for env in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "1000"}):
+        assert plan_placement([0, 1], environ=env).core_environment == {}
+    with pytest.raises(ValueError, match="not available"):
+        plan_placement([0, 1], engine_cpus=(2,), environ={})
