@@ -103,7 +103,7 @@ def main() -> None:
         f"{report['requests']} requests, {report['steps']} steps in {report['seconds']:.1f} s: "
         f"{report['output_throughput']:.0f} output tok/s, "
         f"{report['total_token_throughput']:.0f} total tok/s, "
-        f"mean step {report['mean_step_ms']:.1f} ms ({report['kernels']} kernels, "
+        f"mean step {report['mean_step_ms']:.1f} ms ({report['kernel_backend']} kernels, "
         f"{'compiled' if report['compiled'] else 'eager'})"
     )
     if args.json:

@@ -36,23 +36,34 @@ from .kv_cache import KVCache
 
 logger = logging.getLogger(__name__)
 
-CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own; a value the user set wins
+CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own
 # The scratch batches of the warm-up, (new tokens, context) per sequence: a prefill chunk
 # among decodes with all sizes distinct, then a single decode (T = S = 1).
 WARM_UP_BATCHES = (((5, 1, 3), (21, 9, 40)), ((1,), (3,)))
 
 
 def cache_directory() -> Path:
-    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR if set, else
-    palm-serve's cache (XDG_CACHE_HOME or ~/.cache) rather than inductor's /tmp default."""
-    if CACHE_VARIABLE in os.environ:
-        return Path(os.environ[CACHE_VARIABLE])
+    """Where inductor keeps what it compiled: TORCHINDUCTOR_CACHE_DIR where the user set it,
+    else palm-serve's cache (XDG_CACHE_HOME or ~/.cache) rather than inductor's /tmp one."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    value = os.environ.get(CACHE_VARIABLE)
+    # inductor writes its /tmp default into the variable once anything asks for its cache
+    if value and os.path.abspath(value) != os.path.abspath(default_cache_dir()):
+        return Path(value)
     root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "palm-serve" / "inductor"
 
 
+def use_cache_directory() -> str:
+    """Point inductor at cache_directory() (it reads the variable whenever it looks)."""
+    os.environ[CACHE_VARIABLE] = str(cache_directory())
+    return os.environ[CACHE_VARIABLE]
+
+
 def compiler_problem() -> str | None:
     """None where inductor finds its C++ compiler (CXX, else g++); else why not."""
+    use_cache_directory()  # before inductor, which sets its own default on first use
     from torch._inductor import config, cpp_builder
 
     try:
@@ -146,7 +157,7 @@ def compile_model(model: DecoderModel, block_size: int = 16, progress: bool = Tr
     if reason is not None:
         logger.warning("the step runs eagerly: %s", reason)
         return False
-    os.environ.setdefault(CACHE_VARIABLE, str(cache_directory()))
+    cache_dir = use_cache_directory()
     eager_kernels = model.kernels
     # The engine never sends slot -1, so the cache write needs no check (which would be a
     # data-dependent branch, and a graph break).
@@ -170,7 +181,7 @@ def compile_model(model: DecoderModel, block_size: int = 16, progress: bool = Tr
         "step %s in %.1f s (torch.compile, one graph for every batch; cache %s)",
         how,
         seconds,
-        os.environ[CACHE_VARIABLE],
+        cache_dir,
     )
     return True
 
@@ -229,7 +240,10 @@ def _warm_up(model: DecoderModel, block_size: int, bar: _ProgressBar) -> Compile
 
 def _warn_recompilation(event: str) -> None:
     if event == "compiling":
-        logger.warning("the compiled step is compiling again (a batch unlike the warm-up's)")
+        logger.warning(
+            "the compiled step is compiling again: a batch unlike the warm-up's (another "
+            "block size or dtype, or tensors made outside inference mode)"
+        )
 
 
 def _scratch_batch(

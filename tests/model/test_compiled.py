@@ -23,7 +23,7 @@ from palm_serve.engine.factory import load_served_model
 from palm_serve.kernels import cpu_backend
 from palm_serve.kernels.cpu import build_error
 from palm_serve.model import AttentionMetadata, KVCache, Llama, LlamaConfig, save_model_dir
-from palm_serve.model.compiled import CompiledForward, compile_model
+from palm_serve.model.compiled import CompiledForward, cache_directory, compile_model
 from palm_serve.model.cpu_linear import prepack_linears
 from palm_serve.model.decoder import DecoderModel
 
@@ -269,3 +269,18 @@ def test_a_backend_without_the_compiled_kernels_stays_eager_with_one_line(
     assert [r.getMessage() for r in caplog.records] == [
         "the step runs eagerly: it needs the compiled CPU kernels, not the torch backend"
     ]
+
+
+def test_the_cache_lives_in_palm_serves_cache_unless_the_user_chose(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ours = tmp_path / "palm-serve" / "inductor"
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert cache_directory() == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # inductor's own /tmp
+    assert cache_directory() == ours
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_directory() == tmp_path / "mine"
