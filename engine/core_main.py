@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import zmq
@@ -27,6 +28,9 @@ from .core_client import apply_message
 from .core_codec import CoreCodec, CoreFailed, CoreReady, Shutdown, ToCore
 from .messages import EngineCoreOutputs
 
+if TYPE_CHECKING:
+    from ..model.decoder import DecoderModel
+
 logger = logging.getLogger(__name__)
 
 # An idle core wakes this often to check that the front still lives (the death signal
@@ -35,6 +39,8 @@ IDLE_POLL_MS = 1000
 # The last message (CoreFailed) gets this long to leave before the process exits.
 EXIT_LINGER_MS = 1000
 _PR_SET_PDEATHSIG = 1
+# Tensor-parallel ranks load their weights within this long (the front waits as long).
+START_TIMEOUT_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,10 @@ class CoreSpec:
     threads: int | None
     # CPUs the process may run on (sched_setaffinity); None: wherever it was started.
     cpus: tuple[int, ...] | None
+    # Ranks of tensor parallelism (tp_worker.py): this process is rank 0 and starts the
+    # others; their collectives time out after tp_timeout seconds.
+    tensor_parallel_size: int = 1
+    tp_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -100,18 +110,43 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
     from ..model.tokenizer import load_tokenizer
     from .factory import build_core, load_served_model
 
-    model = load_served_model(
-        spec.model_dir,
+    if spec.tensor_parallel_size > 1:
+        model = start_ranks(spec)
+    else:
+        model = load_served_model(
+            spec.model_dir,
+            dtype=spec.dtype,
+            device=spec.device,
+            kernel_backend=spec.kernel_backend,
+            prepack_cpu_linears=spec.prepack_cpu_linears,
+            compile=spec.compile,
+            block_size=spec.engine_config.block_size,
+        )
+    # Only for its EOS id when the model's config names none (as build_engine does).
+    tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
+    return build_core(model, spec.engine_config, tokenizer.eos_token_id, spec.seed)
+
+
+def start_ranks(spec: CoreSpec) -> DecoderModel:
+    """Tensor parallelism: this core is rank 0; the workers start and load beside it."""
+    from .tp_launch import RankSpec, rendezvous_address, start_tensor_parallel
+
+    rank0 = RankSpec(
+        rank=0,
+        world=spec.tensor_parallel_size,
+        address=rendezvous_address(),
+        model_dir=spec.model_dir,
         dtype=spec.dtype,
         device=spec.device,
         kernel_backend=spec.kernel_backend,
         prepack_cpu_linears=spec.prepack_cpu_linears,
-        compile=spec.compile,
-        block_size=spec.engine_config.block_size,
+        timeout=spec.tp_timeout,
+        start_timeout=START_TIMEOUT_SECONDS,
+        cpus=spec.cpus,
     )
-    # Only for its EOS id when the model's config names none (as build_engine does).
-    tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
-    return build_core(model, spec.engine_config, tokenizer.eos_token_id, spec.seed)
+    # The runner uses what a model offers it (config, kernels, parameters, forward,
+    # compute_logits); the proxy offers exactly that, sending each call to the workers.
+    return cast(DecoderModel, start_tensor_parallel(rank0))
 
 
 def ready_message(core: EngineCore) -> CoreReady:

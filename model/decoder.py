@@ -22,6 +22,13 @@ from .kv_cache import KVCache
 from .model_config import ModelConfig
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# What a block applies to its residual branches' partial sums before adding them to x:
+# the identity, or tensor parallelism's all-reduce (model/sharding.py).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 class DecoderModel(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import KernelBackend
-from .decoder import Attend, DecoderModel
+from .decoder import Attend, DecoderModel, Reduce, no_reduce
 from .llama_config import LlamaConfig
 
 
@@ -43,6 +43,7 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.dim, config.rms_norm_eps)
         self.gate_up_proj = nn.Linear(config.dim, 2 * config.ff_inner, bias=False)
         self.down_proj = nn.Linear(config.ff_inner, config.dim, bias=False)
+        self.reduce: Reduce = no_reduce
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [..., dim] -> q [..., H, D], k and v [..., Hkv, D]."""
@@ -56,9 +57,9 @@ class LlamaBlock(nn.Module):
     def forward(self, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         """x [..., dim]: the attention residual, then the SwiGLU feed-forward residual."""
         attn = attend(*self.project(x))  # (..., H, D)
-        x = x + self.o_proj(attn.flatten(-2))
+        x = x + self.reduce(self.o_proj(attn.flatten(-2)))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x + self.reduce(self.down_proj(F.silu(gate) * up))
 
 
 class Llama(DecoderModel):

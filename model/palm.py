@@ -13,7 +13,7 @@ from torch import nn
 
 from ..kernels import KernelBackend, build_xpos_scale_cache
 from .config import PaLMConfig
-from .decoder import Attend, DecoderModel
+from .decoder import Attend, DecoderModel, Reduce, no_reduce
 
 
 class LayerNorm(nn.Module):
@@ -41,6 +41,7 @@ class ParallelBlock(nn.Module):
         self.fused_proj = nn.Linear(config.dim, sum(config.fused_dims), bias=False)
         self.attn_out = nn.Linear(config.heads * config.dim_head, config.dim, bias=False)
         self.ff_out = nn.Linear(config.ff_inner, config.dim, bias=False)
+        self.reduce: Reduce = no_reduce
         if config.qk_rmsnorm:
             self.q_scale = nn.Parameter(torch.ones(config.dim_head))
             self.k_scale = nn.Parameter(torch.ones(config.dim_head))
@@ -63,7 +64,8 @@ class ParallelBlock(nn.Module):
         q, k, v, ff = self.project(x)
         attn = attend(q, k, v)  # (..., H, D)
         a, gate = ff.chunk(2, dim=-1)
-        return x + (self.attn_out(attn.flatten(-2)) + self.ff_out(F.silu(gate) * a))
+        # one reduction for both branches: the parallel block's gift to tensor parallelism
+        return x + self.reduce(self.attn_out(attn.flatten(-2)) + self.ff_out(F.silu(gate) * a))
 
 
 class PaLM(DecoderModel):
