@@ -131,6 +131,8 @@ def start_ranks(spec: CoreSpec) -> DecoderModel:
     """Tensor parallelism: this core is rank 0; the workers start and load beside it."""
     from .tp_launch import RankSpec, rendezvous_address, start_tensor_parallel
 
+    if spec.compile:
+        logger.warning("the step runs eagerly: torch.compile is off under tensor parallelism")
     rank0 = RankSpec(
         rank=0,
         world=spec.tensor_parallel_size,
@@ -146,7 +148,7 @@ def start_ranks(spec: CoreSpec) -> DecoderModel:
     )
     # The runner uses what a model offers it (config, kernels, parameters, forward,
     # compute_logits); the proxy offers exactly that, sending each call to the workers.
-    return cast(DecoderModel, start_tensor_parallel(rank0))
+    return cast("DecoderModel", start_tensor_parallel(rank0))
 
 
 def ready_message(core: EngineCore) -> CoreReady:

@@ -110,11 +110,7 @@ def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
     place_rank(spec)
     for rank in range(1, spec.world):
         spawn_worker(replace(spec, rank=rank))
-    logger.info(
-        "tensor parallelism: %d ranks at %s (torch.compile off: collectives in the step)",
-        spec.world,
-        spec.address,
-    )
+    logger.info("tensor parallelism: %d ranks meet at %s", spec.world, spec.address)
     shard, group = load_and_join(spec)
     return TensorParallelModel(shard, group, shard.config.vocab_size, spec.timeout)
 

@@ -69,11 +69,17 @@ def sleeping_workers() -> None:
 
 
 def placement_for(settings: Settings) -> Placement:
-    """The settings' CPUs and threads, the measured default for what they leave open."""
+    """The settings' CPUs and threads, the measured default for what they leave open.
+    Tensor parallelism: by default its ranks spread over every CPU (rank r on the r-th,
+    modulo their number), one thread each; the front shares them."""
+    engine_cpus = parse_cpus(settings.engine_cpus) if settings.engine_cpus else None
+    threads = settings.engine_threads
+    if settings.tensor_parallel_size > 1:
+        engine_cpus, threads = engine_cpus or available_cpus(), 1
     return plan_placement(
         available_cpus(),
-        engine_cpus=parse_cpus(settings.engine_cpus) if settings.engine_cpus else None,
-        engine_threads=settings.engine_threads,
+        engine_cpus=engine_cpus,
+        engine_threads=threads,
         front_cpus=parse_cpus(settings.front_cpus) if settings.front_cpus else None,
     )
 
@@ -135,6 +141,8 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         seed=None,
         threads=placement.engine_threads,
         cpus=placement.engine_cpus,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        tp_timeout=settings.tp_timeout,
     )
     options = CoreProcessOptions(
         restarts=settings.engine_restarts,
@@ -200,6 +208,14 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
         f"  backend  {info.backend_name} ({settings.dtype}, {device}, {threads} CPU thread"
         + ("s)" if threads != 1 else ")"),
         f"  engine   {_where(engine)}",
+        *(
+            [
+                f"  tensor   {settings.tensor_parallel_size} ranks (one thread each), "
+                f"collective timeout {settings.tp_timeout:g} s"
+            ]
+            if settings.tensor_parallel_size > 1
+            else []
+        ),
         f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",

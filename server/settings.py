@@ -6,7 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -48,6 +55,18 @@ class Settings(BaseSettings):
         True,
         description="run the engine core (model, step loop) in a process of its own; off: "
         "in a thread of the server's process (debugging, one CPU)",
+    )
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="ranks the model is split over (tensor parallelism, torch.distributed: "
+        "gloo on CPU, NCCL on CUDA); the engine core is rank 0 and starts the others",
+    )
+    tp_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a tensor-parallel collective may wait on a rank; then the "
+        "engine core fails and restarts",
     )
     engine_threads: int | None = Field(
         None,
@@ -160,6 +179,15 @@ class Settings(BaseSettings):
         if not self.engine_process and (self.engine_cpus or self.front_cpus):
             raise ValueError("engine_cpus and front_cpus need the engine in its own process")
         return self
+
+    @field_validator("tensor_parallel_size")
+    @classmethod
+    def _ranks_need_a_process(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and not info.data.get("engine_process", True):
+            raise ValueError(
+                "tensor parallelism needs the engine core process (drop --no-engine-process)"
+            )
+        return value
 
     @field_validator("chat_template")
     @classmethod
