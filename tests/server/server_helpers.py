@@ -31,6 +31,9 @@ from conftest import make_config, make_model
 # Bytes 0-255 plus id 256 = EOS: the ByteTokenizer fallback (no tokenizer.json).
 VOCAB = 257
 STARTUP_SECONDS = 60
+# PALM_TEST_TENSOR_PARALLEL_SIZE=2: every test server (with an engine process) splits its
+# model over 2 ranks, to run the whole HTTP suite against tensor parallelism.
+TEST_TENSOR_PARALLEL_SIZE = int(os.environ.get("PALM_TEST_TENSOR_PARALLEL_SIZE", "1"))
 
 
 def write_model_dir(path: Path, max_positions: int = 512, seed: int = 0) -> Path:
@@ -54,6 +57,8 @@ def settings_for(model_dir: Path, **overrides) -> Settings:
         engine_threads=1,
         engine_cpus=",".join(map(str, available_cpus())),
     )
+    if TEST_TENSOR_PARALLEL_SIZE > 1 and overrides.get("engine_process", True):
+        values["tensor_parallel_size"] = TEST_TENSOR_PARALLEL_SIZE
     values.update(overrides)
     return Settings(**values)
 

@@ -77,9 +77,11 @@ async def stream_until_the_end(client: httpx.AsyncClient, i: int, started: async
     return events
 
 
-async def kill_core_under_load(server) -> tuple[list[list], httpx.Response, float]:
-    """16 streams and one JSON request run; the core gets SIGKILL; every one must end
-    within STREAM_END_SECONDS of the kill."""
+async def kill_core_under_load(
+    server, kill=None, within: float = STREAM_END_SECONDS
+) -> tuple[list[list], httpx.Response, float]:
+    """16 streams and one JSON request run; the core gets SIGKILL (or `kill()` runs); every
+    one must end within `within` seconds of it."""
     started, running = asyncio.Event(), []
     limits = httpx.Limits(max_connections=N_STREAMS + 4)
     async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client:
@@ -90,9 +92,12 @@ async def kill_core_under_load(server) -> tuple[list[list], httpx.Response, floa
         plain = asyncio.ensure_future(client.post("/v1/generate", json={"prompt": "plain", **LONG}))
         await asyncio.wait_for(started.wait(), 60)
         assert not plain.done()
-        os.kill(core_pid(server), signal.SIGKILL)
+        if kill is None:
+            os.kill(core_pid(server), signal.SIGKILL)
+        else:
+            kill()
         killed = time.monotonic()
-        done = await asyncio.wait_for(asyncio.gather(*streams, plain), timeout=STREAM_END_SECONDS)
+        done = await asyncio.wait_for(asyncio.gather(*streams, plain), timeout=within)
         ended = time.monotonic() - killed
     return done[:-1], done[-1], ended
 
@@ -137,12 +142,13 @@ def test_a_killed_core_fails_its_requests_at_once_then_is_restarted(restarting):
 # ---- the front's death and exit, as `palm-serve serve` runs ------------------------------
 
 
-def start_serve(model_dir) -> tuple[subprocess.Popen, str, int]:
+def start_serve(model_dir, *flags: str) -> tuple[subprocess.Popen, str, int]:
     """`palm-serve serve` in a subprocess, ready; its core's pid from the start summary."""
     port = free_port()
     argv = [sys.executable, "-m", "palm_serve.server.cli", "serve", "--model", str(model_dir)]
     argv += ["--port", str(port), "--device", "cpu", "--kernel-backend", "torch"]
     argv += ["--num-kv-blocks", "256", "--log-level", "warning", "--engine-threads", "1"]
+    argv += flags
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         core = None
