@@ -19,6 +19,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from enum import IntEnum
 
@@ -154,10 +156,15 @@ class TensorParallelModel(nn.Module):
     heartbeat thread's sends out of a step's collectives."""
 
     def __init__(
-        self, shard: DecoderModel, group: TensorParallelGroup, vocab_size: int, timeout: float
+        self,
+        shard: DecoderModel,
+        group: TensorParallelGroup,
+        timeout: float,
+        worker_pids: list[int],
     ) -> None:
         super().__init__()
-        self.shard, self.group, self.vocab_size = shard, group, vocab_size
+        self.shard, self.group, self.worker_pids = shard, group, worker_pids
+        self.vocab_size = shard.config.vocab_size
         self.config = shard.config
         self.kernels = shard.kernels
         self._lock = threading.Lock()
@@ -176,15 +183,9 @@ class TensorParallelModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         seqs, width = meta.block_tables.shape
-        with self._lock:
-            self.group.send_header(
-                Command.FORWARD,
-                input_ids.shape[0],
-                seqs,
-                width,
-                kv_cache.num_blocks,
-                kv_cache.block_size,
-            )
+        header = (input_ids.shape[0], seqs, width, kv_cache.num_blocks, kv_cache.block_size)
+        with self._lock, self._failing():
+            self.group.send_header(Command.FORWARD, *header)
             self.group.broadcast(pack_step(input_ids, positions, meta))
             hidden = self.shard(input_ids, positions, kv_cache, meta)
             self._last_send = time.monotonic()
@@ -192,7 +193,7 @@ class TensorParallelModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, dim] (rank 0's rows, sent to all) -> logits [N, vocab]."""
-        with self._lock:
+        with self._lock, self._failing():
             self.group.send_header(Command.LOGITS, hidden.shape[0])
             self.group.broadcast(hidden.contiguous())
             logits = self.group.gather_vocab(self.shard.compute_logits(hidden), self.vocab_size)
@@ -206,6 +207,16 @@ class TensorParallelModel(nn.Module):
             if not self._closed:
                 self._closed = True
                 self.group.send_header(Command.STOP)
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A call whose collectives failed closes the model: the group is broken, and the
+        core fails its step and exits (the heartbeat must not exit it first)."""
+        try:
+            yield
+        except BaseException:
+            self._closed = True
+            raise
 
     def _beat(self, period: float) -> None:
         while not self._closed:

@@ -105,14 +105,12 @@ def load_and_join(spec: RankSpec) -> tuple[DecoderModel, TensorParallelGroup]:
 
 def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
     """Rank 0: start the workers, load this rank's shard, meet them: the model the engine
-    core runs. (A worker that exits is reaped by subprocess; the core never waits on one:
-    the collectives tell it.)"""
+    core runs. (The core never waits on a worker's exit: the collectives tell it.)"""
     place_rank(spec)
-    for rank in range(1, spec.world):
-        spawn_worker(replace(spec, rank=rank))
+    workers = [spawn_worker(replace(spec, rank=rank)) for rank in range(1, spec.world)]
     logger.info("tensor parallelism: %d ranks meet at %s", spec.world, spec.address)
     shard, group = load_and_join(spec)
-    return TensorParallelModel(shard, group, shard.config.vocab_size, spec.timeout)
+    return TensorParallelModel(shard, group, spec.timeout, [w.pid for w in workers])
 
 
 def spawn_worker(spec: RankSpec) -> subprocess.Popen:

@@ -5,6 +5,9 @@ schedule (prefill chunks, then decodes beside a later prompt), to 1e-5 relative.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +85,7 @@ MODELS = {"palm-pytorch": _palm_pytorch_dir, "palm-rlhf": _palm_rlhf_dir, "llama
 
 
 @contextmanager
-def tensor_parallel(model_dir: Path) -> Iterator[torch.nn.Module]:
+def tensor_parallel(model_dir: Path, timeout: float = 30.0) -> Iterator[torch.nn.Module]:
     threads = torch.get_num_threads()
     spec = RankSpec(
         rank=0,
@@ -93,15 +96,15 @@ def tensor_parallel(model_dir: Path) -> Iterator[torch.nn.Module]:
         device="cpu",
         kernel_backend="torch",
         prepack_cpu_linears=True,  # the shards' linears prepacked, as served
-        timeout=30.0,
+        timeout=timeout,
         start_timeout=120.0,
         cpus=None,
     )
     model = start_tensor_parallel(spec)
     try:
         yield model
-    finally:
         model.close()
+    finally:
         dist.destroy_process_group()
         torch.set_num_threads(threads)
 
@@ -148,6 +151,21 @@ def test_tensor_parallel_logits_equal_one_rank(name: str, tmp_path: Path) -> Non
         assert a.shape == b.shape
         error = ((a - b).abs().max() / b.abs().max()).item()
         assert error < RELATIVE_TOLERANCE, f"step {step}: relative error {error:.2e}"
+
+
+def test_a_hung_worker_is_an_error_within_the_collective_timeout(tmp_path: Path) -> None:
+    timeout = 3.0
+    with tensor_parallel(_palm_pytorch_dir(tmp_path / "m"), timeout) as model:
+        (worker,) = model.worker_pids
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(RuntimeError):
+                run_schedule(model, model.config, [[1] * 20] * 3)
+            assert time.monotonic() - started < timeout + 5
+        finally:
+            os.kill(worker, signal.SIGKILL)
+            os.waitpid(worker, 0)
 
 
 def test_plan_splits_heads_and_columns() -> None:
