@@ -45,7 +45,7 @@ def batch(
     per_seq = -(-max(contexts) // BLOCK)
     tables = [list(range(s * per_seq, (s + 1) * per_seq)) for s in range(len(contexts))]
     meta = AttentionMetadata.build(tables, q_lens, contexts, BLOCK)
-    positions = [p for q, n in zip(q_lens, contexts) for p in range(n - q, n)]
+    positions = [p for q, n in zip(q_lens, contexts, strict=True) for p in range(n - q, n)]
     ids = torch.randint(0, SHAPE["vocab_size"], (len(positions),))
     return ids, torch.tensor(positions), meta
 
