@@ -25,11 +25,13 @@ import torch.distributed as dist
 import transformers
 from make_tiny_llama import SHAPE
 
+from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import load_served_model
 from palm_serve.engine.tp_launch import RankSpec, rendezvous_address, start_tensor_parallel
 from palm_serve.model import AttentionMetadata, KVCache
 
 BATCH, CONTEXT, PREFILL, BLOCK = 16, 128, 256, 16
+POOL_BLOCKS = BATCH * (CONTEXT // BLOCK + 1) + PREFILL // BLOCK
 
 
 def write_model(path: Path) -> Path:
@@ -52,7 +54,7 @@ def batch(
 
 def step_timer(model: torch.nn.Module, threads: int) -> dict[str, Callable[[], float]]:
     """name -> a function that runs one step and returns its seconds."""
-    cache = KVCache.allocate(model.config, BATCH * (CONTEXT // BLOCK + 1) + PREFILL // BLOCK, BLOCK)
+    cache = KVCache.allocate(model.config, POOL_BLOCKS, BLOCK)
     steps = {
         "decode": batch([1] * BATCH, [CONTEXT] * BATCH),
         "prefill": batch([PREFILL], [PREFILL]),
@@ -78,17 +80,18 @@ def main() -> None:
         model_dir = write_model(Path(tmp) / "tiny-llama")
         one = load_served_model(model_dir, kernel_backend="auto", prepack_cpu_linears=True)
         spec = RankSpec(
-            0,
-            2,
-            rendezvous_address(),
-            str(model_dir),
-            "float32",
-            "cpu",
-            "auto",
-            True,
-            60.0,
-            600.0,
-            None,
+            rank=0,
+            world=2,
+            address=rendezvous_address(),
+            model_dir=str(model_dir),
+            dtype="float32",
+            device="cpu",
+            kernel_backend="auto",
+            prepack_cpu_linears=True,
+            timeout=60.0,
+            start_timeout=600.0,
+            cpus=None,
+            engine_config=EngineConfig(block_size=BLOCK, num_blocks=POOL_BLOCKS),
         )
         two = start_tensor_parallel(spec)
         setups = {

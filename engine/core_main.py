@@ -145,6 +145,7 @@ def start_ranks(spec: CoreSpec) -> DecoderModel:
         timeout=spec.tp_timeout,
         start_timeout=START_TIMEOUT_SECONDS,
         cpus=spec.cpus,
+        engine_config=spec.engine_config,
     )
     # The runner uses what a model offers it (config, kernels, parameters, forward,
     # compute_logits); the proxy offers exactly that, sending each call to the workers.

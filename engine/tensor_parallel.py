@@ -240,10 +240,10 @@ class TensorParallelModel(nn.Module):
 
 
 @torch.inference_mode()
-def serve_commands(shard: DecoderModel, group: TensorParallelGroup) -> None:
-    """A worker's loop: run what rank 0 runs, on this shard and its own cache, until STOP
-    (or an exception: a peer died or timed out)."""
-    cache: KVCache | None = None
+def serve_commands(shard: DecoderModel, group: TensorParallelGroup, cache: KVCache) -> None:
+    """A worker's loop: run what rank 0 runs, on this shard and its own cache (allocated
+    at start, as rank 0's is: a first step must not wait on it), until STOP (or an
+    exception: a peer died or timed out)."""
     param = next(shard.parameters())
     while True:
         command, *fields = group.receive_header()
@@ -253,9 +253,10 @@ def serve_commands(shard: DecoderModel, group: TensorParallelGroup) -> None:
             return
         if command == Command.FORWARD:
             tokens, seqs, width, num_blocks, block_size = fields[:5]
-            if cache is None or (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
-                cache = KVCache.allocate(
-                    shard.config, num_blocks, block_size, param.dtype, param.device
+            if (cache.num_blocks, cache.block_size) != (num_blocks, block_size):
+                raise RuntimeError(
+                    f"rank {group.rank}'s KV pool is {cache.num_blocks} x {cache.block_size}, "
+                    f"rank 0's {num_blocks} x {block_size}"
                 )
             size = 3 * tokens + seqs * width + 2 * seqs + 1
             packed = torch.empty(size, dtype=torch.long, device=group.device)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..model.decoder import DecoderModel
+from ..model.kv_cache import KVCache
 from ..model.sharding import shard_model, use_reduce
+from .config import EngineConfig
 from .tensor_parallel import TensorParallelGroup, TensorParallelModel
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ class RankSpec:
     start_timeout: float
     # CPUs as the core was given them; rank r runs on cpus[r % len(cpus)], one thread
     cpus: tuple[int, ...] | None
+    # the KV pool's settings: every rank sizes its own pool from them, as rank 0 does
+    engine_config: EngineConfig
 
     @property
     def torch_device(self) -> torch.device:
@@ -87,10 +91,10 @@ def load_shard(spec: RankSpec) -> DecoderModel:
     return shard
 
 
-def load_and_join(spec: RankSpec) -> tuple[DecoderModel, TensorParallelGroup]:
-    """Load first, then join: the rendezvous waits (start_timeout) for the slowest load,
-    and no collective's timeout runs while a rank is still loading."""
-    shard = load_shard(spec)
+def join_group(spec: RankSpec, shard: DecoderModel) -> TensorParallelGroup:
+    """Meet the other ranks (after loading: the rendezvous waits start_timeout for the
+    slowest load, and no collective's timeout runs while a rank still loads); the shard's
+    blocks then reduce through the group."""
     group = TensorParallelGroup.join(
         spec.rank,
         spec.world,
@@ -100,7 +104,17 @@ def load_and_join(spec: RankSpec) -> tuple[DecoderModel, TensorParallelGroup]:
         start_timeout=spec.start_timeout,
     )
     use_reduce(shard, group.all_reduce)
-    return shard, group
+    return group
+
+
+def allocate_cache(spec: RankSpec, shard: DecoderModel) -> KVCache:
+    """A worker's pool: the size build_core gives rank 0's (same settings, and every rank
+    holds the same number of K/V heads)."""
+    from .factory import pool_blocks
+
+    config, param = spec.engine_config, next(shard.parameters())
+    num_blocks = config.num_blocks or pool_blocks(shard.config, config, param.dtype)
+    return KVCache.allocate(shard.config, num_blocks, config.block_size, param.dtype, param.device)
 
 
 def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
@@ -109,7 +123,8 @@ def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
     place_rank(spec)
     workers = [spawn_worker(replace(spec, rank=rank)) for rank in range(1, spec.world)]
     logger.info("tensor parallelism: %d ranks meet at %s", spec.world, spec.address)
-    shard, group = load_and_join(spec)
+    shard = load_shard(spec)
+    group = join_group(spec, shard)
     return TensorParallelModel(shard, group, spec.timeout, [w.pid for w in workers])
 
 

@@ -13,7 +13,7 @@ import sys
 
 from .core_main import die_with_parent
 from .tensor_parallel import serve_commands
-from .tp_launch import RankSpec, load_and_join, place_rank
+from .tp_launch import RankSpec, allocate_cache, join_group, load_shard, place_rank
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,11 @@ def main() -> int:
         die_with_parent(int(sys.argv[1]))
     spec: RankSpec = pickle.loads(sys.stdin.buffer.read())
     place_rank(spec)
-    shard, group = load_and_join(spec)
+    shard = load_shard(spec)
+    cache = allocate_cache(spec, shard)  # before joining: rank 0's first step may follow
+    group = join_group(spec, shard)
     try:
-        serve_commands(shard, group)
+        serve_commands(shard, group, cache)
     except Exception as exc:  # noqa: BLE001 - rank 0 fails its step too; say why here
         logger.error("rank %d stops: %s: %s", spec.rank, type(exc).__name__, exc)
         return 1

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.tp_launch import RankSpec, rendezvous_address, start_tensor_parallel
 from palm_serve.model import AttentionMetadata, KVCache, load_model, save_model_dir
 from palm_serve.model.convert import convert_module
@@ -27,6 +28,7 @@ from reference import palm_pytorch_class, palm_rlhf_class
 
 RELATIVE_TOLERANCE = 1e-5
 BLOCK_SIZE = 4
+BLOCKS_PER_SEQ = 8
 
 
 def _palm_pytorch_dir(path: Path) -> Path:
@@ -99,6 +101,8 @@ def tensor_parallel(model_dir: Path, timeout: float = 30.0) -> Iterator[torch.nn
         timeout=timeout,
         start_timeout=120.0,
         cpus=None,
+        # the pool run_schedule allocates on rank 0
+        engine_config=EngineConfig(block_size=BLOCK_SIZE, num_blocks=BLOCKS_PER_SEQ * 3),
     )
     model = start_tensor_parallel(spec)
     try:
@@ -122,9 +126,8 @@ SCHEDULE = [
 @torch.inference_mode()
 def run_schedule(model: torch.nn.Module, config, tokens: list[list[int]]) -> list[torch.Tensor]:
     """Logits of every row of every step of SCHEDULE, over a fresh paged cache."""
-    blocks_per_seq = 8
-    cache = KVCache.allocate(config, blocks_per_seq * len(tokens), BLOCK_SIZE)
-    tables = [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(3)]
+    cache = KVCache.allocate(config, BLOCKS_PER_SEQ * 3, BLOCK_SIZE)
+    tables = [list(range(s * BLOCKS_PER_SEQ, (s + 1) * BLOCKS_PER_SEQ)) for s in range(3)]
     out = []
     for step in SCHEDULE:
         seqs = range(len(step))
