@@ -6,12 +6,14 @@ each its RankSpec, pickled over stdin. Every rank loads the full weights, keeps 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
 import socket
 import subprocess
 import sys
+from contextlib import suppress
 from dataclasses import dataclass, replace
 
 import torch
@@ -125,7 +127,16 @@ def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
     logger.info("tensor parallelism: %d ranks meet at %s", spec.world, spec.address)
     shard = load_shard(spec)
     group = join_group(spec, shard)
-    return TensorParallelModel(shard, group, spec.timeout, [w.pid for w in workers])
+    model = TensorParallelModel(shard, group, spec.timeout, [w.pid for w in workers])
+    # A core that exits normally (Shutdown) tells the workers to stop, rather than leaving
+    # them to time out in their receive while it tears down.
+    atexit.register(_close_quietly, model)
+    return model
+
+
+def _close_quietly(model: TensorParallelModel) -> None:
+    with suppress(Exception):  # a broken group: the workers are going or gone anyway
+        model.close()
 
 
 def spawn_worker(spec: RankSpec) -> subprocess.Popen:
