@@ -100,3 +100,12 @@ def test_a_killed_worker_fails_the_requests_then_the_core_restarts(server, oracl
     probe = {"prompt": "after the restart", "max_tokens": 16, "temperature": 0}
     answer = httpx.post(f"{server.url}/v1/generate", json=probe, timeout=60).json()
     assert answer["token_ids"] == oracle.greedy(probe["prompt"], 16)
+
+
+def test_tensor_parallelism_without_the_engine_process_is_refused_naming_the_flag(capsys):
+    from palm_serve.server.cli import main
+
+    code = main(["serve", "--no-engine-process", "--tensor-parallel-size", "2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel-size" in err and "drop --no-engine-process" in err
