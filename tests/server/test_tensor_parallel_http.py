@@ -29,6 +29,7 @@ from test_generate_http import (  # noqa: F401
 )
 from test_openai_client import (  # noqa: F401
     client,
+    test_chat_equals_completion_of_the_template,
     test_chat_stream,
     test_completion_equals_our_generate,
     test_completion_stream_with_usage,
