@@ -8,7 +8,7 @@
 const $ = (id) => document.getElementById(id);
 const SAMPLING_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"];
 // Probability thresholds of the colour classes p0..p4 (style.css).
-const BUCKETS = [0.1, 0.3, 0.5, 0.8];
+const BUCKETS = [0.05, 0.2, 0.5, 0.8];
 
 let controller = null; // the AbortController of the request in flight
 let history = []; // chat mode: [{role, content}] of the finished turns

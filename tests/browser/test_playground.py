@@ -59,7 +59,7 @@ def browser() -> Iterator[WebDriver]:
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
-    options.add_argument("--window-size=1200,820")
+    options.add_argument("--window-size=1280,900")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
     try:
@@ -186,6 +186,7 @@ def test_sampled_tokens_are_coloured_with_their_alternatives(
     if os.environ.get("PALM_UPDATE_SCREENSHOT") == "1":
         assert state(page) == "generating", "the generation ended before the screenshot"
         SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.execute_script("window.scrollTo(0, 0)")
         page.save_screenshot(str(SCREENSHOT))
     wait_idle(page)
     expected = api(server, "/v1/generate", **body, **PAGE_DEFAULTS, logprobs=5).json()
