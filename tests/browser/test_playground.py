@@ -243,6 +243,23 @@ def test_a_wrong_or_missing_key_shows_the_servers_401(
     assert text_of(page, "output") == ""
 
 
+def test_a_refused_chat_turn_shows_the_servers_400_and_is_taken_back(
+    page: WebDriver, server: ServerThread
+) -> None:
+    choose(page, "chat")
+    fill(page, "top_p", 0)
+    send(page, "Hello")
+    wait_idle(page)
+    body = dict(messages=[{"role": "user", "content": "Hello"}], max_tokens=128, top_p=0)
+    refused = api(server, "/v1/chat/completions", **body)
+    assert refused.status_code == 400
+    assert text_of(page, "error-status") == "HTTP 400"
+    assert text_of(page, "error-message") == refused.json()["error"]["message"]
+    # The message goes back into the box to be sent again; the conversation is unchanged.
+    assert page.find_elements(By.CSS_SELECTOR, "#transcript .turn") == []
+    assert page.find_element(By.ID, "prompt").get_property("value") == "Hello"
+
+
 def test_a_narrow_window_needs_no_sideways_scrolling(page: WebDriver) -> None:
     size = page.get_window_size()
     page.set_window_size(360, 740)
