@@ -11,7 +11,7 @@ const SAMPLING_FIELDS = ["max_tokens", "temperature", "top_p", "top_k", "repetit
 const BUCKETS = [0.05, 0.2, 0.5, 0.8];
 
 let controller = null; // the AbortController of the request in flight
-let history = []; // chat mode: [{role, content}] of the finished turns
+let conversation = []; // chat mode: [{role, content}] of the finished turns
 
 // ---- The request -------------------------------------------------------------------
 
@@ -40,7 +40,7 @@ function logprobFields(chat) {
 function chatMessages(text) {
   const system = $("system").value.trim();
   const messages = system ? [{ role: "system", content: system }] : [];
-  return [...messages, ...history, { role: "user", content: text }];
+  return [...messages, ...conversation, { role: "user", content: text }];
 }
 
 function buildRequest(text) {
@@ -329,7 +329,7 @@ async function stream(response, reader, view) {
 // A chat turn that failed is taken back: its message returns to the prompt box.
 function endTurn(text, view, ok) {
   if (ok) {
-    history.push({ role: "user", content: text }, { role: "assistant", content: view.text() });
+    conversation.push({ role: "user", content: text }, { role: "assistant", content: view.text() });
     return;
   }
   const turns = $("transcript").children;
@@ -344,7 +344,7 @@ function stop() {
 
 function clearAll() {
   stop();
-  history = [];
+  conversation = [];
   $("transcript").replaceChildren();
   clearError();
 }

@@ -26,7 +26,9 @@ NAMESPACE = re.compile(r'xmlns="http://www\.w3\.org/2000/svg"')
 
 @pytest.fixture(scope="module")
 def keyed_server(model_dir: Path) -> Iterator[ServerThread]:  # noqa: F811
-    with running_server(model_dir, api_key=KEY) as s:
+    # The engine in a thread: these tests are about the page's routes, and starting a core
+    # process would triple their time.
+    with running_server(model_dir, api_key=KEY, engine_process=False, engine_cpus=None) as s:
         yield s
 
 
@@ -93,7 +95,6 @@ def test_the_playground_is_not_in_the_api_schema(keyed_server: ServerThread) -> 
 
 
 def test_no_playground_leaves_the_root_a_404(model_dir: Path) -> None:  # noqa: F811
-    # The engine in a thread: starting a core process would only slow this test.
     with running_server(
         model_dir, playground=False, api_key=KEY, engine_process=False, engine_cpus=None
     ) as server:
