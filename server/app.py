@@ -10,7 +10,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..engine.async_engine import AsyncEngine
-from . import routes_chat, routes_completions, routes_generate, routes_models, routes_ops
+from . import (
+    routes_chat,
+    routes_completions,
+    routes_generate,
+    routes_models,
+    routes_ops,
+    routes_playground,
+)
 from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -47,6 +54,8 @@ def create_app(
     )
     for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):
         app.include_router(routes.router)
+    if settings.playground:
+        app.include_router(routes_playground.router)
     install_error_handlers(app)
     _add_middlewares(app, settings)
     vocab_size = engine.info.model_config.vocab_size
@@ -58,7 +67,13 @@ def _add_middlewares(app: FastAPI, settings: Settings) -> None:
     # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
     # request body -> API key.
     if settings.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        playground = settings.playground
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            open_paths=(routes_playground.PAGE_PATH,) if playground else (),
+            open_prefixes=(routes_playground.ASSET_PREFIX,) if playground else (),
+        )
     app.add_middleware(
         RequestBodyMiddleware,
         max_bytes=settings.max_request_bytes,

@@ -103,13 +103,26 @@ def match_route(routes: list, scope: Scope) -> str | None:
 
 
 class APIKeyMiddleware:
-    """With a key set, every route but OPEN_PATHS needs 'Authorization: Bearer <key>'."""
+    """With a key set, every route needs 'Authorization: Bearer <key>' but OPEN_PATHS and
+    the paths given in open_paths or under open_prefixes (the playground's page and files:
+    a browser cannot send a header when it loads a page)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        open_paths: tuple[str, ...] = (),
+        open_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app, self.key = app, api_key.encode()
+        self.open_paths, self.open_prefixes = OPEN_PATHS + open_paths, open_prefixes
+
+    def is_open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self.is_open(scope):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )
+    playground: bool = Field(
+        True,
+        description="serve the web playground at / (a page that calls this server's API); "
+        "off: / is a 404",
+    )
     chat_template: Path | None = Field(
         None, description="Jinja2 chat template file for /v1/chat/completions (default: built in)"
     )
