@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..engine.async_engine import AsyncEngine
 from . import routes_chat, routes_completions, routes_generate, routes_models, routes_ops
+from .access_log import AccessLogMiddleware
 from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -18,6 +19,7 @@ from .metrics import Metrics
 from .middleware import APIKeyMiddleware, HTTPMetricsMiddleware, UnhandledErrorMiddleware
 from .openapi import served_schema
 from .request_body import RequestBodyMiddleware
+from .request_context import REQUEST_ID_HEADER
 from .settings import Settings
 from .state import ServerState
 
@@ -55,8 +57,8 @@ def create_app(
 
 
 def _add_middlewares(app: FastAPI, settings: Settings) -> None:
-    # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
-    # request body -> API key.
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> request id and access log
+    # -> unexpected errors -> request body -> API key.
     if settings.api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(
@@ -65,12 +67,14 @@ def _add_middlewares(app: FastAPI, settings: Settings) -> None:
         read_timeout=settings.body_read_timeout,
         routes=app.routes,
     )
-    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware, log_messages=settings.log_requests)
+    app.add_middleware(AccessLogMiddleware, routes=app.routes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
         )
