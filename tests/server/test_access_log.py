@@ -139,6 +139,7 @@ def test_every_stderr_line_is_a_json_record(json_run) -> None:
     records = _records(err)  # raises on a line that is not JSON
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r["logger"].startswith("palm_serve.server") for r in records)
+    assert not any(r["logger"] == "uvicorn.access" for r in records)  # ours replaces it
 
 
 def test_one_access_line_per_request_with_its_figures(json_run) -> None:
