@@ -73,7 +73,11 @@ class _Exchange:
             message = {**message, "headers": [*message.get("headers", []), self._header]}
         elif message["type"] == "http.response.body" and not message.get("more_body", False):
             self.complete = True
-        await self._send(message)
+        try:
+            await self._send(message)
+        except OSError:  # a server on ASGI spec 2.4 says a client left this way
+            self.client_left = True
+            raise
 
     def receive(self, receive: Receive) -> Receive:
         async def watching() -> Message:
