@@ -35,7 +35,6 @@ def serve(given: dict[str, Any]) -> int:
             field = ".".join(str(p) for p in err["loc"])
             print(f"error: --{field.replace('_', '-')}: {err['msg']}", file=sys.stderr)
         return 2
-    logging_config.configure(settings.log_format, settings.log_level)
     placement = None
     if settings.engine_process:
         try:
@@ -54,6 +53,8 @@ def serve(given: dict[str, Any]) -> int:
         return 2
     from ..engine import CoreStartError
 
+    # Once the settings and the model are known good: a refused start only prints its error.
+    logging_config.configure(settings.log_format, settings.log_level)
     try:
         engine = load_engine(settings, placement)
     except CoreStartError as exc:
