@@ -11,7 +11,7 @@ import logging.config
 import pytest
 
 from palm_serve.server import logging_config
-from palm_serve.server.middleware import without_messages
+from palm_serve.server.middleware import UnhandledErrorMiddleware, without_messages
 from palm_serve.server.request_context import RequestContext, serving
 
 SECRET = "MARKER-secret-prompt"
@@ -95,3 +95,22 @@ def test_an_unexpected_error_is_logged_without_its_messages() -> None:
     assert "builtins.KeyError" in text and "builtins.ValueError" in text
     assert text.index("KeyError") < text.index("ValueError")  # the cause first, as Python
     assert "in parse" in text  # the frames are there
+
+
+@pytest.mark.parametrize("log_messages", [False, True])
+async def test_the_500_path_logs_the_message_only_with_log_requests(log_messages, caplog) -> None:
+    async def failing_app(scope, receive, send) -> None:
+        raise ValueError(f"cannot parse {SECRET}")
+
+    app = UnhandledErrorMiddleware(failing_app, log_messages=log_messages)
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": []}
+    with caplog.at_level(logging.ERROR, logger="palm_serve.server"):
+        await app(scope, None, send)
+    assert sent[0]["status"] == 500
+    assert "ValueError" in caplog.text
+    assert (SECRET in caplog.text) is log_messages
