@@ -18,6 +18,7 @@ from . import (
     routes_ops,
     routes_playground,
 )
+from .access_log import AccessLogMiddleware
 from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -25,6 +26,7 @@ from .metrics import Metrics
 from .middleware import APIKeyMiddleware, HTTPMetricsMiddleware, UnhandledErrorMiddleware
 from .openapi import served_schema
 from .request_body import RequestBodyMiddleware
+from .request_context import REQUEST_ID_HEADER
 from .settings import Settings
 from .state import ServerState
 
@@ -64,8 +66,8 @@ def create_app(
 
 
 def _add_middlewares(app: FastAPI, settings: Settings) -> None:
-    # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
-    # request body -> API key.
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> request id and access log
+    # -> unexpected errors -> request body -> API key.
     if settings.api_key is not None:
         playground = settings.playground
         app.add_middleware(
@@ -80,12 +82,14 @@ def _add_middlewares(app: FastAPI, settings: Settings) -> None:
         read_timeout=settings.body_read_timeout,
         routes=app.routes,
     )
-    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware, log_messages=settings.log_requests)
+    app.add_middleware(AccessLogMiddleware, routes=app.routes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
         )
