@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .config import EngineConfig
 from .ngram_proposer import NgramProposer
-from .sampler import penalized
+from .sampler import is_penalized
 from .sequence import Sequence
 
 
@@ -24,7 +24,7 @@ class DraftPolicy:
         return (
             num_running <= self.max_running
             and seq.num_uncomputed_tokens == 1
-            and not penalized(seq.params)
+            and not is_penalized(seq.params)
             and not seq.wants_prompt_logprobs
         )
 

@@ -32,7 +32,7 @@ class Sampler:
         logits = logits.float()
         params = [s.params for s in seqs]
         raw = logits
-        if any(penalized(p) for p in params):
+        if any(is_penalized(p) for p in params):
             logits = apply_penalties(logits.clone(), seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
@@ -137,14 +137,14 @@ def _filter_candidates(
     return torch.where(active, filtered, logits), fits
 
 
-def penalized(p: SamplingParams) -> bool:
+def is_penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """In place on logits [N, V]. Repetition (CTRL, sign-aware) over prompt and output
     tokens; presence and frequency (OpenAI) over output tokens only."""
-    rows = [i for i, s in enumerate(seqs) if penalized(s.params)]
+    rows = [i for i, s in enumerate(seqs) if is_penalized(s.params)]
     sub = logits[rows]
     counts = _token_counts([seqs[i].output_token_ids for i in rows], sub.shape).to(sub.device)
     in_prompt = _token_counts([seqs[i].prompt_token_ids for i in rows], sub.shape) > 0
