@@ -21,6 +21,7 @@ import torch
 
 from .outputs import TokenLogprob
 from .sampler import chosen_logprobs, draw, target_probs
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
@@ -79,7 +80,9 @@ def _attach_logprobs(
     logits: torch.Tensor, seqs: list[Sequence], firsts: list[int], verified: list[Verified]
 ) -> None:
     """Logprobs of the raw distribution at each emitted token's row, as without drafts."""
-    rows, tokens, params = [], [], []
+    rows: list[int] = []
+    tokens: list[int] = []
+    params: list[SamplingParams] = []
     for seq, first, v in zip(seqs, firsts, verified, strict=True):
         if seq.params.logprobs is not None:
             rows += range(first, first + len(v.token_ids))
