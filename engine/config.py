@@ -30,7 +30,7 @@ class EngineConfig:
     ngram_max: int = 3
     # Speculate only while at most this many sequences run: past it the step is
     # compute-bound and verifying drafts costs more than it saves (docs/BENCHMARKS.md).
-    speculative_max_running: int = 8
+    speculative_max_running: int = 16
 
     def __post_init__(self) -> None:
         checks = [

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     ngram_min: int = Field(1, ge=1, description="shortest suffix n-gram looked up for a draft")
     ngram_max: int = Field(3, ge=1, description="longest suffix n-gram looked up for a draft")
     speculative_max_running: int = Field(
-        8,
+        16,
         ge=1,
         description="speculate only while at most this many requests run (larger batches "
         "are compute-bound: verifying drafts costs more than it saves)",

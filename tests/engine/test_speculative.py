@@ -6,6 +6,7 @@ sampling (token for token, and a chi-square test of the first tokens' distributi
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from palm_serve.model import load_model
 
 import engine_helpers
 from engine_helpers import (
+    PieceTokenizer,
     assert_pool_whole,
     check_greedy,
     greedy,
@@ -29,6 +31,7 @@ from engine_helpers import (
     make_engine,
     make_request,
     run,
+    text_of,
     tokens_of,
 )
 
@@ -127,7 +130,7 @@ def test_drafts_stay_within_the_budget_max_tokens_and_context() -> None:
     seq = decoding([1, 2, 3] * 3 + [1], greedy(100))
     assert DraftPolicy(config, 10_000).draft(seq, 1, 3) == [2, 3]
     assert DraftPolicy(config, 12).draft(seq, 1, 100) == [2]
-    assert DraftPolicy(config, 10_000).draft(seq, 9, 100) == []  # past max running
+    assert DraftPolicy(config, 10_000).draft(seq, 17, 100) == []  # past max running
 
 
 def test_a_stop_inside_an_accepted_draft_drops_the_rest() -> None:
@@ -230,6 +233,30 @@ def test_stop_tokens_and_context_end_inside_drafts(model) -> None:
         assert tokens_of(spec[rid]) == tokens_of(outs)
         assert spec[rid][-1].finish_reason == outs[-1].finish_reason
         assert spec[rid][-1].stop_reason == outs[-1].stop_reason
+
+
+def test_stop_strings_inside_drafts(model) -> None:
+    """A stop string the front finds inside a step's accepted draft cuts the output there,
+    as without drafts (text, tokens, reason)."""
+    arrivals = repetitive_requests(seed=6, n=16, max_new=40)
+    (unstopped, _), _ = serve_both(model, arrivals)
+    pieces = PieceTokenizer(97).pieces
+    stopped: dict[int, list] = {}
+    for step, reqs in arrivals.items():
+        for rid, prompt, params in reqs:
+            out = tokens_of(unstopped[rid])
+            stop = "".join(pieces[t] for t in out[len(out) // 2 :][:2]) if len(out) > 5 else "@"
+            stopped.setdefault(step, []).append((rid, prompt, replace(params, stop=(stop,))))
+    (plain, _), (spec, stats) = serve_both(model, stopped)
+    assert stats.num_accepted_draft_tokens > 0
+    assert sum(o[-1].stop_reason is not None for o in plain.values()) > 8
+    for rid, outs in plain.items():
+        assert tokens_of(spec[rid]) == tokens_of(outs)
+        assert text_of(spec[rid]) == text_of(outs)
+        assert (spec[rid][-1].finish_reason, spec[rid][-1].stop_reason) == (
+            outs[-1].finish_reason,
+            outs[-1].stop_reason,
+        )
 
 
 def test_seeded_sampling_is_the_same_token_for_token(model) -> None:
