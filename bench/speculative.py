@@ -6,8 +6,9 @@ KJV phrases), prompts the first verses of model/default/heldout.txt, every reque
 are equal with and without speculation, which is checked). At each concurrency C,
 max(C, --min-requests) requests are queued and at most C run at once (max_num_seqs). The
 arms (plain; speculative, as configured by default; forced: speculation at any batch
-size) are interleaved run by run and the medians of `--runs` runs are reported, so a
-load from other processes hits every arm alike.
+size) are interleaved run by run: tok/s are medians of `--runs` runs, the ratios medians
+of each run's paired ratio (arms back to back), so a load from other processes hits every
+arm alike. Draft counts and acceptance exclude the warm-up.
 
     .venv/bin/python bench/speculative.py [--concurrency 1 32] [--runs 5]
         [--min-requests 4] [--output-len 128] [--threads 1] [--compile] [--json out.json]
@@ -75,6 +76,7 @@ def measure(args: argparse.Namespace) -> dict:
         }
         for engine in engines.values():  # warm-up (and the compiled graph's first shapes)
             run_once(engine, batch[:2], 8)
+        before = {name: engine.stats() for name, engine in engines.items()}
         seconds: dict[str, list[float]] = {name: [] for name in ARMS}
         reference = None
         for _ in range(args.runs):
@@ -86,15 +88,22 @@ def measure(args: argparse.Namespace) -> dict:
         tokens = len(batch) * args.output_len
         row = {"concurrency": concurrency}
         for name, engine in engines.items():
-            stats = engine.stats()
+            after, start = engine.stats(), before[name]
+            drafts = after.num_draft_tokens - start.num_draft_tokens
+            accepted = after.num_accepted_draft_tokens - start.num_accepted_draft_tokens
+            steps = after.num_steps - start.num_steps
             row[name] = {
                 "tok_s": tokens / statistics.median(seconds[name]),
                 "runs_s": seconds[name],
-                "acceptance_rate": stats.draft_acceptance_rate,
-                "accepted_per_step": stats.num_accepted_draft_tokens / max(stats.num_steps, 1),
+                "steps_per_run": steps / args.runs,
+                "draft_tokens_per_run": drafts / args.runs,
+                "acceptance_rate": accepted / drafts if drafts else 0.0,
             }
         for name in ("speculative", "forced"):
-            row[f"{name}_vs_plain"] = row[name]["tok_s"] / row["plain"]["tok_s"]
+            # Each run's arms ran back to back: the median of the paired ratios is what a
+            # load from other processes disturbs least.
+            pairs = [p / s for p, s in zip(seconds["plain"], seconds[name], strict=True)]
+            row[f"{name}_vs_plain"] = statistics.median(pairs)
         report["rows"].append(row)
         print(summary(row), flush=True)
     return report
@@ -104,10 +113,12 @@ def summary(row: dict) -> str:
     parts = [f"concurrency {row['concurrency']:>3}:"]
     for name in ARMS:
         arm = row[name]
-        parts.append(f"{name} {arm['tok_s']:.0f} tok/s")
+        parts.append(f"{name} {arm['tok_s']:.0f} tok/s, {arm['steps_per_run']:.0f} steps")
         if name != "plain":
             parts[-1] += (
-                f" ({row[name + '_vs_plain']:.2f}x, acceptance {arm['acceptance_rate']:.2f})"
+                f" ({row[name + '_vs_plain']:.2f}x paired, "
+                f"{arm['draft_tokens_per_run']:.0f} drafts/run, "
+                f"acceptance {arm['acceptance_rate']:.2f})"
             )
     return "  ".join(parts)
 
