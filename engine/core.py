@@ -13,7 +13,7 @@ import torch
 
 from .block_manager import BlockManager
 from .messages import EngineCoreOutput, EngineCoreRequest
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepResult
 from .outputs import FinishReason, TokenLogprob
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -83,18 +83,18 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         touched, self._rejected = self._rejected, []
-        sampled: list[int | None] = []
+        result = StepResult([], [])
         if not plan.is_empty:
             result = self.runner.execute(plan)
             self.counters.num_steps += 1
             self.counters.num_batched_tokens += plan.num_batched_tokens
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
-            for item, lp in zip(plan.scheduled, result.logprobs, strict=True):
-                if lp is not None:
-                    item.seq.pending_logprobs.append(lp)
-            sampled = result.sampled
-        touched += self.scheduler.update(plan, sampled)
+        lengths = [item.seq.num_tokens for item in plan.scheduled]
+        touched += self.scheduler.update(plan, result.sampled)
+        for item, length, entries in zip(plan.scheduled, lengths, result.logprobs, strict=True):
+            # Only the tokens appended: a stop rule drops the rest of a verified draft.
+            item.seq.pending_logprobs.extend(entries[: item.seq.num_tokens - length])
         return [self._output(seq) for seq in dict.fromkeys(touched)]
 
     def finish_all(
@@ -120,6 +120,8 @@ class EngineCore:
         s.kv_cache_usage = self.block_manager.usage
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        s.num_draft_tokens = self.scheduler.num_draft_tokens
+        s.num_accepted_draft_tokens = self.scheduler.num_accepted_draft_tokens
         return EngineStats(**vars(s))
 
     # ---- outputs -------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .core import EngineCore
 from .core_client import CoreClient, InProcessCoreClient
+from .draft_policy import DraftPolicy
 from .input_processor import InputProcessor
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
@@ -104,7 +105,8 @@ def build_core(
     kv_cache = KVCache.allocate(mc, num_blocks, config.block_size, param.dtype, param.device)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     eos = mc.eos_token_id if mc.eos_token_id is not None else eos_token_id
-    scheduler = Scheduler(config, block_manager, max_model_len, eos)
+    drafts = DraftPolicy(config, max_model_len) if config.speculative_ngram else None
+    scheduler = Scheduler(config, block_manager, max_model_len, eos, drafts)
     runner = ModelRunner(model, kv_cache, config.block_size, Sampler())
     return EngineCore(scheduler, runner, seed=seed)
 

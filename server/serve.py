@@ -119,6 +119,11 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
         max_model_len=settings.max_model_len,
+        speculative_ngram=settings.speculative_ngram,
+        num_speculative_tokens=settings.num_speculative_tokens,
+        ngram_min=settings.ngram_min,
+        ngram_max=settings.ngram_max,
+        speculative_max_running=settings.speculative_max_running,
     )
     if settings.engine_process:
         return _process_engine(settings, config, placement or placement_for(settings))

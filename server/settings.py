@@ -96,6 +96,22 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="share KV blocks of common prompt prefixes"
     )
+    speculative_ngram: bool = Field(
+        False,
+        description="n-gram speculative decoding: draft tokens from the longest suffix match "
+        "in the request's own prompt and output, verified in one forward pass",
+    )
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=64, description="draft tokens proposed per step (--speculative-ngram)"
+    )
+    ngram_min: int = Field(1, ge=1, description="shortest suffix n-gram looked up for a draft")
+    ngram_max: int = Field(3, ge=1, description="longest suffix n-gram looked up for a draft")
+    speculative_max_running: int = Field(
+        16,
+        ge=1,
+        description="speculate only while at most this many requests run (larger batches "
+        "are compute-bound: verifying drafts costs more than it saves)",
+    )
     max_queue: int = Field(
         256, ge=0, description="requests allowed to wait for a slot; past it: 429 with Retry-After"
     )
@@ -174,6 +190,14 @@ class Settings(BaseSettings):
     def _pinning_needs_a_process(self) -> Settings:
         if not self.engine_process and (self.engine_cpus or self.front_cpus):
             raise ValueError("engine_cpus and front_cpus need the engine in its own process")
+        return self
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> Settings:
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(
+                f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})"
+            )
         return self
 
     @field_validator("chat_template")
