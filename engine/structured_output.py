@@ -177,7 +177,10 @@ class StructuredOutputManager:
         self._source = (tokenizer, vocab_size)
         self.vocab_size = vocab_size
         self._specs: _CompiledSpecs | None = None  # built on first use (~0.2 s for 4k tokens)
-        self._executor = llguidance.LLExecutor(num_threads)
+        # With one thread the rows are filled in the calling thread: llguidance's executor
+        # would hand them to a worker thread of its own, which then competes with the
+        # model's thread for the core (docs/BENCHMARKS.md).
+        self._executor = llguidance.LLExecutor(num_threads) if num_threads > 1 else None
 
     def start(self, spec: StructuredOutputSpec) -> GrammarState:
         """A fresh matcher for a sequence; ValueError saying why the spec does not compile."""
@@ -196,9 +199,13 @@ class StructuredOutputManager:
             return None
         width = (self.vocab_size + 31) // 32
         mask = torch.full((len(grammars), width), -1, dtype=torch.int32)
-        # llguidance.torch.fill_next_token_bitmask_par does the same; importing that module
+        # llguidance.torch's fill_next_token_bitmask(_par) do the same; importing that module
         # sets up a torch.compile'd function we do not use.
-        self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), width * 4, len(grammars))
+        if self._executor is not None:
+            self._executor.unsafe_compute_mask_ptr(rows, mask.data_ptr(), width * 4, len(grammars))
+        else:
+            for matcher, i in rows:
+                matcher.unsafe_compute_mask_ptr(mask[i].data_ptr(), width * 4)
         return mask
 
 

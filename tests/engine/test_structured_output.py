@@ -229,6 +229,20 @@ def test_the_step_bitmask_has_one_row_per_sequence_due(tokenizer):
     assert manager.bitmask([None, None]) is None
 
 
+def test_the_parallel_fill_equals_the_serial_one(tokenizer):
+    specs = [json_spec(SCHEMAS[0]), StructuredOutputSpec(regex=REGEX), None]
+    specs += [StructuredOutputSpec(choice=CHOICES), None]
+    masks = []
+    for threads in (1, 2):
+        manager = StructuredOutputManager(tokenizer, 4096, num_threads=threads)
+        grammars = [manager.start(s) if s is not None else None for s in specs]
+        grammars[0].advance(tokenizer.encode('{"name": "Ab'))  # type: ignore[union-attr]
+        masks.append(manager.bitmask(grammars))
+    assert masks[0] is not None and masks[1] is not None
+    assert torch.equal(masks[0], masks[1])
+    assert not bool((masks[0][0] == masks[0][1]).all())  # the rows differ: a real check
+
+
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
