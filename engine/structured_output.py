@@ -50,7 +50,7 @@ def grammar_of(spec: StructuredOutputSpec) -> str:
         try:
             return matcher.grammar_from_json_schema(spec.json_schema, defaults=JSON_OPTIONS)
         except ValueError as exc:
-            raise ValueError(f"the schema is not valid JSON: {exc}") from None
+            raise ValueError(f"the JSON schema cannot be read: {exc}") from None
     if spec.regex is not None:
         return matcher.grammar_from_regex(spec.regex)
     if spec.choice is not None:
@@ -118,7 +118,14 @@ class _CompiledSpecs:
         except ValueError as exc:
             return str(exc)
         matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
-        return matcher.get_error() or matcher
+        if matcher.is_error():
+            return matcher.get_error()
+        # A spec no text satisfies compiles, and its first mask puts the matcher in error.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            return "it matches no text at all"
+        return matcher
 
 
 class StructuredOutputValidator:

@@ -250,6 +250,8 @@ def test_the_parallel_fill_equals_the_serial_one(tokenizer):
         (StructuredOutputSpec(json_schema="{not json"), "JSON"),
         (StructuredOutputSpec(regex="[0-9]{3}-("), "unclosed group"),
         (StructuredOutputSpec(grammar='start: foo\nfoo: "x" bar'), 'unknown name: "bar"'),
+        (StructuredOutputSpec(regex=r"[^\s\S]"), "matches no text"),
+        (StructuredOutputSpec(json_schema='{"enum": []}'), "Unsatisfiable"),
     ],
 )
 def test_the_front_refuses_a_spec_that_does_not_compile(tokenizer, spec, reason):
