@@ -15,6 +15,7 @@ from .block_manager import BlockManager
 from .messages import EngineCoreOutput, EngineCoreRequest
 from .model_runner import ModelRunner
 from .outputs import FinishReason, TokenLogprob
+from .sampling_params import StructuredOutputSpec
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .stats import EngineStats
@@ -68,7 +69,7 @@ class EngineCore:
                 f"is {self.max_model_len}, so at most {self.max_model_len - 1} fit"
             )
         elif params.structured_output is not None:
-            message = self._start_grammar(seq)
+            message = self._start_grammar(seq, params.structured_output)
         if message is not None:
             self.scheduler.reject(seq, message)
             self._rejected.append(seq)
@@ -76,13 +77,13 @@ class EngineCore:
         self.scheduler.add(seq)
         self.counters.prompt_tokens += n
 
-    def _start_grammar(self, seq: Sequence) -> str | None:
+    def _start_grammar(self, seq: Sequence, spec: StructuredOutputSpec) -> str | None:
         """Give seq its matcher; the reason it cannot have one (the front validated the
         spec, so a caller that skipped the front)."""
         if self.structured is None:
             return "structured output: this engine core has no tokenizer to compile it for"
         try:
-            seq.grammar = self.structured.start(seq.params.structured_output)  # type: ignore[arg-type]
+            seq.grammar = self.structured.start(spec)
         except ValueError as exc:
             return str(exc)
         return None
