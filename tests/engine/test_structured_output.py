@@ -188,20 +188,34 @@ def test_a_complete_grammar_ends_the_request_with_stop_and_keeps_its_last_token(
         assert tokenizer.decode(tokens_of(outs)) == text_of(outs)
 
 
-def test_eos_only_where_the_grammar_can_end(model, tokenizer):
-    """`a+b?`-like grammars accept before they are complete: EOS is allowed there only,
-    and it ends the request with "stop"."""
+def test_eos_is_allowed_only_where_the_grammar_can_end(tokenizer):
+    manager = StructuredOutputManager(tokenizer, 4096)
+    eos = tokenizer.eos_token_id
+    grammar = manager.start(StructuredOutputSpec(regex="ab+c?"))
+
+    def eos_allowed() -> bool:
+        mask = manager.bitmask([grammar])
+        assert mask is not None
+        return bool((int(mask[0, eos // 32]) >> (eos % 32)) & 1)
+
+    output: list[int] = []
+    assert not eos_allowed()
+    for piece, can_end in [("a", False), ("b", True), ("b", True)]:
+        output += tokenizer.encode(piece)
+        grammar.advance(output)  # the whole output so far: it consumes what is new
+        assert eos_allowed() == can_end, output
+    grammar.advance(output + [eos])
+    assert grammar.is_complete  # EOS consumed: the matcher takes nothing more
+
+
+def test_sampled_text_under_a_regex_matches_it(model, tokenizer):
     engine = make_engine(model, tokenizer)
-    spec = StructuredOutputSpec(regex="[A-Z][a-z]+( [a-z]+){0,3}")
-    arrivals = [
-        (f"e{s}", tokenizer.encode(PROMPTS[s % 3]), sampled(spec, s, 30)) for s in range(12)
-    ]
-    outputs = run(engine, {0: arrivals})
-    for outs in outputs.values():
-        text = text_of(outs)
-        if outs[-1].finish_reason == "stop":
-            assert re.fullmatch(spec.regex, text), text  # type: ignore[arg-type]
-        assert tokenizer.eos_token_id not in tokens_of(outs)[:-1]
+    spec = StructuredOutputSpec(regex="[A-Z][a-z]{1,8}( [a-z]{1,8}){0,5}")
+    prompts = [tokenizer.encode(PROMPTS[s % 3]) for s in range(12)]
+    arrivals = [(f"e{s}", prompts[s], sampled(spec, s, 60)) for s in range(12)]
+    for outs in run(engine, {0: arrivals}).values():
+        assert outs[-1].finish_reason == "stop"
+        assert re.fullmatch(spec.regex, text_of(outs)), text_of(outs)  # type: ignore[arg-type]
 
 
 def test_the_bitmask_forbids_exactly_its_zero_bits():
