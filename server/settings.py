@@ -131,11 +131,26 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )
+    playground: bool = Field(
+        True,
+        description="serve the web playground at / (a page that calls this server's API); "
+        "off: / is a 404",
+    )
     chat_template: Path | None = Field(
         None, description="Jinja2 chat template file for /v1/chat/completions (default: built in)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="uvicorn log level"
+        "info", description="log level of the server (access lines are info)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines as readable text or as JSON objects, one a line; both carry "
+        "the request id",
+    )
+    log_requests: bool = Field(
+        False,
+        description="log prompts and generated text (and the messages of unexpected errors, "
+        "which may quote a request); off, no user text reaches the log at any level",
     )
 
     @field_validator("cors_origins", mode="before")
