@@ -115,9 +115,9 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
         compile=spec.compile,
         block_size=spec.engine_config.block_size,
     )
-    # Only for its EOS id when the model's config names none (as build_engine does).
+    # For its EOS id when the model's config names none, and structured output's grammars.
     tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
-    return build_core(model, spec.engine_config, tokenizer.eos_token_id, spec.seed)
+    return build_core(model, spec.engine_config, tokenizer, spec.seed)
 
 
 def ready_message(core: EngineCore) -> CoreReady:

@@ -20,12 +20,14 @@ class DraftPolicy:
         """A decoding sequence speculates unless the batch is large enough that the step is
         compute-bound (verifying drafts would then cost more than it saves), or its
         penalties depend on the tokens before each row (not computed per draft row), or it
-        still owes prompt logprobs."""
+        still owes prompt logprobs, or its output is constrained (its grammar's matcher
+        advances one accepted token at a time and cannot take back a rejected draft)."""
         return (
             num_running <= self.max_running
             and seq.num_uncomputed_tokens == 1
             and not is_penalized(seq.params)
             and not seq.wants_prompt_logprobs
+            and seq.params.structured_output is None
         )
 
     def draft(self, seq: Sequence, num_running: int, budget: int) -> list[int]:

@@ -45,7 +45,9 @@ class ModelRunner:
         self.device = kv_cache.k[0].device
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> StepResult:
+    def execute(self, plan: SchedulerOutput, bitmask: torch.Tensor | None = None) -> StepResult:
+        """bitmask: the allowed tokens of the sequences due a token, in plan order (rows of
+        the structured-output bitmask, StructuredOutputManager.bitmask), or None."""
         items = plan.scheduled
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
@@ -54,7 +56,7 @@ class ModelRunner:
         due = [i for i, it in enumerate(items) if it.sample and not it.draft]
         if due:
             logits = self.model.compute_logits(hidden[last_rows[due]]).float()  # (due, V)
-            out = self.sampler(logits, [items[i].seq for i in due])
+            out = self.sampler(logits, [items[i].seq for i in due], bitmask)
             for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
                 result.sampled[i] = [token]
                 result.logprobs[i] = [lp] if lp is not None else []

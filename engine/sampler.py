@@ -1,10 +1,12 @@
 """Sampler: logits of the sequences due a token -> one token each, vectorized over the batch.
 
-Order (as vLLM): penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p,
+Order (as vLLM): the structured-output bitmask (tokens the grammar forbids become -inf),
+penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p,
 then inverse-CDF sampling with one uniform draw from the request's own torch.Generator, so
 a request's tokens do not depend on its neighbours (filters are masks in vocabulary order,
 whatever the batch needs). Logprobs are those of the raw model distribution:
-log_softmax of the fp32 logits before penalties and temperature (OpenAI/vLLM default)."""
+log_softmax of the fp32 logits before penalties and temperature (OpenAI/vLLM default),
+over the tokens the grammar allows when there is one (as vLLM, which masks first too)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+from .structured_output import apply_token_bitmask
 
 NEG_INF = float("-inf")
 
@@ -27,9 +30,14 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [N, V] (any float dtype), one row per sequence in seqs."""
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits [N, V] (any float dtype), one row per sequence in seqs; bitmask: int32
+        [N, ceil(V / 32)] of the allowed tokens (structured_output.py), None: all allowed."""
         logits = logits.float()
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
         params = [s.params for s in seqs]
         raw = logits
         if any(is_penalized(p) for p in params):

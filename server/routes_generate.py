@@ -35,6 +35,7 @@ from .routes_common import (
 )
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
+from .structured_output import structured_output
 
 router = APIRouter()
 
@@ -50,6 +51,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     params = make_params(
         max_tokens=default_max_tokens(state, body.max_tokens),
         logprobs=body.logprobs,
+        structured_output=await structured_output(state, body),
         **sampling_kwargs(body),
     )
     prompt_ids = tokenize(state, body.prompt)
