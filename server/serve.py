@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from ..engine.config import EngineConfig
 
 
+# After the drain, connections still open get this long before being cut.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
 def serve(given: dict[str, Any]) -> int:
     try:
         settings = Settings(**given)
@@ -220,10 +224,11 @@ def run_server(settings: Settings, engine: AsyncEngine) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # After the drain, connections still open get this long before being cut.
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         access_log=settings.log_level == "debug",
     )
     print(summary(settings, engine), flush=True)
-    DrainingServer(config, lifecycle, settings.drain_timeout, engine.shutdown).run()
+    DrainingServer(
+        config, lifecycle, settings.drain_timeout, engine.shutdown, settings.drain_delay
+    ).run()
     return 0
