@@ -65,7 +65,12 @@ def install_failure(peer: str, marker: Path) -> str | None:
 class PalmServe(Server):
     """palm-serve as `palm-serve serve` runs it; extra_args for variants of the same build."""
 
-    def __init__(self, name: str = "palm-serve", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        name: str = "palm-serve",
+        extra_args: tuple[str, ...] = (),
+        environment: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(
             name,
             "/ready",
@@ -73,6 +78,10 @@ class PalmServe(Server):
             {"ignore_eos": True, "stream_options": {"include_usage": True}},
         )
         self.extra_args = extra_args
+        self.environment = environment or {}
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), **self.environment}
 
     def command(self, model_dir: Path, port: int, concurrency: int) -> list[str]:
         return [
@@ -103,6 +112,11 @@ class PalmServe(Server):
 # The first version's served path in this build: the engine in a thread of the HTTP
 # process, the torch twins, eager (a before/after baseline in one invocation).
 BASELINE_ARGS = ("--no-engine-process", "--kernel-backend", "torch")
+# Placement variants (server/placement.py): the core on both CPUs, sharing one with the front,
+# its OpenMP workers sleeping (PASSIVE, the placement's choice when CPUs are shared), or
+# spinning a bounded while before they sleep (libgomp's default policy with GOMP_SPINCOUNT).
+CORE2_ARGS = ("--engine-cpus", "0-1")
+CORE2_SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
 
 
 class LlamaCpp(Server):
@@ -252,6 +266,8 @@ class TransformersServe(Server):
 ALL = {
     "palm-serve": PalmServe,
     "palm-serve-baseline": lambda: PalmServe("palm-serve-baseline", BASELINE_ARGS),
+    "palm-serve-core2": lambda: PalmServe("palm-serve-core2", CORE2_ARGS),
+    "palm-serve-core2-spin": lambda: PalmServe("palm-serve-core2-spin", CORE2_ARGS, CORE2_SPIN_ENV),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),
     "vllm-cpu": Vllm,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -54,6 +55,9 @@ class CoreSpec:
     threads: int | None
     # CPUs the process may run on (sched_setaffinity); None: wherever it was started.
     cpus: tuple[int, ...] | None
+    # logging.config.dictConfig for this process, so that its log lines read as the
+    # front's (text or JSON); None: Python's default (warnings and errors as bare text).
+    logging_config: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class CoreLink:
 def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
     """The core process's main. Returns (exit 0) after a Shutdown; exits 1 on a failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.logging_config is not None:
+        logging.config.dictConfig(spec.logging_config)
     die_with_parent(link.parent_pid)
     place(spec.cpus, spec.threads)
     context = zmq.Context(io_threads=1)

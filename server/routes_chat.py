@@ -138,7 +138,7 @@ class _ChatView:
         self, state: ServerState, body: ChatCompletionRequest, started: list[Started]
     ) -> None:
         self.state, self.body, self.started = state, body, started
-        self.id, self.created = started[0].request_id, int(time.time())
+        self.id, self.created = started[0].response_id, int(time.time())
 
     def usage(self, completion_tokens: int) -> Usage:
         return usage(len(self.started[0].prompt_ids), completion_tokens)

@@ -116,7 +116,7 @@ class _View:
     ) -> None:
         self.state, self.body, self.started = state, body, started
         self.tok = state.engine.tokenizer
-        self.id, self.created = started[0].request_id, int(time.time())
+        self.id, self.created = started[0].response_id, int(time.time())
         self.score_only = body.max_tokens == 0
         self.prompt_texts = [
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)

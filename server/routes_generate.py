@@ -61,7 +61,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         raise
     if body.stream:
         return SSEResponse(
-            _events(state, run.stream, run.request_id),
+            _events(state, run.stream, run.response_id),
             ticket.release,
             stall_timeout=state.settings.stream_stall_timeout,
             on_stall=lambda: mark_stalled([run]),
@@ -72,7 +72,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         run.ticket.release()
     tokenizer = state.engine.tokenizer
     return GenerateResponse(
-        id=run.request_id,
+        id=run.response_id,
         model=state.model_name,
         text=result.text,
         token_ids=result.token_ids,

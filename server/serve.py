@@ -8,6 +8,7 @@ loop); `--no-engine-process` runs the core in a thread of this process instead."
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,12 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from . import logging_config
 from .placement import OMP_WAIT_VARIABLES, Placement, available_cpus, parse_cpus, plan_placement
 from .settings import Settings, default_model_dir
 
 if TYPE_CHECKING:
     from ..engine.async_engine import AsyncEngine
     from ..engine.config import EngineConfig
+
+log = logging.getLogger("palm_serve.server")
 
 
 # After the drain, connections still open get this long before being cut.
@@ -53,6 +57,8 @@ def serve(given: dict[str, Any]) -> int:
         return 2
     from ..engine import CoreStartError
 
+    # Once the settings and the model are known good: a refused start only prints its error.
+    logging_config.configure(settings.log_format, settings.log_level)
     try:
         engine = load_engine(settings, placement)
     except CoreStartError as exc:
@@ -139,13 +145,14 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         seed=None,
         threads=placement.engine_threads,
         cpus=placement.engine_cpus,
+        logging_config=logging_config.core_config(settings.log_format, settings.log_level),
     )
     options = CoreProcessOptions(
         restarts=settings.engine_restarts,
         restart_backoff=settings.engine_restart_backoff,
         environment=placement.core_environment,
     )
-    print(f"starting the engine core process: {settings.model_dir()} on {device}", file=sys.stderr)
+    log.info("starting the engine core process: %s on %s", settings.model_dir(), device)
     return build_process_engine(spec, options)
 
 
@@ -225,7 +232,10 @@ def run_server(settings: Settings, engine: AsyncEngine) -> int:
         port=settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        access_log=settings.log_level == "debug",
+        # Logging is logging_config's (configured in serve()); the access lines are
+        # AccessLogMiddleware's.
+        log_config=None,
+        access_log=False,
     )
     print(summary(settings, engine), flush=True)
     DrainingServer(

@@ -138,11 +138,26 @@ class Settings(BaseSettings):
         "still admitted, so a load balancer checking /ready stops sending before the drain "
         "refuses any (0 under Kubernetes, whose preStop hook waits instead)",
     )
+    playground: bool = Field(
+        True,
+        description="serve the web playground at / (a page that calls this server's API); "
+        "off: / is a 404",
+    )
     chat_template: Path | None = Field(
         None, description="Jinja2 chat template file for /v1/chat/completions (default: built in)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="uvicorn log level"
+        "info", description="log level of the server (access lines are info)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines as readable text or as JSON objects, one a line; both carry "
+        "the request id",
+    )
+    log_requests: bool = Field(
+        False,
+        description="log prompts and generated text (and the messages of unexpected errors, "
+        "which may quote a request); off, no user text reaches the log at any level",
     )
 
     @field_validator("cors_origins", mode="before")
