@@ -274,6 +274,7 @@ class Restart:
     ready_seconds: float  # start -> /ready 200 (model load, compile from cache)
     back_seconds: float  # start -> HAProxy marks it UP
     requests_meanwhile: int = 0  # requests that began between the signal and UP
+    inflight_at_signal: int = 0  # requests this replica was serving when it was signalled
 
 
 @dataclass
@@ -307,6 +308,11 @@ def count_meanwhile(report_restarts: list[Restart], outcomes: list[Outcome]) -> 
     for r in report_restarts:
         end = r.signalled_at + r.exit_seconds + r.back_seconds
         r.requests_meanwhile = sum(1 for o in outcomes if r.signalled_at <= o.started <= end)
+        r.inflight_at_signal = sum(
+            1
+            for o in outcomes
+            if o.served_by == r.replica and o.started < r.signalled_at < o.started + o.seconds
+        )
 
 
 @contextmanager
@@ -398,8 +404,8 @@ def format_report(report: RolloutReport) -> str:
         lines.append(
             f"restart {r.replica} at {r.signalled_at:.1f} s: exit {r.exit_code} after "
             f"{r.exit_seconds:.1f} s, ready {r.ready_seconds:.1f} s after start, back in "
-            f"haproxy {r.back_seconds:.1f} s after start; {r.requests_meanwhile} requests "
-            "began meanwhile"
+            f"haproxy {r.back_seconds:.1f} s after start; {r.inflight_at_signal} of its requests "
+            f"running at the signal, {r.requests_meanwhile} begun meanwhile"
         )
     lines += [f"failed: {f['error']}" for f in report.failures]
     return "\n".join(lines)
@@ -433,6 +439,8 @@ def main() -> int:
     p.add_argument("--server-arg", action="append", default=[], help="more serve flags")
     p.add_argument("--json", type=Path, help="write the report here too")
     args = p.parse_args()
+    # A SIGTERM to the benchmark unwinds it, so its replicas and HAProxy are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     report = run_rollout(
         args.requests,
         args.concurrency,
