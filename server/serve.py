@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("palm_serve.server")
 
 
+# After the drain, connections still open get this long before being cut.
+GRACEFUL_SHUTDOWN_SECONDS = 5
+
+
 def serve(given: dict[str, Any]) -> int:
     try:
         settings = Settings(**given)
@@ -232,13 +236,14 @@ def run_server(settings: Settings, engine: AsyncEngine) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # After the drain, connections still open get this long before being cut.
-        timeout_graceful_shutdown=5,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         # Logging is logging_config's (configured in serve()); the access lines are
         # AccessLogMiddleware's.
         log_config=None,
         access_log=False,
     )
     print(summary(settings, engine), flush=True)
-    DrainingServer(config, lifecycle, settings.drain_timeout, engine.shutdown).run()
+    DrainingServer(
+        config, lifecycle, settings.drain_timeout, engine.shutdown, settings.drain_delay
+    ).run()
     return 0

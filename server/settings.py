@@ -147,6 +147,13 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )
+    drain_delay: float = Field(
+        0.0,
+        ge=0,
+        description="seconds after SIGTERM during which /ready answers 503 but requests are "
+        "still admitted, so a load balancer checking /ready stops sending before the drain "
+        "refuses any (0 under Kubernetes, whose preStop hook waits instead)",
+    )
     playground: bool = Field(
         True,
         description="serve the web playground at / (a page that calls this server's API); "
