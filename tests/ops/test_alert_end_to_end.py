@@ -140,7 +140,10 @@ async def saturate_then_release(server_url: str, prom: Prometheus) -> dict[str, 
                 for _ in range(REQUESTS)
             ]
             seen = await watch_until_firing(prom, api)
-            assert not any(task.done() for task in held), "a held request ended early"
+            # Requests served one at a time may finish on a fast machine; the queue stays
+            # over the threshold as long as fewer than the margin have.
+            done = sum(task.done() for task in held)
+            assert done < REQUESTS - WAITING_THRESHOLD, f"{done} held requests ended early"
             timings.update({f"load to {state}": t - start for state, t in seen.items()})
             released = time.monotonic()
             for task in held:
