@@ -27,8 +27,9 @@ from .input_processor import InputProcessor
 from .messages import EngineCoreOutputs, EngineCoreRequest, FinishRequests
 from .output_processor import OutputProcessor
 from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, StructuredOutputSpec
 from .stats import EngineStats
+from .structured_output import StructuredOutputValidator
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class AsyncEngine:
             tokenizer, info.model_config.vocab_size, info.max_model_len
         )
         self.output_processor = OutputProcessor(tokenizer)
+        self.structured_output = StructuredOutputValidator(tokenizer, info.model_config.vocab_size)
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._stats = EngineStats()
         self._started = False
@@ -121,6 +123,14 @@ class AsyncEngine:
     ) -> EngineCoreRequest:
         """Validate once: the request generate() will run, or InvalidRequestError."""
         return self.input_processor.make_request(prompt_ids, params, request_id)
+
+    async def check_structured_output(self, spec: StructuredOutputSpec, param: str) -> None:
+        """InvalidRequestError naming `param` (the request field the spec came from) and the
+        reason when the spec does not compile. Compiled in a worker thread, off the event
+        loop, and cached by spec (a schema sent again costs a dictionary lookup)."""
+        error = await asyncio.to_thread(self.structured_output.error, spec)
+        if error is not None:
+            raise InvalidRequestError(f"{param}: {error}", param)
 
     async def generate(self, request: EngineCoreRequest) -> AsyncGenerator[RequestOutput, None]:
         """Outputs of one request as they come (increments); the last has finished=True.

@@ -85,15 +85,23 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
-    def allocate(self, seq: BlockOwner, num_new_tokens: int, cached: Seq[int] = ()) -> bool:
+    def allocate(
+        self,
+        seq: BlockOwner,
+        num_new_tokens: int,
+        cached: Seq[int] = (),
+        num_lookahead_tokens: int = 0,
+    ) -> bool:
         """Grow seq's block table to hold its computed tokens (or the cached prefix) plus
         num_new_tokens more; False, changing nothing, if the free blocks do not suffice.
-        `cached` (from find_cached_prefix) is only for a sequence holding no blocks."""
+        `cached` (from find_cached_prefix) is only for a sequence holding no blocks.
+        num_lookahead_tokens: slots for draft tokens after the new ones, not in token_ids:
+        blocks holding any are not keyed (release_unverified settles them)."""
         if cached and seq.block_table:
             raise ValueError("cached prefix blocks can only start an empty block table")
         start = max(seq.num_computed_tokens, len(cached) * self.block_size)
         end = start + num_new_tokens
-        need = self.blocks_needed(end) - len(seq.block_table) - len(cached)
+        need = self.blocks_needed(end + num_lookahead_tokens) - len(seq.block_table) - len(cached)
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         if max(need, 0) + revived > len(self.free_queue):
             return False
@@ -104,6 +112,23 @@ class BlockManager:
         if self.enable_prefix_caching:
             self._register_full_blocks(seq, start // self.block_size, end // self.block_size)
         return True
+
+    def release_unverified(self, seq: BlockOwner, first_new: int) -> None:
+        """After a step with draft tokens (seq.num_computed_tokens now counts the accepted
+        ones; first_new was the step's first position): key the blocks that accepted drafts
+        filled, and return the blocks that only rejected drafts reached, first in line for
+        reuse (their K/V is garbage and they were never keyed)."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        for block_id in seq.block_table[keep:]:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_queue[block_id] = None
+                self.free_queue.move_to_end(block_id, last=False)
+        del seq.block_table[keep:]
+        if self.enable_prefix_caching:
+            bs = self.block_size
+            self._register_full_blocks(seq, first_new // bs, seq.num_computed_tokens // bs)
 
     def free(self, seq: BlockOwner) -> None:
         """Drop seq's references; its tail blocks go to the free queue first (evicted first)."""

@@ -21,6 +21,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # Prompt + output limit per request; None means the model's max_positions.
     max_model_len: int | None = None
+    # n-gram speculative decoding (engine/speculative.py): draft up to
+    # num_speculative_tokens tokens from the longest suffix match (ngram_max..ngram_min
+    # tokens) in the request's own tokens, verified in one forward pass.
+    speculative_ngram: bool = False
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 3
+    # Speculate only while at most this many sequences run: past it the step is
+    # compute-bound and verifying drafts costs more than it saves (docs/BENCHMARKS.md).
+    speculative_max_running: int = 16
 
     def __post_init__(self) -> None:
         checks = [
@@ -34,6 +44,10 @@ class EngineConfig:
                 "max_model_len",
                 "must be >= 1",
             ),
+            (self.num_speculative_tokens >= 1, "num_speculative_tokens", "must be >= 1"),
+            (self.ngram_min >= 1, "ngram_min", "must be >= 1"),
+            (self.ngram_max >= self.ngram_min, "ngram_max", "must be >= ngram_min"),
+            (self.speculative_max_running >= 1, "speculative_max_running", "must be >= 1"),
         ]
         for ok, name, why in checks:
             if not ok:

@@ -13,15 +13,23 @@ import torch
 
 from .block_manager import BlockManager
 from .messages import EngineCoreOutput, EngineCoreRequest
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, StepResult
 from .outputs import FinishReason, TokenLogprob
-from .scheduler import Scheduler
+from .sampling_params import StructuredOutputSpec
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .stats import EngineStats
+from .structured_output import StructuredOutputManager
 
 
 class EngineCore:
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, seed: int | None = None) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        seed: int | None = None,
+        structured: StructuredOutputManager | None = None,
+    ) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.block_manager: BlockManager = scheduler.block_manager
@@ -30,6 +38,8 @@ class EngineCore:
         self._rng = random.Random(seed)
         self.seqs: dict[str, Sequence] = {}
         self.counters = EngineStats()
+        # Compiles structured-output specs; None: this core refuses constrained requests.
+        self.structured = structured
         # Refused at arrival (they can never be served): reported, with an error, by the
         # next step. Aborted requests are not reported: their caller has already left.
         self._rejected: list[Sequence] = []
@@ -50,6 +60,7 @@ class EngineCore:
             seq.prompt_logprobs = [None]
         self.seqs[seq.request_id] = seq
         n = seq.num_prompt_tokens
+        message = None
         if not n or n >= self.max_model_len:
             # The front's InputProcessor refuses these before they are sent; a caller that
             # skips it still gets one failed request, not a failed engine.
@@ -57,11 +68,25 @@ class EngineCore:
                 f"prompt has {n} tokens; the context length (max_model_len) "
                 f"is {self.max_model_len}, so at most {self.max_model_len - 1} fit"
             )
+        elif params.structured_output is not None:
+            message = self._start_grammar(seq, params.structured_output)
+        if message is not None:
             self.scheduler.reject(seq, message)
             self._rejected.append(seq)
             return
         self.scheduler.add(seq)
         self.counters.prompt_tokens += n
+
+    def _start_grammar(self, seq: Sequence, spec: StructuredOutputSpec) -> str | None:
+        """Give seq its matcher; the reason it cannot have one (the front validated the
+        spec, so a caller that skipped the front)."""
+        if self.structured is None:
+            return "structured output: this engine core has no tokenizer to compile it for"
+        try:
+            seq.grammar = self.structured.start(spec)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def finish_requests(self, request_ids: list[str], reason: FinishReason = "abort") -> None:
         """Stop requests the front is done with (the caller left, or a stop string)."""
@@ -83,19 +108,44 @@ class EngineCore:
     def step(self) -> list[EngineCoreOutput]:
         plan = self.scheduler.schedule()
         touched, self._rejected = self._rejected, []
-        sampled: list[int | None] = []
+        result = StepResult([], [])
         if not plan.is_empty:
-            result = self.runner.execute(plan)
+            result = self.runner.execute(plan, self._bitmask(plan))
             self.counters.num_steps += 1
             self.counters.num_batched_tokens += plan.num_batched_tokens
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
-            for item, lp in zip(plan.scheduled, result.logprobs, strict=True):
-                if lp is not None:
-                    item.seq.pending_logprobs.append(lp)
-            sampled = result.sampled
-        touched += self.scheduler.update(plan, sampled)
+        lengths = [item.seq.num_tokens for item in plan.scheduled]
+        touched += self.scheduler.update(plan, result.sampled)
+        for item, length, entries in zip(plan.scheduled, lengths, result.logprobs, strict=True):
+            # Only the tokens appended: a stop rule drops the rest of a verified draft.
+            item.seq.pending_logprobs.extend(entries[: item.seq.num_tokens - length])
+        for seq in touched:
+            if seq.grammar is not None:
+                self._advance_grammar(seq)
         return [self._output(seq) for seq in dict.fromkeys(touched)]
+
+    def _bitmask(self, plan: SchedulerOutput) -> torch.Tensor | None:
+        """The allowed tokens of the sequences due a token (None: none is constrained)."""
+        if self.structured is None:
+            return None
+        # Rows in the runner's order of sequences sampled from one row (drafted ones verify).
+        due = [it.seq.grammar for it in plan.scheduled if it.sample and not it.draft]
+        return self.structured.bitmask(due)
+
+    def _advance_grammar(self, seq: Sequence) -> None:
+        """Feed seq's matcher its new tokens; a grammar that is complete ends the request
+        with "stop" (also when the same token reached max_tokens: the output is whole)."""
+        grammar = seq.grammar
+        assert grammar is not None
+        grammar.advance(seq.output_token_ids)
+        if grammar.error is not None and not seq.is_finished:
+            self.scheduler.abort(seq)
+            seq.finish_reason, seq.error = "error", f"structured output: {grammar.error}"
+        elif grammar.is_complete and seq.finish_reason in (None, "length"):
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+            seq.finish_reason, grammar.ended_request = "stop", True
 
     def finish_all(
         self, reason: FinishReason, message: str | None = None
@@ -120,6 +170,8 @@ class EngineCore:
         s.kv_cache_usage = self.block_manager.usage
         s.num_preemptions = self.scheduler.num_preemptions
         s.prefix_cache_hit_tokens = self.scheduler.prefix_cache_hit_tokens
+        s.num_draft_tokens = self.scheduler.num_draft_tokens
+        s.num_accepted_draft_tokens = self.scheduler.num_accepted_draft_tokens
         return EngineStats(**vars(s))
 
     # ---- outputs -------------------------------------------------------------------------
@@ -138,6 +190,7 @@ class EngineCore:
             logprobs=self._take_logprobs(seq),
             num_cached_tokens=seq.num_cached_tokens,
             first_scheduled_time=seq.first_scheduled_time,
+            grammar_complete=seq.grammar is not None and seq.grammar.ended_request,
         )
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             out.prompt_logprobs = seq.prompt_logprobs

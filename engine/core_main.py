@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import logging.config
 import os
 import signal
 import sys
@@ -64,6 +65,9 @@ class CoreSpec:
     # others; their collectives time out after tp_timeout seconds.
     tensor_parallel_size: int = 1
     tp_timeout: float = 30.0
+    # logging.config.dictConfig for this process, so that its log lines read as the
+    # front's (text or JSON); None: Python's default (warnings and errors as bare text).
+    logging_config: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class CoreLink:
 def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
     """The core process's main. Returns (exit 0) after a Shutdown; exits 1 on a failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if spec.logging_config is not None:
+        logging.config.dictConfig(spec.logging_config)
     die_with_parent(link.parent_pid)
     place(spec.cpus, spec.threads)
     context = zmq.Context(io_threads=1)
@@ -122,9 +128,9 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
             compile=spec.compile,
             block_size=spec.engine_config.block_size,
         )
-    # Only for its EOS id when the model's config names none (as build_engine does).
+    # For its EOS id when the model's config names none, and structured output's grammars.
     tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
-    return build_core(model, spec.engine_config, tokenizer.eos_token_id, spec.seed)
+    return build_core(model, spec.engine_config, tokenizer, spec.seed)
 
 
 def start_ranks(spec: CoreSpec) -> DecoderModel:

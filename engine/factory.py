@@ -26,12 +26,14 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .core import EngineCore
 from .core_client import CoreClient, InProcessCoreClient
+from .draft_policy import DraftPolicy
 from .input_processor import InputProcessor
 from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
 from .output_processor import OutputProcessor
 from .sampler import Sampler
 from .scheduler import Scheduler
+from .structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -95,24 +97,28 @@ def build_engine(
 
 
 def build_core(
-    model: DecoderModel, config: EngineConfig, eos_token_id: int | None, seed: int | None = None
+    model: DecoderModel, config: EngineConfig, tokenizer: Tokenizer, seed: int | None = None
 ) -> EngineCore:
+    """The core; the tokenizer gives the EOS id when the model's config names none, and
+    the token bytes structured output compiles grammars against."""
     mc = model.config
     param = next(model.parameters())
     num_blocks = config.num_blocks or pool_blocks(mc, config, param.dtype)
     max_model_len = context_length(mc, config, num_blocks)
     kv_cache = KVCache.allocate(mc, num_blocks, config.block_size, param.dtype, param.device)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-    eos = mc.eos_token_id if mc.eos_token_id is not None else eos_token_id
-    scheduler = Scheduler(config, block_manager, max_model_len, eos)
+    eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
+    drafts = DraftPolicy(config, max_model_len) if config.speculative_ngram else None
+    scheduler = Scheduler(config, block_manager, max_model_len, eos, drafts)
     runner = ModelRunner(model, kv_cache, config.block_size, Sampler())
-    return EngineCore(scheduler, runner, seed=seed)
+    structured = StructuredOutputManager(tokenizer, mc.vocab_size, torch.get_num_threads())
+    return EngineCore(scheduler, runner, seed=seed, structured=structured)
 
 
 def build_llm_engine(
     model: DecoderModel, tokenizer: Tokenizer, config: EngineConfig, seed: int | None = None
 ) -> LLMEngine:
-    core = build_core(model, config, tokenizer.eos_token_id, seed)
+    core = build_core(model, config, tokenizer, seed)
     inputs = InputProcessor(tokenizer, model.config.vocab_size, core.max_model_len)
     return LLMEngine(core, inputs, OutputProcessor(tokenizer))
 
@@ -125,7 +131,7 @@ def build_async_engine(
     seed: int | None = None,
 ) -> AsyncEngine:
     """An AsyncEngine over an in-memory model, its core in a worker thread."""
-    core = build_core(model, config, tokenizer.eos_token_id, seed)
+    core = build_core(model, config, tokenizer, seed)
     client: CoreClient = InProcessCoreClient(core)
     return AsyncEngine(client, tokenizer, core_info(core, model))
 

@@ -40,7 +40,8 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     # Set on the request's last output. "stop" from the core means EOS or a stop token id,
-    # and that token is the last of new_token_ids.
+    # and that token is the last of new_token_ids, or (grammar_complete) that the
+    # structured output is complete, and every token is text.
     finish_reason: FinishReason | None = None
     # The stop token id that ended the request (None for EOS and every other reason).
     stop_token_id: int | None = None
@@ -53,6 +54,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0
     # time.monotonic() when the core first scheduled the request.
     first_scheduled_time: float | None = None
+    grammar_complete: bool = False
 
     @property
     def finished(self) -> bool:

@@ -1,6 +1,8 @@
 """ModelRunner: executes a plan. Flattens the scheduled sequences into one batch (ids,
 positions, slot mapping, block tables, query starts, context lengths), runs the model once
-for the whole mixed prefill + decode batch, and samples only where a token is due."""
+for the whole mixed prefill + decode batch, and samples only where a token is due. A
+sequence with draft tokens is a causal chunk of its last known token and the drafts; the
+logits of all its rows go to the verifier (speculative.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from .outputs import TokenLogprob
 from .sampler import Sampler, token_logprobs
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .sequence import Sequence
+from .speculative import verify_drafts
 
 # Prompt positions whose logits are materialized at once (prompt logprobs).
 PROMPT_LOGPROB_ROWS = 256
@@ -22,10 +25,11 @@ PROMPT_LOGPROB_ROWS = 256
 
 @dataclass
 class StepResult:
-    # One entry per plan.scheduled: the sampled token, or None (mid-chunked-prefill).
-    sampled: list[int | None]
-    # One entry per plan.scheduled: the token's logprobs when requested.
-    logprobs: list[TokenLogprob | None]
+    # One entry per plan.scheduled: the tokens to append: none (mid-chunked-prefill), the
+    # sampled one, or a draft's accepted tokens and the one after them.
+    sampled: list[list[int]]
+    # One entry per plan.scheduled: the tokens' logprobs when requested.
+    logprobs: list[list[TokenLogprob]]
     # Prompt logprobs computed this step, per sequence, in prompt order.
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
 
@@ -41,24 +45,52 @@ class ModelRunner:
         self.device = kv_cache.k[0].device
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput) -> StepResult:
+    def execute(self, plan: SchedulerOutput, bitmask: torch.Tensor | None = None) -> StepResult:
+        """bitmask: the allowed tokens of the sequences due a token, in plan order (rows of
+        the structured-output bitmask, StructuredOutputManager.bitmask), or None."""
         items = plan.scheduled
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
-        due = [i for i, it in enumerate(items) if it.sample]
+        result = StepResult([[] for _ in items], [[] for _ in items])
         last_rows = meta.last_token_indices()  # (S,)
-        sampled: list[int | None] = [None] * len(items)
-        logprobs: list[TokenLogprob | None] = [None] * len(items)
+        due = [i for i, it in enumerate(items) if it.sample and not it.draft]
         if due:
             logits = self.model.compute_logits(hidden[last_rows[due]]).float()  # (due, V)
-            out = self.sampler(logits, [items[i].seq for i in due])
+            out = self.sampler(logits, [items[i].seq for i in due], bitmask)
             for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
-                sampled[i], logprobs[i] = token, lp
-        result = StepResult(sampled, logprobs)
-        prompt_rows, prompt_jobs = self._prompt_rows(items, meta.query_start_loc.tolist())
+                result.sampled[i] = [token]
+                result.logprobs[i] = [lp] if lp is not None else []
+        drafted = [i for i, it in enumerate(items) if it.draft]
+        query_start = meta.query_start_loc.tolist()
+        if drafted:
+            self._verify(items, drafted, hidden, query_start, result)
+        prompt_rows, prompt_jobs = self._prompt_rows(items, query_start)
         if prompt_jobs:
             result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows, prompt_jobs)
         return result
+
+    def _verify(
+        self,
+        items: list[ScheduledSeq],
+        drafted: list[int],
+        hidden: torch.Tensor,
+        query_start: list[int],
+        result: StepResult,
+    ) -> None:
+        """Logits of every row of each drafted sequence (its known token's and its drafts'),
+        verified against the drafts."""
+        rows = [
+            r
+            for i in drafted
+            for r in range(query_start[i + 1] - len(items[i].draft) - 1, query_start[i + 1])
+        ]
+        index = torch.tensor(rows, dtype=torch.long, device=hidden.device)
+        logits = self.model.compute_logits(hidden[index]).float()  # (rows, V)
+        verified = verify_drafts(
+            logits, [items[i].seq for i in drafted], [items[i].draft for i in drafted]
+        )
+        for i, v in zip(drafted, verified, strict=True):
+            result.sampled[i], result.logprobs[i] = v.token_ids, v.logprobs
 
     def prepare(
         self, items: list[ScheduledSeq]
@@ -66,7 +98,8 @@ class ModelRunner:
         """The flat batch, built from a few Python lists and vectorized tensor ops."""
         ids: list[int] = []
         for it in items:
-            ids.extend(it.seq.token_ids[it.start : it.start + it.num_new_tokens])
+            ids.extend(it.seq.token_ids[it.start : it.start + it.num_known_tokens])
+            ids.extend(it.draft)
         q_lens = torch.tensor([it.num_new_tokens for it in items], dtype=torch.long)
         starts = torch.tensor([it.start for it in items], dtype=torch.long)
         width = max(len(it.seq.block_table) for it in items)

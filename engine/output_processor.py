@@ -83,7 +83,7 @@ class OutputProcessor:
         stop_reason: str | int | None = _stop_token(core_out)
         checker = state.stop_checker
         # EOS and stop tokens end the request without text of their own.
-        text_ids = ids[:-1] if reason == "stop" else ids
+        text_ids = ids[:-1] if reason == "stop" and not core_out.grammar_complete else ids
         for i, token in enumerate(text_ids):
             hit = checker.add_token(token)
             if hit is not None:

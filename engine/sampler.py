@@ -1,10 +1,12 @@
 """Sampler: logits of the sequences due a token -> one token each, vectorized over the batch.
 
-Order (as vLLM): penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p,
+Order (as vLLM): the structured-output bitmask (tokens the grammar forbids become -inf),
+penalties, then greedy argmax or temperature -> top-k -> top-p -> min-p,
 then inverse-CDF sampling with one uniform draw from the request's own torch.Generator, so
 a request's tokens do not depend on its neighbours (filters are masks in vocabulary order,
 whatever the batch needs). Logprobs are those of the raw model distribution:
-log_softmax of the fp32 logits before penalties and temperature (OpenAI/vLLM default)."""
+log_softmax of the fp32 logits before penalties and temperature (OpenAI/vLLM default),
+over the tokens the grammar allows when there is one (as vLLM, which masks first too)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
+from .structured_output import apply_token_bitmask
 
 NEG_INF = float("-inf")
 
@@ -27,19 +30,24 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits [N, V] (any float dtype), one row per sequence in seqs."""
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits [N, V] (any float dtype), one row per sequence in seqs; bitmask: int32
+        [N, ceil(V / 32)] of the allowed tokens (structured_output.py), None: all allowed."""
         logits = logits.float()
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
         params = [s.params for s in seqs]
         raw = logits
-        if any(_penalized(p) for p in params):
+        if any(is_penalized(p) for p in params):
             logits = apply_penalties(logits.clone(), seqs)
         if all(p.greedy for p in params):
             tokens = logits.argmax(dim=-1)
         else:
             tokens = self._mixed(logits, seqs)
         token_list = tokens.tolist()
-        return SamplerOutput(token_list, _logprobs(raw, tokens, params))
+        return SamplerOutput(token_list, chosen_logprobs(raw, tokens, params))
 
     def _mixed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         tokens = logits.argmax(dim=-1)
@@ -55,6 +63,15 @@ def sample_rows(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
 ) -> torch.Tensor:
     """logits [R, V] of non-greedy rows -> [R] token ids."""
+    cdf = target_probs(logits, params).cumsum(dim=-1)  # (R, V)
+    # One uniform per row from the row's own generator: the only randomness of the step.
+    u = torch.cat([torch.rand(1, generator=g) for g in generators])
+    return draw(cdf, u)
+
+
+def target_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits [R, V] of non-greedy rows -> [R, V] the distribution each row samples from
+    (temperature, top-k, top-p, min-p), unnormalized where min-p dropped tokens."""
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=dev)
     temps = temps.unsqueeze(1)
@@ -66,13 +83,16 @@ def sample_rows(
         min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=dev)
         min_p = min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-    # One uniform per row from the row's own generator: the only randomness of the step.
-    u = torch.cat([torch.rand(1, generator=g) for g in generators]).to(dev, probs.dtype)
-    cdf = probs.cumsum(dim=-1)  # (R, V)
-    target = (u * cdf[:, -1]).unsqueeze(1)
+    return probs
+
+
+def draw(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: cdf [R, V] (cumulative target_probs), u [R] uniforms in [0, 1)
+    -> [R] token ids."""
+    target = (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(1)
     # right=True: the first token whose cumulative mass exceeds the target (never a zero one).
     index = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return index.clamp_(max=logits.shape[1] - 1)
+    return index.clamp_(max=cdf.shape[1] - 1)
 
 
 # torch's CPU sort of a whole vocabulary is slow; topk of a few hundred candidates is an
@@ -125,14 +145,14 @@ def _filter_candidates(
     return torch.where(active, filtered, logits), fits
 
 
-def _penalized(p: SamplingParams) -> bool:
+def is_penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """In place on logits [N, V]. Repetition (CTRL, sign-aware) over prompt and output
     tokens; presence and frequency (OpenAI) over output tokens only."""
-    rows = [i for i, s in enumerate(seqs) if _penalized(s.params)]
+    rows = [i for i, s in enumerate(seqs) if is_penalized(s.params)]
     sub = logits[rows]
     counts = _token_counts([seqs[i].output_token_ids for i in rows], sub.shape).to(sub.device)
     in_prompt = _token_counts([seqs[i].prompt_token_ids for i in rows], sub.shape) > 0
@@ -173,9 +193,10 @@ def _token_counts(token_lists: list[list[int]], shape: torch.Size) -> torch.Tens
     return counts
 
 
-def _logprobs(
+def chosen_logprobs(
     raw: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams]
 ) -> list[TokenLogprob | None]:
+    """raw [N, V] fp32 logits, tokens [N] -> each row's entry (None where not requested)."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     result: list[TokenLogprob | None] = [None] * len(params)
     if not rows:

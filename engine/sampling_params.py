@@ -8,6 +8,29 @@ GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
+class StructuredOutputSpec:
+    """What the output must match: exactly one of a JSON schema (its JSON text), a regular
+    expression, a list of choices, or a Lark grammar (llguidance's dialect). Plain data: it
+    crosses the process seam inside SamplingParams and keys the compile caches."""
+
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [
+            v for v in (self.json_schema, self.regex, self.choice, self.grammar) if v is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "structured_output must set exactly one of json_schema, regex, choice, grammar"
+            )
+        if self.choice is not None and not self.choice:
+            raise ValueError("structured_output choice must list at least one string")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     # 0 (or below GREEDY_TEMPERATURE) means greedy (argmax); the filters then do nothing.
@@ -30,6 +53,8 @@ class SamplingParams:
     logprobs: int | None = None
     # Same, for every prompt token after the first.
     prompt_logprobs: int | None = None
+    # Constrained decoding: only tokens that keep the output matching this are sampled.
+    structured_output: StructuredOutputSpec | None = None
 
     def __post_init__(self) -> None:
         checks = [

@@ -4,7 +4,10 @@ Running sequences first (decodes, then unfinished prefill chunks), then waiting 
 arrival order while max_num_seqs and the token budget allow; a prompt larger than what
 is left of the budget is prefilled in chunks. When a running sequence cannot get a block,
 the newest running sequence not yet planned this step is preempted by recompute (blocks
-freed, requeued at the front). It plans and applies results; it never touches a tensor."""
+freed, requeued at the front). With a DraftPolicy, a decode may carry draft tokens to be
+verified in the same step (their slots reserved, counted in the budget; a draft that does
+not fit is dropped before anyone is preempted for it). It plans and applies results; it
+never touches a tensor."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .config import EngineConfig
+from .draft_policy import DraftPolicy
 from .outputs import FinishReason
 from .sequence import Sequence, SequenceStatus
 from .stop_rules import check_stop
@@ -24,10 +28,19 @@ class ScheduledSeq:
     seq: Sequence
     # Position of the first token computed this step (= tokens already in the cache).
     start: int
-    # Tokens computed this step: 1 for a decode, a chunk (or all) of the rest for a prefill.
+    # Tokens computed this step: 1 for a decode, a chunk (or all) of the rest for a prefill;
+    # draft tokens included.
     num_new_tokens: int
     # True when this step reaches the end of the known tokens, so a new token is due.
     sample: bool
+    # Draft tokens that follow the known ones in this step's input (speculative decoding):
+    # the step verifies them and emits 1..len(draft) + 1 tokens.
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens of this step already in seq.token_ids (the rest are drafts)."""
+        return self.num_new_tokens - len(self.draft)
 
 
 @dataclass
@@ -40,6 +53,8 @@ class SchedulerOutput:
     rejected: list[Sequence] = field(default_factory=list)
     # Sum of num_new_tokens (<= max_num_batched_tokens).
     num_batched_tokens: int = 0
+    # Sum of len(draft).
+    num_draft_tokens: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -53,16 +68,21 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         eos_token_id: int | None,
+        draft_policy: DraftPolicy | None = None,
     ) -> None:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
+        self.draft_policy = draft_policy
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
         self.prefix_cache_hit_tokens = 0
+        # Draft tokens verified, and those the target accepted.
+        self.num_draft_tokens = 0
+        self.num_accepted_draft_tokens = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -87,6 +107,10 @@ class Scheduler:
 
     def _schedule_running(self, seq: Sequence, budget: int, plan: SchedulerOutput) -> int:
         num_new = min(seq.num_uncomputed_tokens, budget)
+        draft = self._draft(seq, budget)
+        if draft and self.block_manager.allocate(seq, num_new, num_lookahead_tokens=len(draft)):
+            self._plan(seq, num_new, plan, draft)
+            return num_new + len(draft)
         while not self.block_manager.allocate(seq, num_new):
             planned = {id(s.seq) for s in plan.scheduled}
             victims = [s for s in self.running if id(s) not in planned]
@@ -120,11 +144,21 @@ class Scheduler:
             self._plan(seq, num_new, plan)
             budget -= num_new
 
-    def _plan(self, seq: Sequence, num_new: int, plan: SchedulerOutput) -> None:
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        if self.draft_policy is None:
+            return []
+        return self.draft_policy.draft(seq, len(self.running), budget)
+
+    def _plan(
+        self, seq: Sequence, num_new: int, plan: SchedulerOutput, draft: list[int] | None = None
+    ) -> None:
+        """num_new known tokens, then the draft tokens (if any)."""
         start = seq.num_computed_tokens
         sample = start + num_new == seq.num_tokens
-        plan.scheduled.append(ScheduledSeq(seq, start, num_new, sample))
-        plan.num_batched_tokens += num_new
+        draft = draft or []
+        plan.scheduled.append(ScheduledSeq(seq, start, num_new + len(draft), sample, draft))
+        plan.num_batched_tokens += num_new + len(draft)
+        plan.num_draft_tokens += len(draft)
 
     def _preempt(self, seq: Sequence, plan: SchedulerOutput) -> None:
         """Recompute later: drop the blocks (cached ones stay findable), requeue first."""
@@ -152,22 +186,35 @@ class Scheduler:
 
     # ---- applying results ----------------------------------------------------------------
 
-    def update(self, plan: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
-        """Apply one step: advance computed counts, append sampled tokens (one entry per
-        plan.scheduled, None where no token was due) and finish sequences that stop.
-        Returns the sequences with something to report."""
+    def update(self, plan: SchedulerOutput, sampled: list[list[int]]) -> list[Sequence]:
+        """Apply one step: advance computed counts, append the step's tokens (one list per
+        plan.scheduled: empty where no token was due, one token, or a verified draft's
+        accepted tokens and the one after them), checking the stop rules after each in
+        order, and finish sequences that stop. Returns the sequences with something to
+        report."""
         touched = list(plan.rejected)
-        for item, token in zip(plan.scheduled, sampled, strict=True):
+        for item, tokens in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            if token is None:
-                continue
+            # Accepted drafts (all tokens but the last) are computed: their K/V is written.
+            seq.num_computed_tokens = item.start + item.num_known_tokens + max(len(tokens) - 1, 0)
+            if item.draft:
+                self.num_draft_tokens += len(item.draft)
+                self.num_accepted_draft_tokens += len(tokens) - 1
+            if tokens:
+                self._append(seq, tokens)
+                touched.append(seq)
+            if item.draft and not seq.is_finished:
+                self.block_manager.release_unverified(seq, item.start)
+        return touched
+
+    def _append(self, seq: Sequence, tokens: list[int]) -> None:
+        """Append tokens one by one; the first that stops seq finishes it (the rest dropped)."""
+        for token in tokens:
             seq.token_ids.append(token)
             reason = check_stop(seq, token, self.eos_token_id, self.max_model_len)
             if reason is not None:
                 self._finish(seq, reason)
-            touched.append(seq)
-        return touched
+                return
 
     def abort(self, seq: Sequence) -> None:
         if seq.status is SequenceStatus.WAITING:

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .outputs import FinishReason, TokenLogprob
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .structured_output import GrammarState
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +52,8 @@ class Sequence:
     error: str | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    # The structured-output matcher, in step with the output tokens (None: unconstrained).
+    grammar: GrammarState | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

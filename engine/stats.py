@@ -25,3 +25,13 @@ class EngineStats:
     # Model steps run, and tokens they computed (prefill chunks + decodes).
     num_steps: int = 0
     num_batched_tokens: int = 0
+    # Speculative decoding: draft tokens verified, and those accepted.
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
+
+    @property
+    def draft_acceptance_rate(self) -> float:
+        """Accepted / verified draft tokens (0 before any draft)."""
+        return (
+            self.num_accepted_draft_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+        )

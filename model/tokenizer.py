@@ -44,6 +44,10 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._model.decode(ids, skip_special_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what other libraries load the same tokenizer from)."""
+        return self._model.to_str()
+
 
 def _first_token_id(model: HFTokenizerModel, candidates: tuple[str, ...]) -> int | None:
     for token in candidates:

@@ -10,7 +10,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..engine.async_engine import AsyncEngine
-from . import routes_chat, routes_completions, routes_generate, routes_models, routes_ops
+from . import (
+    routes_chat,
+    routes_completions,
+    routes_generate,
+    routes_models,
+    routes_ops,
+    routes_playground,
+)
+from .access_log import AccessLogMiddleware
 from .chat_template import ChatTemplate
 from .errors import install_error_handlers
 from .lifecycle import Lifecycle
@@ -18,6 +26,7 @@ from .metrics import Metrics
 from .middleware import APIKeyMiddleware, HTTPMetricsMiddleware, UnhandledErrorMiddleware
 from .openapi import served_schema
 from .request_body import RequestBodyMiddleware
+from .request_context import REQUEST_ID_HEADER
 from .settings import Settings
 from .state import ServerState
 
@@ -47,6 +56,8 @@ def create_app(
     )
     for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):
         app.include_router(routes.router)
+    if settings.playground:
+        app.include_router(routes_playground.router)
     install_error_handlers(app)
     _add_middlewares(app, settings)
     vocab_size = engine.info.model_config.vocab_size
@@ -55,22 +66,30 @@ def create_app(
 
 
 def _add_middlewares(app: FastAPI, settings: Settings) -> None:
-    # Added innermost first: CORS (outermost) -> HTTP metrics -> unexpected errors ->
-    # request body -> API key.
+    # Added innermost first: CORS (outermost) -> HTTP metrics -> request id and access log
+    # -> unexpected errors -> request body -> API key.
     if settings.api_key is not None:
-        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key.get_secret_value())
+        playground = settings.playground
+        app.add_middleware(
+            APIKeyMiddleware,
+            api_key=settings.api_key.get_secret_value(),
+            open_paths=(routes_playground.PAGE_PATH,) if playground else (),
+            open_prefixes=(routes_playground.ASSET_PREFIX,) if playground else (),
+        )
     app.add_middleware(
         RequestBodyMiddleware,
         max_bytes=settings.max_request_bytes,
         read_timeout=settings.body_read_timeout,
         routes=app.routes,
     )
-    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(UnhandledErrorMiddleware, log_messages=settings.log_requests)
+    app.add_middleware(AccessLogMiddleware, routes=app.routes)
     app.add_middleware(HTTPMetricsMiddleware, metrics=app.state.palm.metrics, routes=app.routes)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER],
         )

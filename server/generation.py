@@ -6,7 +6,7 @@ went away. Closing a request's stream is the one way a request is aborted."""
 from __future__ import annotations
 
 import asyncio
-import uuid
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
@@ -20,18 +20,18 @@ from ..engine.outputs import RequestOutput, TokenLogprob
 from ..engine.sampling_params import SamplingParams
 from .errors import APIError, bad_request, error_body, from_engine_error, unavailable
 from .lifecycle import Ticket
+from .request_context import RequestContext, request_context
 from .sse import sse_event
 from .state import ServerState
+
+# User text (prompts, outputs) is logged only with --log-requests, at info.
+request_log = logging.getLogger("palm_serve.requests")
 
 # One request's outputs; closing it early aborts the request.
 OutputStream = AsyncGenerator[RequestOutput, None]
 
 DISCONNECT_POLL_SECONDS = 0.2
 RETRY_AFTER_SECONDS = 1
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def make_params(**kwargs: Any) -> SamplingParams:
@@ -83,11 +83,16 @@ def admit(state: ServerState, num_seqs: int, fan_out: str = "") -> list[Ticket]:
 
 
 def tokenize(state: ServerState, prompt: str | list[int], param: str = "prompt") -> list[int]:
-    """The prompt's token ids (its one encode), or a 400 naming the field it came from."""
+    """The prompt's token ids (its one encode), or a 400 naming the field it came from.
+    They count once in the access line's prompt tokens, however many choices share them."""
+    if state.settings.log_requests:
+        request_log.info("%s: %r", param, prompt)
     try:
-        return state.engine.tokenize(prompt, param)
+        ids = state.engine.tokenize(prompt, param)
     except InvalidRequestError as exc:
         raise from_engine_error(exc) from None
+    request_context().prompt_tokens += len(ids)
+    return ids
 
 
 @dataclass
@@ -98,21 +103,33 @@ class Outcome:
 
 
 async def outputs(
-    state: ServerState, request: EngineCoreRequest, ticket: Ticket, outcome: Outcome
+    state: ServerState,
+    request: EngineCoreRequest,
+    ticket: Ticket,
+    outcome: Outcome,
+    context: RequestContext,
 ) -> OutputStream:
     """The engine's outputs for one request. Closing the stream early (aclose, cancellation:
     a client that left) aborts the request, so its KV blocks return to the pool."""
     tracker, reason = state.metrics.track(), "abort"
+    logged_text: list[str] | None = [] if state.settings.log_requests else None
     try:
         async with aclosing(state.engine.generate(request)) as stream:
             async for out in stream:
                 tracker.on_output(out)
+                context.on_tokens(len(out.new_token_ids))
+                if logged_text is not None:
+                    logged_text.append(out.new_text)
                 if out.finished:
                     reason = out.finish_reason or "stop"
                 yield out
     finally:
         ticket.release()
-        tracker.finish("stalled" if outcome.stalled else reason, len(request.prompt_token_ids))
+        reason = "stalled" if outcome.stalled else reason
+        tracker.finish(reason, len(request.prompt_token_ids))
+        context.finish_reasons.append(reason)
+        if logged_text is not None:
+            request_log.info("output of %s: %r", request.request_id, "".join(logged_text))
 
 
 @dataclass
@@ -123,10 +140,8 @@ class Started:
     stream: OutputStream
     ticket: Ticket
     outcome: Outcome
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
+    # The `id` of the response: the route's prefix and the HTTP request's id (X-Request-Id).
+    response_id: str
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -138,12 +153,14 @@ def start(
 ) -> Started:
     """Validate a request admitted with `ticket`. The caller releases its tickets
     (idempotent) when the response is over, or at once if any of its requests is refused."""
+    context = request_context()
     try:
-        request = state.engine.make_request(prompt_ids, params, new_id(prefix))
+        request = state.engine.make_request(prompt_ids, params, context.engine_request_id(prefix))
     except (InvalidRequestError, EngineDeadError) as exc:
         raise from_engine_error(exc) from None
     outcome = Outcome()
-    return Started(request, outputs(state, request, ticket, outcome), ticket, outcome)
+    stream = outputs(state, request, ticket, outcome, context)
+    return Started(request, stream, ticket, outcome, context.response_id(prefix))
 
 
 def release_all(tickets: list[Ticket]) -> None:

@@ -32,8 +32,18 @@ _ENGINE_SERIES = (
     ("palm_kv_cache_usage_ratio", "Used fraction of KV blocks"),
     ("palm_num_preemptions", "Sequences preempted"),
     ("palm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+    ("palm_spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding)"),
+    ("palm_spec_decode_num_accepted_tokens", "Draft tokens accepted (speculative decoding)"),
+    (
+        "palm_spec_decode_acceptance_ratio",
+        "Accepted / verified draft tokens since start (0 before any draft)",
+    ),
 )
 _RESTARTS = ("palm_engine_restarts", "Engine core processes restarted after one died")
+
+
+def _is_gauge(name: str) -> bool:
+    return "num_requests" in name or name.endswith(("usage_ratio", "acceptance_ratio"))
 
 
 class EngineCollector(Collector):
@@ -47,9 +57,7 @@ class EngineCollector(Collector):
         # Names only, so registering does not call the engine (it may not be started).
         for name, doc in _ENGINE_SERIES:
             yield (
-                GaugeMetricFamily(name, doc)
-                if "num_requests" in name or "usage" in name
-                else CounterMetricFamily(name, doc)
+                GaugeMetricFamily(name, doc) if _is_gauge(name) else CounterMetricFamily(name, doc)
             )
         yield CounterMetricFamily(*_RESTARTS)
 
@@ -61,13 +69,12 @@ class EngineCollector(Collector):
             s.kv_cache_usage,
             s.num_preemptions,
             s.prefix_cache_hit_tokens,
+            s.num_draft_tokens,
+            s.num_accepted_draft_tokens,
+            s.draft_acceptance_rate,
         )
         for (name, doc), value in zip(_ENGINE_SERIES, values, strict=True):
-            family = (
-                GaugeMetricFamily
-                if "num_requests" in name or "usage" in name
-                else CounterMetricFamily
-            )
+            family = GaugeMetricFamily if _is_gauge(name) else CounterMetricFamily
             yield family(name, doc, value=value)
         yield CounterMetricFamily(*_RESTARTS, value=self._restarts())
 

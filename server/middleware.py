@@ -7,6 +7,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
+import traceback
 
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,10 +28,13 @@ CLIENT_CLOSED = 499
 class UnhandledErrorMiddleware:
     """A request the app failed with an exception gets a 500 JSON error (traceback in the
     log only) and the connection stays usable: Starlette's own handler would re-raise to
-    the server, which then drops the keep-alive connection of that client."""
+    the server, which then drops the keep-alive connection of that client.
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    An exception's message may quote the request (pydantic and JSON errors echo their
+    input): unless log_messages (--log-requests), the log gets its frames and type only."""
+
+    def __init__(self, app: ASGIApp, log_messages: bool = False) -> None:
+        self.app, self.log_messages = app, log_messages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,10 +48,29 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, tracking_send)
-        except Exception:  # noqa: BLE001 - the client learns only that it was our fault
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+        except Exception as exc:  # noqa: BLE001 - the client learns only that it was our fault
+            where = (scope["method"], route_template(scope, []))
+            if self.log_messages:
+                log.exception("unhandled error on %s %s", *where)
+            else:
+                log.error("unhandled error on %s %s\n%s", *where, without_messages(exc))
             if not started:
                 await send_error(send, 500, "internal error", "internal_error", "server_error")
+
+
+def without_messages(exc: BaseException) -> str:
+    """A traceback with each exception's type and frames but not its message."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return "\nwhile handling the above, another exception:\n".join(
+        "Traceback (most recent call last):\n"
+        + "".join(traceback.format_tb(e.__traceback__))
+        + f"{type(e).__module__}.{type(e).__qualname__} (message not logged: --log-requests is off)"
+        for e in reversed(chain)
+    )
 
 
 class HTTPMetricsMiddleware:
@@ -55,13 +78,6 @@ class HTTPMetricsMiddleware:
 
     def __init__(self, app: ASGIApp, metrics: Metrics, routes: list) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
-
-    def route_of(self, scope: Scope) -> str:
-        # The template, never the raw path: unknown paths must not explode label cardinality.
-        route = scope.get("route")  # set by the router when the app handled the request
-        if route is not None and hasattr(route, "path"):
-            return route.path
-        return match_route(self.routes, scope) or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,9 +97,18 @@ class HTTPMetricsMiddleware:
         finally:
             if status is None:  # nothing answered: a client that left (499), or our fault
                 status = 500 if failed else CLIENT_CLOSED
-            labels = (scope["method"], self.route_of(scope), str(status))
+            labels = (scope["method"], route_template(scope, self.routes), str(status))
             self.metrics.http_requests.labels(*labels).inc()
             self.metrics.http_latency.labels(*labels).observe(time.monotonic() - start)
+
+
+def route_template(scope: Scope, routes: list) -> str:
+    """The path template a request was routed to (or aimed at), "unmatched" for none: never
+    the raw path, which would explode label cardinality and could carry anything."""
+    route = scope.get("route")  # set by the router when the app handled the request
+    if route is not None and hasattr(route, "path"):
+        return route.path
+    return match_route(routes, scope) or "unmatched"
 
 
 def match_route(routes: list, scope: Scope) -> str | None:
@@ -103,13 +128,26 @@ def match_route(routes: list, scope: Scope) -> str | None:
 
 
 class APIKeyMiddleware:
-    """With a key set, every route but OPEN_PATHS needs 'Authorization: Bearer <key>'."""
+    """With a key set, every route needs 'Authorization: Bearer <key>' but OPEN_PATHS and
+    the paths given in open_paths or under open_prefixes (the playground's page and files:
+    a browser cannot send a header when it loads a page)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str,
+        open_paths: tuple[str, ...] = (),
+        open_prefixes: tuple[str, ...] = (),
+    ) -> None:
         self.app, self.key = app, api_key.encode()
+        self.open_paths, self.open_prefixes = OPEN_PATHS + open_paths, open_prefixes
+
+    def is_open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self.is_open(scope):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")

@@ -28,6 +28,20 @@ TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 Stop = NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP)] | None
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: the output must match exactly one of these."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | StrictStr | None = Field(
+        None, alias="json", description="a JSON schema (an object, or its JSON text)"
+    )
+    regex: NonEmptyText | None = None
+    choice: Annotated[list[NonEmptyText], Field(min_length=1, max_length=256)] | None = None
+    grammar: NonEmptyText | None = Field(None, description="a Lark grammar (llguidance's)")
+    json_object: Bool | None = Field(None, description="true: any JSON object")
+
+
 class SamplingFields(BaseModel):
     """Fields shared by every generation route; names and meaning as in vLLM/OpenAI."""
 
@@ -42,6 +56,7 @@ class SamplingFields(BaseModel):
     stop_token_ids: Annotated[list[TokenId], Field(max_length=MAX_STOP)] | None = None
     ignore_eos: Bool = False
     seed: Int | None = Field(None, ge=0, le=MAX_SEED)
+    structured_outputs: StructuredOutputs | None = None
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -64,6 +79,25 @@ class StreamOptions(BaseModel):
     include_usage: Bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(..., alias="schema")
+    # Accepted for compatibility: the output always follows the schema.
+    strict: Bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
@@ -84,6 +118,7 @@ class CompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     suffix: str | None = None
     logit_bias: dict[str, Float] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None
 
 
@@ -124,5 +159,5 @@ class ChatCompletionRequest(SamplingFields):
     logit_bias: dict[str, Float] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     user: str | None = None

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputSpec
 from .chat_template import ChatTemplateError
 from .errors import bad_request, error_body, from_engine_error
 from .generation import (
@@ -49,6 +49,7 @@ from .routes_common import (
 )
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
+from .structured_output import structured_output
 
 router = APIRouter()
 
@@ -72,12 +73,18 @@ def _max_tokens(state: ServerState, body: ChatCompletionRequest, num_prompt_toke
 
 
 def _params(
-    state: ServerState, body: ChatCompletionRequest, max_tokens: int, choice: int
+    state: ServerState,
+    body: ChatCompletionRequest,
+    max_tokens: int,
+    choice: int,
+    structured: StructuredOutputSpec | None,
 ) -> SamplingParams:
     kwargs = sampling_kwargs(body, choice)
     kwargs["stop"] = tuple(dict.fromkeys(state.chat_template.stop + kwargs["stop"]))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return make_params(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+    return make_params(
+        max_tokens=max_tokens, logprobs=logprobs, structured_output=structured, **kwargs
+    )
 
 
 @router.post(
@@ -90,13 +97,14 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response | Chat
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
+    structured = await structured_output(state, body)
     # The messages' text is tokenized once, whatever n is.
     prompt_ids, started = tokenize(state, _prompt(state, body), "messages"), []
     max_tokens = _max_tokens(state, body, len(prompt_ids))
     tickets = admit(state, body.n, f" (n={body.n})")
     try:
         for i, ticket in enumerate(tickets):
-            params = _params(state, body, max_tokens, i)
+            params = _params(state, body, max_tokens, i, structured)
             started.append(start(state, prompt_ids, params, "chatcmpl", ticket))
     except BaseException:
         release_all(tickets)
@@ -138,7 +146,7 @@ class _ChatView:
         self, state: ServerState, body: ChatCompletionRequest, started: list[Started]
     ) -> None:
         self.state, self.body, self.started = state, body, started
-        self.id, self.created = started[0].request_id, int(time.time())
+        self.id, self.created = started[0].response_id, int(time.time())
 
     def usage(self, completion_tokens: int) -> Usage:
         return usage(len(self.started[0].prompt_ids), completion_tokens)

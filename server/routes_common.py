@@ -103,7 +103,7 @@ def check_model(state: ServerState, name: str | None) -> None:
 
 def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
     """Known OpenAI fields we cannot honour are refused rather than silently ignored:
-    suffix, a non-empty logit_bias, best_of != n, tools, a response_format but text."""
+    suffix, a non-empty logit_bias, best_of != n, tools."""
     if body.logit_bias:
         raise bad_request("logit_bias: not supported by this server", "logit_bias")
     if isinstance(body, CompletionRequest):
@@ -118,5 +118,3 @@ def reject_unsupported(body: CompletionRequest | ChatCompletionRequest) -> None:
         raise bad_request(
             "tool_choice: tool calling is not supported by this server", "tool_choice"
         )
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise bad_request("response_format: only type 'text' is supported", "response_format")

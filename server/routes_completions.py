@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..engine.outputs import TokenLogprob
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputSpec
 from .errors import bad_request, error_body, from_engine_error
 from .generation import (
     Collected,
@@ -43,6 +43,7 @@ from .routes_common import (
 )
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
+from .structured_output import structured_output
 
 router = APIRouter()
 
@@ -54,7 +55,12 @@ def _prompts(body: CompletionRequest) -> list[str | list[int]]:
     return list(p)  # type: ignore[arg-type]
 
 
-def _params(state: ServerState, body: CompletionRequest, choice: int) -> SamplingParams:
+def _params(
+    state: ServerState,
+    body: CompletionRequest,
+    choice: int,
+    structured: StructuredOutputSpec | None,
+) -> SamplingParams:
     max_tokens = default_max_tokens(state, body.max_tokens)
     if max_tokens == 0 and not body.echo:
         raise bad_request(
@@ -63,7 +69,11 @@ def _params(state: ServerState, body: CompletionRequest, choice: int) -> Samplin
     kwargs = sampling_kwargs(body, choice)
     echo_lp = body.logprobs if body.echo else None
     return make_params(
-        max_tokens=max(1, max_tokens), logprobs=body.logprobs, prompt_logprobs=echo_lp, **kwargs
+        max_tokens=max(1, max_tokens),
+        logprobs=body.logprobs,
+        prompt_logprobs=echo_lp,
+        structured_output=structured,
+        **kwargs,
     )
 
 
@@ -77,6 +87,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     state = get_state(request)
     check_model(state, body.model)
     reject_unsupported(body)
+    structured = await structured_output(state, body)
     prompts, started = _prompts(body), list[Started]()
     prompt_ids = [tokenize(state, prompt) for prompt in prompts]  # once each, whatever n is
     fan_out = f" ({len(prompts)} prompt(s) x n={body.n})"
@@ -84,7 +95,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     try:
         for ids in prompt_ids:
             for i in range(body.n):
-                params = _params(state, body, i)
+                params = _params(state, body, i, structured)
                 started.append(start(state, ids, params, "cmpl", tickets[len(started)]))
     except BaseException:
         release_all(tickets)
@@ -116,7 +127,7 @@ class _View:
     ) -> None:
         self.state, self.body, self.started = state, body, started
         self.tok = state.engine.tokenizer
-        self.id, self.created = started[0].request_id, int(time.time())
+        self.id, self.created = started[0].response_id, int(time.time())
         self.score_only = body.max_tokens == 0
         self.prompt_texts = [
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)

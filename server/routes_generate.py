@@ -35,6 +35,7 @@ from .routes_common import (
 )
 from .sse import DONE, SSEResponse, sse_event
 from .state import ServerState
+from .structured_output import structured_output
 
 router = APIRouter()
 
@@ -50,6 +51,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     params = make_params(
         max_tokens=default_max_tokens(state, body.max_tokens),
         logprobs=body.logprobs,
+        structured_output=await structured_output(state, body),
         **sampling_kwargs(body),
     )
     prompt_ids = tokenize(state, body.prompt)
@@ -61,7 +63,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         raise
     if body.stream:
         return SSEResponse(
-            _events(state, run.stream, run.request_id),
+            _events(state, run.stream, run.response_id),
             ticket.release,
             stall_timeout=state.settings.stream_stall_timeout,
             on_stall=lambda: mark_stalled([run]),
@@ -72,7 +74,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         run.ticket.release()
     tokenizer = state.engine.tokenizer
     return GenerateResponse(
-        id=run.request_id,
+        id=run.response_id,
         model=state.model_name,
         text=result.text,
         token_ids=result.token_ids,

@@ -34,7 +34,7 @@ async def health(request: Request) -> Response:
 )
 async def ready(request: Request) -> Response:
     state = get_state(request)
-    if state.lifecycle.draining:
+    if state.lifecycle.withdrawn:
         return JSONResponse({"status": "draining"}, status_code=503)
     status = state.engine.status
     if status != "ready":

@@ -8,6 +8,7 @@ loop); `--no-engine-process` runs the core in a thread of this process instead."
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -15,12 +16,19 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from . import logging_config
 from .placement import OMP_WAIT_VARIABLES, Placement, available_cpus, parse_cpus, plan_placement
 from .settings import Settings, default_model_dir
 
 if TYPE_CHECKING:
     from ..engine.async_engine import AsyncEngine
     from ..engine.config import EngineConfig
+
+log = logging.getLogger("palm_serve.server")
+
+
+# After the drain, connections still open get this long before being cut.
+GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
 def serve(given: dict[str, Any]) -> int:
@@ -49,6 +57,8 @@ def serve(given: dict[str, Any]) -> int:
         return 2
     from ..engine import CoreStartError
 
+    # Once the settings and the model are known good: a refused start only prints its error.
+    logging_config.configure(settings.log_format, settings.log_level)
     try:
         engine = load_engine(settings, placement)
     except CoreStartError as exc:
@@ -119,6 +129,11 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
         max_model_len=settings.max_model_len,
+        speculative_ngram=settings.speculative_ngram,
+        num_speculative_tokens=settings.num_speculative_tokens,
+        ngram_min=settings.ngram_min,
+        ngram_max=settings.ngram_max,
+        speculative_max_running=settings.speculative_max_running,
     )
     if settings.engine_process:
         return _process_engine(settings, config, placement or placement_for(settings))
@@ -143,13 +158,14 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         cpus=placement.engine_cpus,
         tensor_parallel_size=settings.tensor_parallel_size,
         tp_timeout=settings.tp_timeout,
+        logging_config=logging_config.core_config(settings.log_format, settings.log_level),
     )
     options = CoreProcessOptions(
         restarts=settings.engine_restarts,
         restart_backoff=settings.engine_restart_backoff,
         environment=placement.core_environment,
     )
-    print(f"starting the engine core process: {settings.model_dir()} on {device}", file=sys.stderr)
+    log.info("starting the engine core process: %s on %s", settings.model_dir(), device)
     return build_process_engine(spec, options)
 
 
@@ -236,10 +252,14 @@ def run_server(settings: Settings, engine: AsyncEngine) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        # After the drain, connections still open get this long before being cut.
-        timeout_graceful_shutdown=5,
-        access_log=settings.log_level == "debug",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        # Logging is logging_config's (configured in serve()); the access lines are
+        # AccessLogMiddleware's.
+        log_config=None,
+        access_log=False,
     )
     print(summary(settings, engine), flush=True)
-    DrainingServer(config, lifecycle, settings.drain_timeout, engine.shutdown).run()
+    DrainingServer(
+        config, lifecycle, settings.drain_timeout, engine.shutdown, settings.drain_delay
+    ).run()
     return 0

@@ -115,6 +115,22 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(
         True, description="share KV blocks of common prompt prefixes"
     )
+    speculative_ngram: bool = Field(
+        False,
+        description="n-gram speculative decoding: draft tokens from the longest suffix match "
+        "in the request's own prompt and output, verified in one forward pass",
+    )
+    num_speculative_tokens: int = Field(
+        4, ge=1, le=64, description="draft tokens proposed per step (--speculative-ngram)"
+    )
+    ngram_min: int = Field(1, ge=1, description="shortest suffix n-gram looked up for a draft")
+    ngram_max: int = Field(3, ge=1, description="longest suffix n-gram looked up for a draft")
+    speculative_max_running: int = Field(
+        16,
+        ge=1,
+        description="speculate only while at most this many requests run (larger batches "
+        "are compute-bound: verifying drafts costs more than it saves)",
+    )
     max_queue: int = Field(
         256, ge=0, description="requests allowed to wait for a slot; past it: 429 with Retry-After"
     )
@@ -150,11 +166,33 @@ class Settings(BaseSettings):
     drain_timeout: float = Field(
         30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
     )
+    drain_delay: float = Field(
+        0.0,
+        ge=0,
+        description="seconds after SIGTERM during which /ready answers 503 but requests are "
+        "still admitted, so a load balancer checking /ready stops sending before the drain "
+        "refuses any (0 under Kubernetes, whose preStop hook waits instead)",
+    )
+    playground: bool = Field(
+        True,
+        description="serve the web playground at / (a page that calls this server's API); "
+        "off: / is a 404",
+    )
     chat_template: Path | None = Field(
         None, description="Jinja2 chat template file for /v1/chat/completions (default: built in)"
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        "info", description="uvicorn log level"
+        "info", description="log level of the server (access lines are info)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines as readable text or as JSON objects, one a line; both carry "
+        "the request id",
+    )
+    log_requests: bool = Field(
+        False,
+        description="log prompts and generated text (and the messages of unexpected errors, "
+        "which may quote a request); off, no user text reaches the log at any level",
     )
 
     @field_validator("cors_origins", mode="before")
@@ -188,6 +226,14 @@ class Settings(BaseSettings):
                 "tensor parallelism needs the engine core process (drop --no-engine-process)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _ngram_range(self) -> Settings:
+        if self.ngram_max < self.ngram_min:
+            raise ValueError(
+                f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})"
+            )
+        return self
 
     @field_validator("chat_template")
     @classmethod

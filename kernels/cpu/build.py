@@ -78,8 +78,6 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     """Build the kernels if the cache lacks them, load them into this process and register
     their fake implementations. Raises (with the compiler's message) when that fails.
     isa: the instruction-set flags, isa_flags() by default ([] builds the scalar loops)."""
-    from torch.utils import cpp_extension
-
     isa = isa_flags() if isa is None else isa
     if "isa" in _loaded:
         if _loaded["isa"] != isa:
@@ -89,9 +87,24 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler: {compiler!r} is not on PATH")
     directory = build_directory(isa)
+    built = directory / f"{NAME}.so"
+    if built.is_file():
+        # The directory's name carries the sources' digest, so this library is theirs. Loaded
+        # as cpp_extension would, but without the lock file it first creates in the
+        # directory: the image's build lies on a read-only filesystem (readOnlyRootFilesystem
+        # on Kubernetes; and /opt is not the image user's to write either).
+        torch.ops.load_library(str(built))
+    else:
+        _build_and_load(directory, isa, verbose)
+    _register_fakes()
+    _loaded["isa"] = isa
+
+
+def _build_and_load(directory: Path, isa: list[str], verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
     directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):  # say why the first start pauses
-        logger.info("building the CPU kernels (once, about a minute) in %s", directory)
+    logger.info("building the CPU kernels (once, about a minute) in %s", directory)
     started = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
@@ -107,10 +120,7 @@ def load(isa: list[str] | None = None, verbose: bool = False) -> None:
             verbose=verbose,
         )
     seconds = time.perf_counter() - started
-    if seconds > 2.0:  # a build rather than a load from the cache
-        logger.info("built the CPU kernels in %.1f s (cached in %s)", seconds, directory)
-    _register_fakes()
-    _loaded["isa"] = isa
+    logger.info("built the CPU kernels in %.1f s (cached in %s)", seconds, directory)
 
 
 def _register_fakes() -> None:

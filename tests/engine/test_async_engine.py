@@ -128,12 +128,12 @@ async def test_a_failing_step_fails_every_caller_and_kills_the_engine(engine, mo
     calls = 0
     real_execute = runner.execute
 
-    def flaky(plan):
+    def flaky(plan, *args):
         nonlocal calls
         calls += 1
         if calls == 5:
             raise RuntimeError("injected kernel failure")
-        return real_execute(plan)
+        return real_execute(plan, *args)
 
     monkeypatch.setattr(runner, "execute", flaky)
     results = await asyncio.wait_for(

@@ -25,7 +25,7 @@ from palm_serve.engine.messages import (
     FinishRequests,
 )
 from palm_serve.engine.outputs import TokenLogprob
-from palm_serve.engine.sampling_params import SamplingParams
+from palm_serve.engine.sampling_params import SamplingParams, StructuredOutputSpec
 from palm_serve.engine.stats import EngineStats
 from palm_serve.model import save_model_dir
 
@@ -38,8 +38,12 @@ def test_every_seam_message_survives_the_codec():
     codec = CoreCodec()
     params = SamplingParams(max_tokens=3, stop=("x",), stop_token_ids=(5,), seed=9, logprobs=2)
     lp = TokenLogprob(4, -0.5, [(4, -0.5), (7, -1.25)])
+    constrained = SamplingParams(
+        structured_output=StructuredOutputSpec(choice=("a", "b")), temperature=0.5
+    )
     to_core = [
         EngineCoreRequest("r1", [1, 2, 3], params, 12.5),
+        EngineCoreRequest("r2", [1], constrained, 1.0),
         FinishRequests(["r1", "r2"], "stop"),
         Shutdown(),
     ]
@@ -54,7 +58,10 @@ def test_every_seam_message_survives_the_codec():
             cpus=[1],
         ),
         EngineCoreOutputs(
-            [EngineCoreOutput("r1", [4], "stop", 4, None, [lp], [None, lp], 16, 3.0)],
+            [
+                EngineCoreOutput("r1", [4], "stop", 4, None, [lp], [None, lp], 16, 3.0),
+                EngineCoreOutput("r2", [5], "stop", grammar_complete=True),
+            ],
             EngineStats(num_running=1, kv_cache_usage=0.25, num_steps=3),
         ),
         CoreFailed("engine step failed: boom"),

@@ -18,7 +18,7 @@ def plan_of(plan) -> list[tuple[str, int, int, bool]]:
 def step(scheduler, token: int = 7):
     """Plan, then apply: every due sequence gets `token`."""
     plan = scheduler.schedule()
-    scheduler.update(plan, [token if s.sample else None for s in plan.scheduled])
+    scheduler.update(plan, [[token] if s.sample else [] for s in plan.scheduled])
     return plan
 
 

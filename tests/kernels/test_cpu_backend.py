@@ -111,3 +111,24 @@ def test_without_a_compiler_the_server_keeps_the_twins() -> None:
         "WARNING compiled CPU kernels unavailable (RuntimeError: no C++ compiler: "
         "'/nonexistent/c++' is not on PATH): using the torch twins"
     ]
+
+
+def test_a_built_library_loads_from_a_read_only_directory() -> None:
+    """The image's build lies read-only (a read-only root filesystem on Kubernetes; /opt is
+    not the image user's either): a process whose filesystem refuses every lock file, as
+    torch's cpp_extension creates one in the build directory, still loads the kernels."""
+    from palm_serve.kernels import cpu
+
+    assert cpu.available(), cpu.unavailable_reason()  # built (once) in the cache
+    script = (
+        "from torch.utils import file_baton\n"
+        "def read_only(self):\n"
+        "    raise OSError(30, 'Read-only file system', self.lock_file_path)\n"
+        "file_baton.FileBaton.try_acquire = read_only\n"
+        "from palm_serve.kernels import cpu\n"
+        "assert cpu.available(), cpu.unavailable_reason()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -181,6 +182,19 @@ def test_sigkill_on_the_front_takes_the_core_with_it(model_dir):
     wait_until(lambda: not process_alive(core), 5, "the orphaned core to exit")
 
 
+@pytest.fixture
+def process_logging():
+    """serve() configures this process's logging (handlers on the stderr pytest captured for
+    one test): put it back as it was after the test."""
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "palm_serve.access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.filters[:]) for lg in loggers]
+    yield
+    for lg, handlers, level, propagate, filters in saved:
+        lg.handlers, lg.level, lg.propagate, lg.filters = handlers, level, propagate, filters
+    logging.captureWarnings(False)
+
+
+@pytest.mark.usefixtures("process_logging")
 def test_a_core_that_cannot_start_is_an_error_exit(model_dir, capsys):
     from palm_serve.server.placement import available_cpus
     from palm_serve.server.serve import serve

@@ -57,9 +57,13 @@ def test_compose_parses_and_references_existing_files():
     build = services["palm-serve"]["build"]
     context = (DOCKER / build["context"]).resolve()
     assert (context / build["dockerfile"]).is_file()
+    named = set(compose.get("volumes") or {})
     for service in services.values():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
+            if source in named:  # a named volume, declared at the top level
+                continue
+            assert source.startswith((".", "/")), f"{volume}: neither a path nor a named volume"
             assert (DOCKER / source).exists(), f"{volume}: no {source}"
     prometheus = yaml.safe_load((DOCKER / "prometheus/prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]

@@ -1,6 +1,7 @@
 """SIGTERM on a real `palm-serve serve` process: /ready turns 503, new requests get 503,
 the stream in flight completes, and the process exits 0, its engine core process (and
-every other child) gone with it."""
+every other child) gone with it. With a drain delay, /ready turns 503 at the signal but
+new requests are admitted until the delay is over."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise AssertionError("the server never became ready")
 
 
-def start_server(tmp_path, drain_timeout: float, max_positions: int = 512):
+def start_server(
+    tmp_path, drain_timeout: float, max_positions: int = 512, drain_delay: float = 0.0
+):
     model_dir = write_model_dir(tmp_path / "tiny", max_positions=max_positions)
     port = free_port()
     proc = subprocess.Popen(
@@ -51,6 +54,8 @@ def start_server(tmp_path, drain_timeout: float, max_positions: int = 512):
             "512",
             "--drain-timeout",
             str(drain_timeout),
+            "--drain-delay",
+            str(drain_delay),
             "--max-tokens-limit",
             str(max_positions - 16),
             "--log-level",
@@ -119,6 +124,41 @@ def test_drain_timeout_aborts_what_still_runs_and_exits_0(tmp_path):
         events = stream_through_sigterm(proc, url, 4000, lambda: None)
         assert events[-1]["finish_reason"] == "abort"
         assert events[-1]["usage"]["completion_tokens"] < 4000
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_drain_delay_withdraws_from_ready_but_admits_until_it_is_over(tmp_path):
+    delay = 3.0
+    proc, url = start_server(tmp_path, drain_timeout=60, max_positions=4096, drain_delay=delay)
+    new = {"prompt": "late", "max_tokens": 2}
+    # Far more tokens than the delay lets the tiny model produce: the drain, once it starts,
+    # waits for this stream, so the server is still there to refuse.
+    long = {"prompt": "drain me", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    try:
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{url}/v1/generate", json=long) as stream,
+        ):
+            lines = stream.iter_lines()  # kept: a collected iterator closes the stream
+            next(line for line in lines if line.startswith("data: "))
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert _ready_status(url) == 503
+            admitted = httpx.post(f"{url}/v1/generate", json=new, timeout=10)
+            assert admitted.status_code == 200, admitted.text
+            admitted_after = time.monotonic() - signalled
+            refused = httpx.post(f"{url}/v1/generate", json=new, timeout=10)
+            while refused.status_code == 200:
+                time.sleep(0.05)
+                refused = httpx.post(f"{url}/v1/generate", json=new, timeout=10)
+            refused_after = time.monotonic() - signalled
+            assert refused.status_code == 503, refused.text
+            # Leaving the block hangs up on the stream, which aborts it and ends the drain.
+        assert admitted_after < delay <= refused_after
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:

@@ -1,0 +1,116 @@
+"""The log formats as built from logging_config's dictConfig entries (without applying them
+to this process's loggers), the request id filter, and the traceback without messages that
+unexpected errors are logged with when --log-requests is off."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+
+import pytest
+
+from palm_serve.server import logging_config
+from palm_serve.server.middleware import UnhandledErrorMiddleware, without_messages
+from palm_serve.server.request_context import RequestContext, serving
+
+SECRET = "MARKER-secret-prompt"
+
+
+def _formatter(log_format: str, name: str) -> logging.Formatter:
+    config = logging_config.server_config(log_format, "info")["formatters"][name]
+    kwargs = {k: v for k, v in config.items() if k != "()"}
+    factory = config["()"]
+    if isinstance(factory, str):
+        factory = logging.config.BaseConfigurator({}).resolve(factory)
+    return factory(**kwargs)
+
+
+def _record(name: str = "palm_serve.access", **extra) -> logging.LogRecord:
+    record = logging.makeLogRecord(
+        {"name": name, "levelname": "INFO", "levelno": 20, "msg": "POST /v1/generate 200"}
+    )
+    record.__dict__.update(extra)
+    with serving(RequestContext("req-1")):
+        logging_config.RequestIdFilter().filter(record)
+    return record
+
+
+ACCESS = dict(
+    method="POST",
+    route="/v1/generate",
+    status=200,
+    prompt_tokens=5,
+    completion_tokens=4,
+    ttft_s=None,
+    duration_s=0.5,
+    finish_reason="length",
+    client="127.0.0.1:5000",
+)
+
+
+def test_a_json_line_leads_with_time_and_request_id_then_the_fields() -> None:
+    line = json.loads(_formatter("json", "access").format(_record(**ACCESS, color_message="x")))
+    assert list(line)[:5] == ["time", "request_id", "level", "logger", "message"]
+    assert line["request_id"] == "req-1" and line["time"].endswith("+00:00")
+    assert {k: line[k] for k in ACCESS} == ACCESS
+    assert "color_message" not in line
+
+
+def test_a_text_access_line_spells_out_the_fields() -> None:
+    text = _formatter("text", "access").format(_record(**ACCESS))
+    assert text.endswith(
+        "INFO palm_serve.access [req-1] POST /v1/generate 200 prompt_tokens=5 "
+        "completion_tokens=4 ttft_s=- duration_s=0.5 finish_reason=length client=127.0.0.1:5000"
+    )
+
+
+def test_a_line_outside_any_request_has_no_id() -> None:
+    record = logging.makeLogRecord({"name": "uvicorn.error", "msg": "started"})
+    logging_config.RequestIdFilter().filter(record)
+    assert "[-] started" in _formatter("text", "default").format(record)
+    assert json.loads(_formatter("json", "default").format(record))["request_id"] is None
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_core_process_config_names_no_server_class(log_format: str) -> None:
+    """The engine core applies it: it must not make the engine import the server."""
+    config = logging_config.core_config(log_format, "info")
+    factories = [f["()"] for f in config["formatters"].values()]
+    assert all(isinstance(f, str) and not f.startswith("palm_serve") for f in factories)
+
+
+def test_an_unexpected_error_is_logged_without_its_messages() -> None:
+    def parse() -> None:
+        raise KeyError(SECRET)
+
+    try:
+        try:
+            parse()
+        except KeyError as exc:
+            raise ValueError(f"bad input {SECRET}") from exc
+    except ValueError as exc:
+        text = without_messages(exc)
+    assert SECRET not in text
+    assert "builtins.KeyError" in text and "builtins.ValueError" in text
+    assert text.index("KeyError") < text.index("ValueError")  # the cause first, as Python
+    assert "in parse" in text  # the frames are there
+
+
+@pytest.mark.parametrize("log_messages", [False, True])
+async def test_the_500_path_logs_the_message_only_with_log_requests(log_messages, caplog) -> None:
+    async def failing_app(scope, receive, send) -> None:
+        raise ValueError(f"cannot parse {SECRET}")
+
+    app = UnhandledErrorMiddleware(failing_app, log_messages=log_messages)
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/generate", "headers": []}
+    with caplog.at_level(logging.ERROR, logger="palm_serve.server"):
+        await app(scope, None, send)
+    assert sent[0]["status"] == 500
+    assert "ValueError" in caplog.text
+    assert (SECRET in caplog.text) is log_messages
