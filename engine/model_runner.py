@@ -36,9 +36,18 @@ class StepResult:
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderModel, kv_cache: KVCache, block_size: int, sampler: Sampler
+        self,
+        model: DecoderModel,
+        kv_cache: KVCache,
+        block_size: int,
+        sampler: Sampler,
+        decode_threads: int | None = None,
     ) -> None:
         self.model = model
+        # Threads per step: decode_threads for decodes only, torch's count at construction
+        # (the core's placement) for a step with prompt work.
+        self.decode_threads = decode_threads
+        self.full_threads = torch.get_num_threads()
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.sampler = sampler
@@ -49,6 +58,11 @@ class ModelRunner:
         """bitmask: the allowed tokens of the sequences due a token, in plan order (rows of
         the structured-output bitmask, StructuredOutputManager.bitmask), or None."""
         items = plan.scheduled
+        if self.decode_threads is not None:
+            decodes_only = all(it.num_known_tokens == 1 for it in items)
+            threads = self.decode_threads if decodes_only else self.full_threads
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
         result = StepResult([[] for _ in items], [[] for _ in items])

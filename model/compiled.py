@@ -128,7 +128,11 @@ class CompiledForward:
         self.compilations += 1
         if self.on_compile is not None:
             self.on_compile("compiling")
-        compiled = compile_fx(graph, list(example_inputs))
+        # Threads read at run time (omp_get_max_threads), not fixed at compile time: the
+        # runner may run decode steps on fewer threads than prompt steps.
+        compiled = compile_fx(
+            graph, list(example_inputs), config_patches={"cpp.dynamic_threads": True}
+        )
         if self.on_compile is not None:
             self.on_compile("compiled")
         return compiled

@@ -1,15 +1,17 @@
 """Placement: which CPUs the core process and the front run on, how many torch threads the
 core uses, and whether its OpenMP workers spin or sleep between parallel regions.
 
-The default: the front gets the first CPU, the core the others with one thread per CPU,
-and since no thread of ours shares the core's CPUs its OpenMP workers spin
-(OMP_WAIT_POLICY=ACTIVE) instead of paying a wake-up per parallel region. On one CPU
-everything shares it and the workers sleep (PASSIVE). Chosen by measurement on a 2-core
-machine shared with other work (docs/BENCHMARKS.md, "The engine core in its own
-process"): against the core on both CPUs with two sleeping threads, the standard burst's
-throughput tied and its TTFT tail was no worse in any session; two spinning threads that
-share their CPUs with anything else stall, up to ten times slower. On an otherwise idle
-2-core machine two threads may be faster (`--engine-cpus 0-1`): the fastest runs were."""
+The default, by the number of CPUs (measured: docs/BENCHMARKS.md, "Placement on a quiet
+machine" and "The engine core in its own process"):
+- three or more: the front gets the first CPU, the core the others with one thread per
+  CPU; no thread of ours shares the core's CPUs, so its OpenMP workers spin
+  (OMP_WAIT_POLICY=ACTIVE) instead of paying a wake-up per parallel region;
+- two: the core on both, two threads, the front unpinned beside it; its workers spin a
+  bounded while (GOMP_SPINCOUNT) and then sleep. On a quiet 2-core machine this served the
+  smoke burst at equal or higher throughput than one pinned core thread and answered first
+  sooner (prompt work is what a second thread speeds up); a worker that spun without bound
+  on a CPU shared with the front could stall the step (up to ten times slower under load);
+- one: everything shares it and the workers sleep (PASSIVE)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass
 
 # A user's own OpenMP wait settings win over the placement's.
 OMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+# Spin iterations before a shared core's idle worker sleeps: tens of microseconds, about
+# the gap between two parallel regions of a step, far less than the front's work.
+SHARED_SPIN_COUNT = "20000"
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,7 @@ def plan_placement(
         if outside:
             raise ValueError(f"{name}: CPU(s) {outside} are not available (this process: {have})")
     if engine_cpus is None:
-        engine_cpus = have[1:] if len(have) > 1 else have
+        engine_cpus = have[1:] if len(have) > 2 else have
     if front_cpus is None:
         rest = tuple(c for c in have if c not in engine_cpus)
         front_cpus = rest or None
@@ -80,5 +85,10 @@ def plan_placement(
     env: dict[str, str] = {}
     if not any(name in environ for name in OMP_WAIT_VARIABLES):
         alone = front_cpus is not None and not set(front_cpus) & set(engine_cpus)
-        env["OMP_WAIT_POLICY"] = "ACTIVE" if alone and threads <= len(engine_cpus) else "PASSIVE"
+        if alone and threads <= len(engine_cpus):
+            env["OMP_WAIT_POLICY"] = "ACTIVE"
+        elif 1 < threads <= len(engine_cpus):
+            env["GOMP_SPINCOUNT"] = SHARED_SPIN_COUNT
+        else:
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
     return Placement(tuple(engine_cpus), threads, front_cpus, env)

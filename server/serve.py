@@ -134,6 +134,7 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         ngram_min=settings.ngram_min,
         ngram_max=settings.ngram_max,
         speculative_max_running=settings.speculative_max_running,
+        decode_threads=settings.engine_decode_threads,
     )
     if settings.engine_process:
         return _process_engine(settings, config, placement or placement_for(settings))

@@ -74,10 +74,16 @@ class Settings(BaseSettings):
         description="torch intra-op threads of the engine core; default: one per engine CPU "
         "(with --no-engine-process: torch's, one per core)",
     )
+    engine_decode_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch threads of the engine core for a step of decodes only (no prompt "
+        "work); default: the core's threads",
+    )
     engine_cpus: str | None = Field(
         None,
         description="CPUs the engine core process runs on, as taskset -c takes them "
-        "('1', '0-3', '0,2'); default: all but the first (one CPU: that one)",
+        "('1', '0-3', '0,2'); default: all but the first (two CPUs or fewer: all)",
     )
     front_cpus: str | None = Field(
         None,

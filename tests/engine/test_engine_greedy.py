@@ -205,3 +205,43 @@ def test_a_llama_model_is_served_through_the_same_narrow_interface() -> None:
     check_all(llama, outputs, prompts)
     assert engine.stats().num_preemptions > 0
     assert_pool_whole(engine)
+
+
+def test_decode_steps_run_on_decode_threads_and_prompt_steps_on_all(model):
+    """EngineConfig.decode_threads: a step with prompt work runs on the core's threads, a
+    step of decodes only on decode_threads; outputs equal the dense oracle either way."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the core's threads, as its placement would set them
+    try:
+        check_threads_per_step(model)
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_threads_per_step(model) -> None:
+    import torch
+
+    engine = make_engine(model, decode_threads=1)
+    seen: list[tuple[bool, int]] = []
+    execute = engine.core.runner.execute
+
+    def recording(plan, *args, **kwargs):
+        result = execute(plan, *args, **kwargs)
+        decodes_only = all(it.num_known_tokens == 1 for it in plan.scheduled)
+        seen.append((decodes_only, torch.get_num_threads()))
+        return result
+
+    engine.core.runner.execute = recording  # type: ignore[method-assign]
+    prompts = {f"r{i}": list(range(3 + i, 40 + 7 * i)) for i in range(3)}
+    # The third prompt arrives while the first two decode: prompt work between decodes.
+    arrivals = {0: [(r, p, greedy(12)) for r, p in list(prompts.items())[:2]]}
+    arrivals[5] = [("r2", prompts["r2"], greedy(12))]
+    outputs = run(engine, arrivals)
+    assert {threads for decodes_only, threads in seen if decodes_only} == {1}
+    assert {threads for decodes_only, threads in seen if not decodes_only} == {2}
+    assert [d for d, _ in seen].count(False) >= 2
+    for rid, prompt in prompts.items():
+        check_greedy(model, prompt, tokens_of(outputs[rid]))
+    assert_pool_whole(engine)

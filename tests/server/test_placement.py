@@ -24,9 +24,12 @@ def test_bad_cpu_lists_say_what_is_wrong(text):
 
 def test_default_placement():
     spin = {"OMP_WAIT_POLICY": "ACTIVE"}
-    # Two CPUs: the front on the first, the core alone on the second, spinning.
-    assert plan_placement([0, 1], environ={}) == Placement((1,), 1, (0,), spin)
+    # Three or more CPUs: the front on the first, the core alone on the others, spinning.
+    assert plan_placement([0, 1, 2], environ={}) == Placement((1, 2), 2, (0,), spin)
     assert plan_placement([0, 1, 2, 3], environ={}) == Placement((1, 2, 3), 3, (0,), spin)
+    # Two CPUs: the core on both, the front beside it, spinning a bounded while.
+    bounded = {"GOMP_SPINCOUNT": "20000"}
+    assert plan_placement([0, 1], environ={}) == Placement((0, 1), 2, None, bounded)
     # One CPU: shared, so the core's workers sleep.
     sleep = {"OMP_WAIT_POLICY": "PASSIVE"}
     assert plan_placement([5], environ={}) == Placement((5,), 1, None, sleep)
@@ -35,6 +38,8 @@ def test_default_placement():
 def test_given_values_and_the_users_environment_win():
     p = plan_placement([0, 1], engine_cpus=(0, 1), engine_threads=1, environ={})
     assert p == Placement((0, 1), 1, None, {"OMP_WAIT_POLICY": "PASSIVE"})
+    p = plan_placement([0, 1], engine_cpus=(1,), front_cpus=(0,), environ={})
+    assert p == Placement((1,), 1, (0,), {"OMP_WAIT_POLICY": "ACTIVE"})
     p = plan_placement([0, 1, 2, 3], engine_cpus=(2, 3), front_cpus=(0,), environ={})
     assert p == Placement((2, 3), 2, (0,), {"OMP_WAIT_POLICY": "ACTIVE"})
     for env in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "1000"}):
