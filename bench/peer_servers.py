@@ -113,9 +113,11 @@ class PalmServe(Server):
 # process, the torch twins, eager (a before/after baseline in one invocation).
 BASELINE_ARGS = ("--no-engine-process", "--kernel-backend", "torch")
 # Placement variants (server/placement.py): the core on both CPUs, sharing one with the front,
-# its OpenMP workers sleeping (PASSIVE, the placement's choice when CPUs are shared), or
-# spinning a bounded while before they sleep (libgomp's default policy with GOMP_SPINCOUNT).
+# its OpenMP workers sleeping (PASSIVE), or spinning a bounded while before they sleep
+# (libgomp's default policy with GOMP_SPINCOUNT: the 2-CPU default since 2026-12-02). Each
+# row sets its wait policy itself, so that it means the same whatever the default is.
 CORE2_ARGS = ("--engine-cpus", "0-1")
+CORE2_SLEEP_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 # The 2-CPU default before 2026-12-02: one core thread on CPU 1, spinning, the front on CPU 0.
 CORE1_ARGS = ("--engine-cpus", "1", "--front-cpus", "0")
 CORE2_SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
@@ -271,7 +273,7 @@ ALL = {
     "palm-serve": PalmServe,
     "palm-serve-baseline": lambda: PalmServe("palm-serve-baseline", BASELINE_ARGS),
     "palm-serve-core1": lambda: PalmServe("palm-serve-core1", CORE1_ARGS),
-    "palm-serve-core2": lambda: PalmServe("palm-serve-core2", CORE2_ARGS),
+    "palm-serve-core2": lambda: PalmServe("palm-serve-core2", CORE2_ARGS, CORE2_SLEEP_ENV),
     "palm-serve-core2-spin": lambda: PalmServe("palm-serve-core2-spin", CORE2_ARGS, CORE2_SPIN_ENV),
     "palm-serve-core2-spin-d1": lambda: PalmServe(
         "palm-serve-core2-spin-d1", CORE2_DECODE1_ARGS, CORE2_SPIN_ENV
