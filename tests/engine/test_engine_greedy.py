@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from palm_serve.engine.sampling_params import SamplingParams
 
@@ -182,8 +183,6 @@ def test_aborts_at_random_moments_leave_the_pool_whole(model) -> None:
 def test_a_llama_model_is_served_through_the_same_narrow_interface() -> None:
     """Grouped-query attention (2 K/V heads), untied head: the engine only uses config
     fields, forward, compute_logits and KVCache.allocate."""
-    import torch
-
     from palm_serve.model.llama import Llama
     from palm_serve.model.llama_config import LlamaConfig
 
@@ -210,8 +209,6 @@ def test_a_llama_model_is_served_through_the_same_narrow_interface() -> None:
 def test_decode_steps_run_on_decode_threads_and_prompt_steps_on_all(model):
     """EngineConfig.decode_threads: a step with prompt work runs on the core's threads, a
     step of decodes only on decode_threads; outputs equal the dense oracle either way."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # the core's threads, as its placement would set them
     try:
@@ -221,8 +218,6 @@ def test_decode_steps_run_on_decode_threads_and_prompt_steps_on_all(model):
 
 
 def check_threads_per_step(model) -> None:
-    import torch
-
     engine = make_engine(model, decode_threads=1)
     seen: list[tuple[bool, int]] = []
     execute = engine.core.runner.execute
