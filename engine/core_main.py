@@ -65,6 +65,9 @@ class CoreSpec:
     # others; their collectives time out after tp_timeout seconds.
     tensor_parallel_size: int = 1
     tp_timeout: float = 30.0
+    # Ranks this core starts on this machine (0..K-1); the others are external workers
+    # (`palm-serve tp-worker`) that meet it at MASTER_ADDR:MASTER_PORT. None: all.
+    tp_local_ranks: int | None = None
     # logging.config.dictConfig for this process, so that its log lines read as the
     # front's (text or JSON); None: Python's default (warnings and errors as bare text).
     logging_config: dict | None = None
@@ -152,6 +155,7 @@ def start_ranks(spec: CoreSpec) -> DecoderModel:
         start_timeout=START_TIMEOUT_SECONDS,
         cpus=spec.cpus,
         engine_config=spec.engine_config,
+        local_ranks=spec.tp_local_ranks,
     )
     # The runner uses what a model offers it (config, kernels, parameters, forward,
     # compute_logits); the proxy offers exactly that, sending each call to the workers.

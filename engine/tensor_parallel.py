@@ -58,19 +58,19 @@ class TensorParallelGroup:
         cls,
         rank: int,
         world: int,
-        address: str,
+        store: dist.Store,
         device: torch.device,
         *,
         timeout: float,
         start_timeout: float,
     ) -> TensorParallelGroup:
-        """Join the ranks' rendezvous at address (host:port, rank 0's store): within
-        start_timeout (the others may still be loading), then a group of all ranks whose
-        collectives time out after `timeout` seconds."""
+        """Form the group through rank 0's store (tp_rendezvous.py) within start_timeout
+        (the others may still be loading), then a group of all ranks whose collectives
+        time out after `timeout` seconds."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{address}",
+            store=store,
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=start_timeout),

@@ -1,12 +1,15 @@
-"""Starting the tensor-parallel ranks: rank 0 (the engine core) starts ranks 1..N-1 as
-`python -m palm_serve.engine.tp_worker` (a subprocess: the core is a daemonic
-multiprocessing child, which may not have multiprocessing children of its own) and hands
-each its RankSpec, pickled over stdin. Every rank loads the full weights, keeps its shard
-(model/sharding.py), then joins the rendezvous at rank 0's address."""
+"""Starting the tensor-parallel ranks: rank 0 (the engine core) hosts the rendezvous
+(tp_rendezvous.py), starts its local ranks 1..K-1 as `python -m palm_serve.engine.tp_worker`
+(a subprocess: the core is a daemonic multiprocessing child, which may not have
+multiprocessing children of its own) and hands each its RankSpec, pickled over stdin; the
+ranks K..N-1 are external (`palm-serve tp-worker` on other nodes) and read rank 0's spec
+from the rendezvous. Every rank loads the full weights, checks they are rank 0's, keeps its
+shard (model/sharding.py), then joins the group."""
 
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import pickle
@@ -14,15 +17,23 @@ import socket
 import subprocess
 import sys
 from contextlib import suppress
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
+import torch.distributed as dist
 
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
 from ..model.sharding import shard_model, use_reduce
 from .config import EngineConfig
 from .tensor_parallel import TensorParallelGroup, TensorParallelModel
+from .tp_rendezvous import (
+    check_same_model,
+    host_store,
+    model_digest,
+    publish_spec,
+    withdraw_spec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +57,26 @@ class RankSpec:
     cpus: tuple[int, ...] | None
     # the KV pool's settings: every rank sizes its own pool from them, as rank 0 does
     engine_config: EngineConfig
+    # ranks 0..local_ranks-1 run on rank 0's machine, started by the core; the others are
+    # external (`palm-serve tp-worker`), started and restarted by their own supervisor.
+    # None: every rank is local.
+    local_ranks: int | None = None
+
+    @property
+    def external_ranks(self) -> range:
+        return range(self.local_ranks or self.world, self.world)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str, **overrides: object) -> RankSpec:
+        """Rank 0's spec as published, with this rank's own fields (rank, model_dir, ...)."""
+        fields = json.loads(text)
+        fields["engine_config"] = EngineConfig(**fields["engine_config"])
+        fields["cpus"] = tuple(fields["cpus"]) if fields["cpus"] is not None else None
+        fields.update(overrides)
+        return cls(**fields)
 
     @property
     def torch_device(self) -> torch.device:
@@ -74,8 +105,9 @@ def place_rank(spec: RankSpec) -> None:
         os.sched_setaffinity(0, {spec.cpus[spec.rank % len(spec.cpus)]})
 
 
-def load_shard(spec: RankSpec) -> DecoderModel:
-    """This rank's shard (its blocks reduce once use_reduce gives them the group)."""
+def load_shard(spec: RankSpec) -> tuple[DecoderModel, str]:
+    """This rank's shard (its blocks reduce once use_reduce gives them the group), and the
+    digest of the full model it was cut from."""
     from .factory import load_served_model
 
     full = load_served_model(
@@ -84,23 +116,28 @@ def load_shard(spec: RankSpec) -> DecoderModel:
         device=str(spec.torch_device),
         kernel_backend=spec.kernel_backend,
     )
+    digest = model_digest(full)
     shard = shard_model(full, spec.rank, spec.world)
     del full
     if spec.prepack_cpu_linears:
         from ..model.cpu_linear import prepack_linears
 
         prepack_linears(shard)
-    return shard
+    return shard, digest
 
 
-def join_group(spec: RankSpec, shard: DecoderModel) -> TensorParallelGroup:
+def join_group(
+    spec: RankSpec, store: dist.Store, shard: DecoderModel, digest: str
+) -> TensorParallelGroup:
     """Meet the other ranks (after loading: the rendezvous waits start_timeout for the
-    slowest load, and no collective's timeout runs while a rank still loads); the shard's
-    blocks then reduce through the group."""
+    slowest load, and no collective's timeout runs while a rank still loads), once every
+    rank is known to hold rank 0's model; the shard's blocks then reduce through the
+    group."""
+    check_same_model(store, spec.rank, spec.world, digest, spec.model_dir)
     group = TensorParallelGroup.join(
         spec.rank,
         spec.world,
-        spec.address,
+        store,
         spec.torch_device,
         timeout=spec.timeout,
         start_timeout=spec.start_timeout,
@@ -120,13 +157,23 @@ def allocate_cache(spec: RankSpec, shard: DecoderModel) -> KVCache:
 
 
 def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:
-    """Rank 0: start the workers, load this rank's shard, meet them: the model the engine
-    core runs. (The core never waits on a worker's exit: the collectives tell it.)"""
+    """Rank 0: host the rendezvous, start the local workers, load this rank's shard, meet
+    them and the external ones: the model the engine core runs. (The core never waits on a
+    worker's exit: the collectives tell it.)"""
     place_rank(spec)
-    workers = [spawn_worker(replace(spec, rank=rank)) for rank in range(1, spec.world)]
-    logger.info("tensor parallelism: %d ranks meet at %s", spec.world, spec.address)
-    shard = load_shard(spec)
-    group = join_group(spec, shard)
+    store = host_store(spec.address, spec.start_timeout)
+    publish_spec(store, spec.to_json())
+    local = range(1, spec.external_ranks.start)
+    workers = [spawn_worker(replace(spec, rank=rank)) for rank in local]
+    logger.info(
+        "tensor parallelism: %d ranks (%d external) meet at %s",
+        spec.world,
+        len(spec.external_ranks),
+        spec.address,
+    )
+    shard, digest = load_shard(spec)
+    group = join_group(spec, store, shard, digest)
+    withdraw_spec(store)
     model = TensorParallelModel(shard, group, spec.timeout, [w.pid for w in workers])
     # A core that exits normally (Shutdown) tells the workers to stop, rather than leaving
     # them to time out in their receive while it tears down.

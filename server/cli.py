@@ -1,9 +1,11 @@
-"""The `palm-serve` command: `convert` a reference checkpoint, `serve` a model."""
+"""The `palm-serve` command: `convert` a reference checkpoint, `serve` a model, run a
+tensor-parallel rank of another node's server (`tp-worker`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +70,76 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(given)
 
 
+def _tp_worker(args: argparse.Namespace) -> int:
+    import logging
+
+    from ..engine.tp_worker import run_external_worker
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s tp-worker: %(message)s"
+    )
+    if args.master_port is None:
+        print("error: --master-port (or MASTER_PORT) is required", file=sys.stderr)
+        return 2
+    return run_external_worker(
+        args.rank,
+        args.model,
+        f"{args.master_addr}:{args.master_port}",
+        args.start_timeout,
+        args.local_device,
+    )
+
+
+def add_tp_worker_parser(commands: argparse._SubParsersAction) -> None:
+    worker = commands.add_parser(
+        "tp-worker",
+        help="run one tensor-parallel rank for a server on another node",
+        description="Rank R of a `palm-serve serve --tensor-parallel-size N --tp-local-ranks "
+        "K` server (K <= R < N): loads its shard of the same model, meets rank 0 at "
+        "MASTER_ADDR:MASTER_PORT and runs its steps. Exits 1 when the group fails (its "
+        "supervisor restarts it; it then waits for rank 0 again), 0 when rank 0 stops.",
+    )
+    env = os.environ.get
+    worker.add_argument(
+        "--rank",
+        type=int,
+        required="RANK" not in os.environ,
+        default=int(env("RANK", "0")),
+        help="this rank (env RANK)",
+    )
+    worker.add_argument(
+        "--model",
+        default=env("PALM_MODEL"),
+        required="PALM_MODEL" not in os.environ,
+        help="the model directory on this node, the same model as rank 0's (env PALM_MODEL)",
+    )
+    worker.add_argument(
+        "--master-addr",
+        default=env("MASTER_ADDR", "127.0.0.1"),
+        help="rank 0's host (env MASTER_ADDR)",
+    )
+    worker.add_argument(
+        "--master-port",
+        type=int,
+        default=env("MASTER_PORT"),
+        help="rank 0's rendezvous port (env MASTER_PORT)",
+    )
+    worker.add_argument(
+        "--start-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for rank 0 to listen (default 600)",
+    )
+    worker.add_argument(
+        "--local-device",
+        type=int,
+        default=int(env("LOCAL_RANK", "0")),
+        help="on CUDA: this node's GPU index (env LOCAL_RANK, default 0)",
+    )
+    worker.add_argument("--log-level", default="info", help="default info")
+    worker.set_defaults(func=_tp_worker)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palm-serve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_settings_flags(serve)
     serve.set_defaults(func=_serve)
+    add_tp_worker_parser(commands)
     return parser
 
 

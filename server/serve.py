@@ -51,7 +51,7 @@ def serve(given: dict[str, Any]) -> int:
             os.sched_setaffinity(0, placement.front_cpus)
     else:
         sleeping_workers()
-    problem = model_problem(settings)
+    problem = model_problem(settings) or rendezvous_problem(settings)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -107,6 +107,19 @@ def model_problem(settings: Settings) -> str | None:
     return f"{model_dir} is not a model directory (no config.json)"
 
 
+def rendezvous_problem(settings: Settings) -> str | None:
+    """External tensor-parallel ranks find rank 0 at MASTER_ADDR:MASTER_PORT: a port picked
+    at random would be one they cannot know."""
+    local = settings.tp_local_ranks
+    if local is None or local == settings.tensor_parallel_size or "MASTER_PORT" in os.environ:
+        return None
+    return (
+        f"--tp-local-ranks {local} leaves ranks {local}..{settings.tensor_parallel_size - 1} "
+        "to `palm-serve tp-worker` processes: set MASTER_PORT (and MASTER_ADDR, this "
+        "host's address as they reach it) to where they meet rank 0"
+    )
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -159,6 +172,7 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         cpus=placement.engine_cpus,
         tensor_parallel_size=settings.tensor_parallel_size,
         tp_timeout=settings.tp_timeout,
+        tp_local_ranks=settings.tp_local_ranks,
         logging_config=logging_config.core_config(settings.log_format, settings.log_level),
     )
     options = CoreProcessOptions(
@@ -227,8 +241,13 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
         f"  engine   {_where(engine)}",
         *(
             [
-                f"  tensor   {settings.tensor_parallel_size} ranks (one thread each), "
-                f"collective timeout {settings.tp_timeout:g} s"
+                f"  tensor   {settings.tensor_parallel_size} ranks (one thread each"
+                + (
+                    f"; {settings.tensor_parallel_size - settings.tp_local_ranks} external"
+                    if settings.tp_local_ranks is not None
+                    else ""
+                )
+                + f"), collective timeout {settings.tp_timeout:g} s"
             ]
             if settings.tensor_parallel_size > 1
             else []

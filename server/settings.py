@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         description="ranks the model is split over (tensor parallelism, torch.distributed: "
         "gloo on CPU, NCCL on CUDA); the engine core is rank 0 and starts the others",
     )
+    tp_local_ranks: int | None = Field(
+        None,
+        ge=1,
+        description="tensor-parallel ranks the engine core starts on this machine (0..K-1); "
+        "the others run elsewhere as `palm-serve tp-worker --rank R` and meet rank 0 at "
+        "MASTER_ADDR:MASTER_PORT; default: all of them",
+    )
     tp_timeout: float = Field(
         30.0,
         gt=0,
@@ -232,6 +239,16 @@ class Settings(BaseSettings):
                 "tensor parallelism needs the engine core process (drop --no-engine-process)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _local_ranks_within_the_group(self) -> Settings:
+        local = self.tp_local_ranks
+        if local is not None and local > self.tensor_parallel_size:
+            raise ValueError(
+                f"--tp-local-ranks ({local}) must be <= --tensor-parallel-size "
+                f"({self.tensor_parallel_size})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _ngram_range(self) -> Settings:
