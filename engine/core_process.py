@@ -82,23 +82,25 @@ class _Generation:
     number: int
     process: BaseProcess
     to_core: zmq.Socket[bytes]
-    from_core: zmq.Socket[bytes]
-    # The same socket as from_core, read on the event loop once the core is ready.
-    from_core_async: zmq.asyncio.Socket | None = None
+    # The socket's owner, read on the event loop once the core is ready (before that,
+    # through a blocking shadow: blocking()).
+    from_core: zmq.asyncio.Socket
     ready: CoreReady | None = None
     reader: asyncio.Task[None] | None = None
     exited: bool = False
     lost: bool = False
 
-    def reading(self) -> zmq.asyncio.Socket:
-        if self.from_core_async is None:
-            self.from_core_async = zmq.asyncio.Socket.from_socket(self.from_core)
-        return self.from_core_async
+    def blocking(self) -> zmq.Socket[bytes]:
+        """A blocking view of from_core (a shadow: it never closes the socket itself)."""
+        return zmq.Socket.shadow(self.from_core.underlying)
 
     def close(self) -> None:
         self.to_core.close(linger=0)
-        # Through the asyncio socket when there is one: it also unregisters from the loop.
-        (self.from_core_async or self.from_core).close(linger=0)
+        # Closed through its owner, the asyncio socket, which also unregisters it from the
+        # loop. (Had a blocking owner lent it to an asyncio shadow that closed it, the
+        # owner would close it again when collected: by then the handle may be a later
+        # generation's socket, which then never receives, a restart or two later.)
+        self.from_core.close(linger=0)
 
 
 class ProcessCoreClient:
@@ -188,11 +190,7 @@ class ProcessCoreClient:
             output_address=f"ipc://{self._dir}/from-core-{n}",
             parent_pid=os.getpid(),
         )
-        from_core = self._zmq.socket(zmq.PULL)
-        from_core.bind(link.output_address)
-        to_core = self._zmq.socket(zmq.PUSH)
-        to_core.setsockopt(zmq.SNDHWM, 0)  # queue until the core reads; never drop or block
-        to_core.connect(link.input_address)
+        to_core, from_core = open_sockets(self._zmq, link)
         # daemon: multiprocessing's exit handler stops it if the front exits without
         # shutting it down (an error before the server ran).
         process = self._mp.Process(
@@ -212,13 +210,14 @@ class ProcessCoreClient:
     def _wait_ready(self, gen: _Generation) -> CoreReady:
         deadline = time.monotonic() + self.options.start_timeout
         while time.monotonic() < deadline:
-            if gen.from_core.poll(_POLL_MS):
-                return self._handshake(gen.from_core.recv_multipart())
+            socket = gen.blocking()
+            if socket.poll(_POLL_MS):
+                return self._handshake(socket.recv_multipart())
             self._check_alive(gen)
         raise self._timed_out()
 
     async def _wait_ready_async(self, gen: _Generation) -> CoreReady:
-        socket, deadline = gen.reading(), time.monotonic() + self.options.start_timeout
+        socket, deadline = gen.from_core, time.monotonic() + self.options.start_timeout
         while time.monotonic() < deadline:
             if await socket.poll(_POLL_MS):
                 return self._handshake(await socket.recv_multipart())
@@ -252,7 +251,7 @@ class ProcessCoreClient:
         loop.add_reader(gen.process.sentinel, self._on_exit, gen)
 
     async def _read(self, gen: _Generation) -> None:
-        socket = gen.reading()
+        socket = gen.from_core
         while True:
             frames = await socket.recv_multipart()
             try:
@@ -367,6 +366,18 @@ class ProcessCoreClient:
             gen.to_core.send_multipart(self._codec.encode(message), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             logger.warning("could not send %s to the engine core: %s", type(message).__name__, exc)
+
+
+def open_sockets(
+    context: zmq.Context[zmq.Socket[bytes]], link: CoreLink
+) -> tuple[zmq.Socket[bytes], zmq.asyncio.Socket]:
+    """A generation's two sockets (to its core, from it), the front's end of `link`."""
+    from_core = zmq.asyncio.Socket(context, zmq.PULL)
+    from_core.bind(link.output_address)
+    to_core = context.socket(zmq.PUSH)
+    to_core.setsockopt(zmq.SNDHWM, 0)  # queue until the core reads; never drop or block
+    to_core.connect(link.input_address)
+    return to_core, from_core
 
 
 def build_process_engine(spec: CoreSpec, options: CoreProcessOptions | None = None) -> AsyncEngine:

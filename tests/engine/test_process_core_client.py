@@ -6,17 +6,25 @@ and shutdown stops the process cleanly. asyncio.wait_for only guards against han
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from palm_serve.engine.async_engine import AsyncEngine
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.core_codec import CoreCodec, CoreFailed, CoreReady, Shutdown
-from palm_serve.engine.core_main import CoreSpec
-from palm_serve.engine.core_process import CoreProcessOptions, build_process_engine
+from palm_serve.engine.core_main import CoreLink, CoreSpec
+from palm_serve.engine.core_process import (
+    CoreProcessOptions,
+    _Generation,
+    build_process_engine,
+    open_sockets,
+)
 from palm_serve.engine.errors import EngineDeadError
 from palm_serve.engine.messages import (
     EngineCoreOutput,
@@ -171,3 +179,26 @@ async def test_shutdown_stops_the_core_and_removes_its_sockets(model_dir):
     assert process.exitcode == 0  # it stopped when told to; nothing killed it
     assert not os.path.exists(client._dir)
     assert engine.status == "stopped" and engine.num_restarts == 0
+
+
+def test_a_closed_generations_socket_never_closes_a_later_ones(tmp_path):
+    """Regression: the reply socket was owned by a blocking socket and closed through an
+    asyncio shadow; collected later, the owner closed its handle again, by then reused by a
+    later generation's socket (zmq frees a closed socket shortly after), whose replies then
+    never came."""
+    context = zmq.Context()
+
+    def generation(n: int) -> _Generation:
+        link = CoreLink(f"ipc://{tmp_path}/to-{n}", f"ipc://{tmp_path}/from-{n}", os.getpid())
+        return _Generation(n, None, *open_sockets(context, link))  # type: ignore[arg-type]
+
+    first = generation(1)
+    first.blocking().poll(1)  # used, as the launch's handshake uses it
+    first.close()
+    time.sleep(0.5)  # zmq's reaper frees the closed socket: the next one may take its place
+    second = generation(2)
+    del first
+    gc.collect()
+    second.blocking().poll(1)  # ZMQError if the first generation closed this socket
+    second.close()
+    context.term()
