@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from contextlib import suppress
 from datetime import timedelta
 
 import torch
@@ -27,6 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 SPEC_KEY = "spec"
+# Rank 0, refusing a worker's model, waits this long for it to have read rank 0's digest
+# (the store dies with rank 0's core), so that both sides say why.
+MISMATCH_LINGER_SECONDS = 10.0
 
 
 class ModelMismatchError(RuntimeError):
@@ -83,11 +87,16 @@ def model_digest(model: nn.Module) -> str:
 
 def check_same_model(store: dist.Store, rank: int, world: int, digest: str, model_dir: str) -> None:
     """Publish this rank's digest, then compare: rank 0 with every worker's (waiting for
-    each), a worker with rank 0's. ModelMismatchError names the rank and both digests."""
+    each), a worker with rank 0's. ModelMismatchError names the rank and both digests, on
+    both sides: rank 0 holds its store open until the worker has read its digest."""
     store.set(f"digest/{rank}", digest)
-    others = range(1, world) if rank == 0 else (0,)
-    for other in others:
+    for other in range(1, world) if rank == 0 else (0,):
         theirs = store.get(f"digest/{other}").decode()
+        if rank != 0:
+            store.set(f"compared/{rank}", "1")
+        elif theirs != digest:
+            with suppress(Exception):  # it may be gone already: then it needs no answer
+                store.wait([f"compared/{other}"], timedelta(seconds=MISMATCH_LINGER_SECONDS))
         if theirs != digest:
             raise ModelMismatchError(
                 f"rank {other}'s model differs from rank {rank}'s ({model_dir}): config + "

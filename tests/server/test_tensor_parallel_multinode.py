@@ -15,6 +15,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from test_generate_http import (  # noqa: F401
 from test_tensor_parallel_http import workers_of
 
 from server_helpers import (  # noqa: F401
+    children,
     free_port,
     model_dir,
     oracle,
@@ -67,22 +70,33 @@ def master_at(port: int) -> Iterator[None]:
 
 def start_worker(model_dir: Path, port: int, rank: int = 1) -> subprocess.Popen:
     """`palm-serve tp-worker` for rank 0 at 127.0.0.1:port (through the environment, as a
-    Kubernetes pod or a systemd unit would set it)."""
+    Kubernetes pod or a systemd unit would set it). Its stderr goes to a file: a pipe
+    nobody reads would block its logging once full."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     argv = [sys.executable, "-m", "palm_serve.server.cli", "tp-worker"]
     argv += ["--rank", str(rank), "--model", str(model_dir), "--log-level", "warning"]
-    return subprocess.Popen(
-        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    log = tempfile.NamedTemporaryFile("w+", prefix="tp-worker-", suffix=".log")  # noqa: SIM115
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def stop(proc: subprocess.Popen) -> str:
-    """Its stderr, after it exits (killed if it has not within 30 s)."""
+    """A worker's stderr, after it exits (killed if it has not within 30 s)."""
     try:
-        return proc.communicate(timeout=30)[1]
+        proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
-        return proc.communicate(timeout=10)[1]
+        proc.wait(timeout=10)
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()  # type: ignore[attr-defined]
+
+
+def drain(proc: subprocess.Popen) -> None:
+    """Read the server's pipes (start_serve's) from now on: its core's tracebacks after a
+    few restarts would otherwise fill them and block its logging, and so its steps."""
+    for pipe in (proc.stdout, proc.stderr):
+        threading.Thread(target=pipe.read, daemon=True).start()
 
 
 @dataclass
@@ -105,12 +119,13 @@ def server(model_dir) -> Iterator[TwoNodes]:
     except BaseException:
         worker.kill()
         raise
+    drain(proc)
     nodes = TwoNodes(proc, url, core, port, model_dir, [worker])
     try:
         yield nodes
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+        proc.wait(timeout=60)
         for w in nodes.workers:
             if w.poll() is None:
                 w.kill()
@@ -123,7 +138,7 @@ def test_the_core_starts_no_worker_of_its_own(server):
 
 
 def test_a_killed_external_worker_fails_the_requests_then_its_restart_serves(server, oracle):
-    """Runs last among the server's tests: it restarts the core."""
+    """Runs after the server's other tests: it restarts the core."""
     worker = server.workers[0]
     streams, plain, ended = asyncio.run(
         kill_core_under_load(server, kill=worker.kill, within=TP_TIMEOUT)
@@ -141,9 +156,40 @@ def test_a_killed_external_worker_fails_the_requests_then_its_restart_serves(ser
     assert ready_status(server) == 503
     server.workers.append(start_worker(server.model_dir, server.port))
     wait_until(lambda: ready_status(server) == 200, 120, "/ready 200 with the new worker")
+    assert_serves_greedy(server, oracle)
+
+
+def test_a_killed_core_ends_the_worker_which_rejoins_the_restarted_core(server, oracle):
+    """After the worker's restart above: now rank 0 fails. The worker exits 1 saying why (its
+    supervisor's cue); started again, it meets the core the front restarted."""
+    worker, core = server.workers[-1], core_of(server)
+    os.kill(core, signal.SIGKILL)
+    err = stop(worker)
+    assert worker.returncode == 1
+    assert "rank 1 stops:" in err, err[-2000:]
+    assert ready_status(server) == 503
+    server.workers.append(start_worker(server.model_dir, server.port))
+    wait_until(lambda: ready_status(server) == 200, 120, "/ready 200 with the new worker")
+    assert core_of(server) != core
+    assert_serves_greedy(server, oracle)
+
+
+def assert_serves_greedy(server: TwoNodes, oracle) -> None:
     probe = {"prompt": "after the restart", "max_tokens": 16, "temperature": 0}
     answer = httpx.post(f"{server.url}/v1/generate", json=probe, timeout=60).json()
     assert answer["token_ids"] == oracle.greedy(probe["prompt"], 16)
+
+
+def core_of(server: TwoNodes) -> int:
+    """The front's engine core process (a multiprocessing spawn child, not its resource
+    tracker)."""
+    cores = []
+    for pid in children(server.proc.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                cores.append(pid)
+    assert len(cores) == 1, cores
+    return cores[0]
 
 
 def test_a_worker_with_another_model_is_refused_on_both_sides(model_dir, tmp_path):
