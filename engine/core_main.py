@@ -11,6 +11,7 @@ KV cache, cannot be trusted): it reports CoreFailed and exits 1; the front resta
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import logging.config
@@ -84,7 +85,7 @@ class CoreLink:
 
 
 def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
-    """The core process's main. Returns (exit 0) after a Shutdown; exits 1 on a failure."""
+    """The core process's main. Exits 0 after a Shutdown, 1 on a failure."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if spec.logging_config is not None:
         logging.config.dictConfig(spec.logging_config)
@@ -110,8 +111,19 @@ def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
         inbox.close(linger=0)
         outbox.close(linger=EXIT_LINGER_MS)
         context.term()
-    if code:
-        sys.exit(code)
+    exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's finalization: its last garbage collection over the
+    model's and the compiled step's objects took most of a stop under load (seconds; the
+    front kills a core that takes over 5 s; docs/DEPLOY.md). Nothing here needs it: the
+    messages are out (the sockets' linger), and the exit handlers (a tensor-parallel
+    core's STOP to its workers, logging's flush) still run."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def build_engine_core(spec: CoreSpec) -> EngineCore:

@@ -104,7 +104,7 @@ def add_tp_worker_parser(commands: argparse._SubParsersAction) -> None:
         "--rank",
         type=int,
         required="RANK" not in os.environ,
-        default=int(env("RANK", "0")),
+        default=env("RANK"),  # argparse applies type= to a string default
         help="this rank (env RANK)",
     )
     worker.add_argument(
@@ -133,7 +133,7 @@ def add_tp_worker_parser(commands: argparse._SubParsersAction) -> None:
     worker.add_argument(
         "--local-device",
         type=int,
-        default=int(env("LOCAL_RANK", "0")),
+        default=env("LOCAL_RANK", "0"),
         help="on CUDA: this node's GPU index (env LOCAL_RANK, default 0)",
     )
     worker.add_argument("--log-level", default="info", help="default info")

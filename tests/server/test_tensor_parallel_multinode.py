@@ -174,6 +174,16 @@ def test_a_killed_core_ends_the_worker_which_rejoins_the_restarted_core(server, 
     assert_serves_greedy(server, oracle)
 
 
+def test_a_normal_stop_of_the_server_stops_the_worker_with_0(server):
+    """Runs last among the server's tests: SIGTERM to the front, whose core tells its workers
+    STOP on the way out; the worker exits 0 (no failure for its supervisor to report)."""
+    worker = server.workers[-1]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=60) == 0
+    stop(worker)
+    assert worker.returncode == 0
+
+
 def assert_serves_greedy(server: TwoNodes, oracle) -> None:
     probe = {"prompt": "after the restart", "max_tokens": 16, "temperature": 0}
     answer = httpx.post(f"{server.url}/v1/generate", json=probe, timeout=60).json()
