@@ -123,6 +123,9 @@ CORE1_ARGS = ("--engine-cpus", "1", "--front-cpus", "0")
 CORE2_SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
 # ... and decode-only steps on one thread, leaving the other CPU to the front.
 CORE2_DECODE1_ARGS = (*CORE2_ARGS, "--engine-decode-threads", "1")
+# vLLM's CPU placement, for comparison: each OpenMP thread bound to one CPU
+# (vllm/utils/ompmultiprocessing.py sets GOMP_CPU_AFFINITY) and libgomp's default spin.
+CORE2_BOUND_ENV = {"GOMP_CPU_AFFINITY": "0 1", "GOMP_SPINCOUNT": "300000"}
 
 
 class LlamaCpp(Server):
@@ -277,6 +280,9 @@ ALL = {
     "palm-serve-core2-spin": lambda: PalmServe("palm-serve-core2-spin", CORE2_ARGS, CORE2_SPIN_ENV),
     "palm-serve-core2-spin-d1": lambda: PalmServe(
         "palm-serve-core2-spin-d1", CORE2_DECODE1_ARGS, CORE2_SPIN_ENV
+    ),
+    "palm-serve-core2-bound": lambda: PalmServe(
+        "palm-serve-core2-bound", CORE2_ARGS, CORE2_BOUND_ENV
     ),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),
