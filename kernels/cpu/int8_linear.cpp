@@ -17,7 +17,8 @@
 // With many rows (kWidenOnceRows or more) widening the same panel once per row tile costs
 // more than the multiplies: the panel is then widened once into an fp32 copy (K x 64
 // bytes, in L2) that every row tile reads. Same products, same order: a row's result does
-// not depend on which path ran.
+// not depend on which path ran. Rows go in blocks of kRowBlock, so a block of x stays in
+// L2 while the thread's panels pass over it (not the whole of x once per panel).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +35,7 @@ namespace {
 constexpr int64_t kPanel = 16;  // output channels per packed panel
 constexpr int kRows = 6;        // rows of x per micro-kernel tile
 constexpr int64_t kWidenOnceRows = 12;
+constexpr int64_t kRowBlock = 48;  // rows of x per pass over the panels (a multiple of 6)
 
 #if PALM_CPU_AVX2
 
@@ -166,15 +168,20 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   const bool widen_once = M >= kWidenOnceRows;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(widen_once ? K * kPanel : 0);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t cols = std::min(kPanel, N - p * kPanel);
-      const int8_t* panel = wp + p * K * kPanel;
-      float* o = op + p * kPanel;
-      if (widen_once) {
-        std::copy(panel, panel + K * kPanel, wide.begin());  // int8 -> float, exact
-        panel_rows(xp, ldx, M, wide.data(), K, sp + p * kPanel, o, N, cols);
-      } else {
-        panel_rows(xp, ldx, M, panel, K, sp + p * kPanel, o, N, cols);
+    // Rows in blocks that stay in L2 while this thread's panels pass over them.
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+      const int64_t rows = std::min(kRowBlock, M - m0);
+      const float* x_block = xp + m0 * ldx;
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t cols = std::min(kPanel, N - p * kPanel);
+        const int8_t* panel = wp + p * K * kPanel;
+        float* o = op + m0 * N + p * kPanel;
+        if (widen_once) {
+          std::copy(panel, panel + K * kPanel, wide.begin());  // int8 -> float, exact
+          panel_rows(x_block, ldx, rows, wide.data(), K, sp + p * kPanel, o, N, cols);
+        } else {
+          panel_rows(x_block, ldx, rows, panel, K, sp + p * kPanel, o, N, cols);
+        }
       }
     }
   });
