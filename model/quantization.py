@@ -39,6 +39,9 @@ class Int8Linear(nn.Module):
     """y = x @ (q * scales[:, None]).T, the weight in the layout of the backend's kernel.
     Inference only; `weight` and `scales` are buffers (what a state dict of it holds)."""
 
+    weight: torch.Tensor
+    scales: torch.Tensor
+
     def __init__(self, weight: torch.Tensor, matmul: Int8Matmul) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
