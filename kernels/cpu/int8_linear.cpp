@@ -37,6 +37,10 @@ constexpr int kRows = 6;        // rows of x per micro-kernel tile
 constexpr int64_t kWidenOnceRows = 12;
 constexpr int64_t kRowBlock = 48;  // rows of x per pass over the panels (a multiple of 6)
 
+// Fully unrolled early, so that the accumulator arrays below live in registers (without
+// it GCC kept them on the stack and stored every accumulator after each FMA: half speed).
+#define PALM_UNROLL _Pragma("GCC unroll 16")
+
 #if PALM_CPU_AVX2
 
 inline __m256 widen8(const int8_t* p) {
@@ -52,14 +56,14 @@ void tile(const float* x, int64_t ldx, const W* panel, int64_t K, const float* s
           float* out, int64_t ldo, int64_t cols) {
   constexpr int U = ROWS >= 3 ? 1 : 4 / ROWS;
   __m256 acc[ROWS][U][2];
-  for (int r = 0; r < ROWS; ++r)
-    for (int u = 0; u < U; ++u) acc[r][u][0] = acc[r][u][1] = _mm256_setzero_ps();
+  PALM_UNROLL for (int r = 0; r < ROWS; ++r)
+    PALM_UNROLL for (int u = 0; u < U; ++u) acc[r][u][0] = acc[r][u][1] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + U <= K; k += U) {
-    for (int u = 0; u < U; ++u) {
+    PALM_UNROLL for (int u = 0; u < U; ++u) {
       const __m256 w0 = widen8(panel + (k + u) * kPanel);
       const __m256 w1 = widen8(panel + (k + u) * kPanel + 8);
-      for (int r = 0; r < ROWS; ++r) {
+      PALM_UNROLL for (int r = 0; r < ROWS; ++r) {
         const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k + u);
         acc[r][u][0] = _mm256_fmadd_ps(xv, w0, acc[r][u][0]);
         acc[r][u][1] = _mm256_fmadd_ps(xv, w1, acc[r][u][1]);
@@ -68,15 +72,15 @@ void tile(const float* x, int64_t ldx, const W* panel, int64_t K, const float* s
   }
   for (; k < K; ++k) {
     const __m256 w0 = widen8(panel + k * kPanel), w1 = widen8(panel + k * kPanel + 8);
-    for (int r = 0; r < ROWS; ++r) {
+    PALM_UNROLL for (int r = 0; r < ROWS; ++r) {
       const __m256 xv = _mm256_broadcast_ss(x + r * ldx + k);
       acc[r][0][0] = _mm256_fmadd_ps(xv, w0, acc[r][0][0]);
       acc[r][0][1] = _mm256_fmadd_ps(xv, w1, acc[r][0][1]);
     }
   }
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  for (int r = 0; r < ROWS; ++r) {
-    for (int u = 1; u < U; ++u) {
+  PALM_UNROLL for (int r = 0; r < ROWS; ++r) {
+    PALM_UNROLL for (int u = 1; u < U; ++u) {
       acc[r][0][0] = _mm256_add_ps(acc[r][0][0], acc[r][u][0]);
       acc[r][0][1] = _mm256_add_ps(acc[r][0][1], acc[r][u][1]);
     }
