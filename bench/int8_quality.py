@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -23,8 +24,10 @@ from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import DecoderModel, load_tokenizer
-from training.corpus import read_documents
-from training.perplexity import dense_nll, encode_documents, windows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's training/
+from training.corpus import read_documents  # noqa: E402
+from training.perplexity import dense_nll, encode_documents, windows  # noqa: E402
 
 DEFAULT = Path(palm_serve.model.__file__).parent / "default"
 TINY_LLAMA = Path(__file__).resolve().parent / ".venvs" / "models" / "tiny-llama"
