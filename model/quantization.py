@@ -42,14 +42,19 @@ class Int8Linear(nn.Module):
     weight: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, matmul: Int8Matmul) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, matmul: Int8Matmul) -> None:
+        """q [N, K] int8 and scales [N], as quantize_int8 makes them."""
         super().__init__()
-        self.out_features, self.in_features = weight.shape
+        self.out_features, self.in_features = q.shape
         self.matmul = matmul
-        q, scales = quantize_int8(weight)
-        packed, packed_scales = matmul.pack(q.to(weight.device), scales.to(weight.device))
+        packed, packed_scales = matmul.pack(q, scales.float())
         self.register_buffer("weight", packed)
         self.register_buffer("scales", packed_scales)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, matmul: Int8Matmul) -> Int8Linear:
+        q, scales = quantize_int8(weight)
+        return cls(q, scales, matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -68,9 +73,63 @@ def quantize_linears(model: DecoderModel, matmul: Int8Matmul) -> int:
         for parent in list(block.modules()):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear and child.bias is None:
-                    setattr(parent, name, Int8Linear(child.weight, matmul))
+                    setattr(parent, name, Int8Linear.quantize(child.weight, matmul))
                     swapped += 1
     return swapped
+
+
+# ---- int8 checkpoints (`palm-serve convert --quantization int8`) -------------------------
+# A block linear's "<name>.weight" is stored as int8 [N, K] with "<name>.scales" [N] fp32
+# beside it; every other tensor as the model's.
+
+SCALES = "scales"
+
+
+def quantize_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PaLM state dict with its blocks' linear weights quantized (the names of
+    block_linear_weights); the embedding and the norms unchanged."""
+    out = dict(state)
+    for name in block_linear_weights(state):
+        q, scales = quantize_int8(state[name])
+        out[name] = q
+        out[name.removesuffix("weight") + SCALES] = scales
+    return out
+
+
+def block_linear_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """The 2-D "layers.*.weight" tensors: the blocks' linears (norms are 1-D)."""
+    return [n for n, t in state.items() if n.startswith("layers.") and n.endswith(".weight")
+            and t.dim() == 2]  # fmt: skip
+
+
+def split_int8_state(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(the model's other tensors, module name -> (q, scales)) of a state dict that may
+    hold int8 linears; raises ValueError for a scale without its int8 weight."""
+    rest, int8 = dict(state), {}
+    for name in [n for n in state if n.endswith("." + SCALES)]:
+        module = name.removesuffix("." + SCALES)
+        weight = rest.get(module + ".weight")
+        if weight is None or weight.dtype != torch.int8:
+            raise ValueError(f"{name}: scales of no int8 weight {module}.weight")
+        int8[module] = (rest.pop(module + ".weight"), rest.pop(name))
+    return rest, int8
+
+
+def install_int8_linears(
+    model: DecoderModel, int8: dict[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Replace each named linear of the model by an Int8Linear of its (q, scales)."""
+    for module, (q, scales) in int8.items():
+        parent_name, _, attr = module.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if type(linear) is not nn.Linear or tuple(linear.weight.shape) != tuple(q.shape):
+            raise ValueError(f"{module}: no linear of shape {tuple(q.shape)} in the model")
+        if scales.shape != (q.shape[0],):
+            raise ValueError(f"{module}.scales: shape {tuple(scales.shape)}, not [{q.shape[0]}]")
+        setattr(parent, attr, Int8Linear(q, scales, model.kernels.int8_matmul))
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -6,6 +6,7 @@ bound), on the torch twin and on the compiled CPU kernel, and the bytes it saves
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,46 @@ def test_tiny_llama_linears_shrink_at_least_3_5x() -> None:
     quantize_linears(model, cpu_backend().int8_matmul)
     assert linears / linear_weight_bytes(model) >= 3.5
     assert total - weight_bytes(model) == linears - linear_weight_bytes(model)
+
+
+def test_convert_writes_an_int8_checkpoint_that_loads_without_fp32(tmp_path: Path) -> None:
+    """`palm-serve convert --quantization int8`: the file holds the blocks' linears as int8
+    + scales, loads into Int8Linears without the fp32 checkpoint, and computes exactly what
+    quantizing the fp32 model at load computes."""
+    from palm_serve.model.checkpoint import WEIGHTS_FILE
+    from palm_serve.model.weights import load_model
+    from palm_serve.server.cli import main as cli_main
+
+    from reference import palm_pytorch_class
+
+    torch.manual_seed(3)
+    ref = palm_pytorch_class()(num_tokens=61, dim=64, depth=2, heads=2, dim_head=16).eval()
+    torch.save(ref.state_dict(), tmp_path / "ref.pt")
+    for q in ("none", "int8"):
+        args = ["convert", str(tmp_path / "ref.pt"), str(tmp_path / q), "--from",
+                "palm-pytorch", "--quantization", q]  # fmt: skip
+        assert cli_main(args) == 0
+    fp32_bytes = (tmp_path / "none" / WEIGHTS_FILE).stat().st_size
+    int8_bytes = (tmp_path / "int8" / WEIGHTS_FILE).stat().st_size
+    assert int8_bytes < 0.6 * fp32_bytes  # linears 4x smaller; the embedding stays fp32
+    backend = cpu_backend()
+    loaded = load_model(tmp_path / "int8", kernels=backend)
+    assert sum(isinstance(m, Int8Linear) for m in loaded.modules()) == 3 * 2
+    expected = load_model(tmp_path / "none", kernels=backend)
+    quantize_linears(expected, backend.int8_matmul)
+    tokens = torch.randint(0, 61, (2, 17))
+    assert torch.equal(loaded.forward_dense(tokens), expected.forward_dense(tokens))
+
+
+def test_int8_checkpoint_errors_name_the_tensor(tmp_path: Path) -> None:
+    from palm_serve.model import CheckpointError, save_model_dir
+    from palm_serve.model.quantization import quantize_state
+
+    model = make_model(make_config())
+    state = quantize_state(model.state_dict())
+    state["layers.0.attn_out.scales"] = torch.ones(3)
+    with pytest.raises(CheckpointError, match=r"layers\.0\.attn_out\.scales"):
+        save_model_dir(tmp_path, model.config, state)
+    state = model.state_dict() | {"layers.1.ff_out.scales": torch.ones(32)}
+    with pytest.raises(CheckpointError, match=r"layers\.1\.ff_out\.scales: scales of no int8"):
+        save_model_dir(tmp_path, model.config, state)
