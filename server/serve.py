@@ -178,6 +178,7 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         tensor_parallel_size=settings.tensor_parallel_size,
         tp_timeout=settings.tp_timeout,
         logging_config=logging_config.core_config(settings.log_format, settings.log_level),
+        quantization=settings.quantization,
     )
     options = CoreProcessOptions(
         restarts=settings.engine_restarts,
@@ -209,6 +210,7 @@ def _thread_engine(settings: Settings, config: EngineConfig) -> AsyncEngine:
             kernel_backend=settings.kernel_backend,
             prepack_cpu_linears=settings.cpu_prepacked_linears,
             compile=settings.compile,
+            quantization=settings.quantization,
         )
         bar.update(1)
     return engine
@@ -251,6 +253,7 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
             if settings.tensor_parallel_size > 1
             else []
         ),
+        f"  weights  {info.weight_bytes / 2**20:.1f} MiB (quantization {settings.quantization})",
         f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",
