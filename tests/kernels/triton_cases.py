@@ -124,7 +124,8 @@ def run_model_steps(
     """Run the steps in order over one fresh KVCache; the hidden states of each step."""
     from palm_serve.model import AttentionMetadata, KVCache
 
-    cache = KVCache.allocate(model.config, num_blocks, block_size)
+    device = next(model.parameters()).device  # the GPU's, when the tests run natively
+    cache = KVCache.allocate(model.config, num_blocks, block_size, device=device)
     hidden = []
     for tables, chunks, done in steps:
         ids = [t for chunk in chunks for t in chunk]
