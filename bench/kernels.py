@@ -3,7 +3,9 @@
 Each kernel is timed with triton.testing.do_bench (median) at serving sizes: decodes of
 batch 1-256 over contexts 128-8192 (paged attention, with the split-K policy's choice and
 with splitting off), rotary and the cache write on 256-4096 tokens, and one mixed step (a
-512-token prefill chunk over a 1024-token prefix with 64 decodes). head_dim 64 and 128,
+512-token prefill chunk over a 1024-token prefix with 64 decodes), and the weight-only
+int8 linear against cuBLAS on the same weight in fp16 (M = 1-256 rows, the tiny Llama's
+and a 7B Llama's shapes; GB/s counts the weight bytes read). head_dim 64 and 128,
 8 and 32 query heads over one K/V head, fp16, block_size 16. GB/s counts the bytes a kernel
 must move at least (K/V read once, q and out once), so it is comparable with the copy.
 
@@ -101,6 +103,25 @@ def bench_rotary_and_write(tokens: int, heads: int, head_dim: int, dtype, peak: 
           f"{moved / ms / 1e6:7.0f} GB/s ({100 * moved / ms / 1e6 / peak:5.1f}%)")  # fmt: skip
 
 
+INT8_SHAPES = ((512, 2816), (1408, 512), (4096, 4096), (4096, 22016), (11008, 4096))  # (K, N)
+
+
+def bench_int8_linear(rows: int, k: int, n: int, dtype, peak: float) -> None:
+    from palm_serve.kernels.triton import triton_int8_matmul
+
+    matmul = triton_int8_matmul()
+    weight = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    scales = torch.rand(n, device="cuda") * 0.01
+    packed, packed_scales = matmul.pack(weight, scales)
+    dense = (weight.to(dtype) * scales.to(dtype)[:, None]).contiguous()
+    x = torch.randn(rows, k, dtype=dtype, device="cuda")
+    ms = median_ms(lambda: matmul.linear(x, packed, packed_scales, n))
+    ms_dense = median_ms(lambda: x @ dense.T)
+    print(f"int8_linear M={rows:<4} K={k:<5} N={n:<5} {ms * 1e3:8.1f} us "
+          f"{k * n / ms / 1e6:6.0f} GB/s ({100 * k * n / ms / 1e6 / peak:5.1f}%) | "
+          f"cuBLAS {dtype} {ms_dense * 1e3:8.1f} us: int8 / fp16 {ms / ms_dense:.2f}x")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
@@ -112,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     peak = copy_bandwidth_gbs()
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {peak:.0f} GB/s, {args.dtype}")
+    for k, n in INT8_SHAPES[:3] if args.quick else INT8_SHAPES:
+        for rows in (1, 16, 256) if args.quick else (1, 4, 16, 64, 256):
+            bench_int8_linear(rows, k, n, dtype, peak)
     batches = (1, 16, 256) if args.quick else (1, 4, 16, 64, 256)
     contexts = (1024,) if args.quick else (128, 1024, 8192)
     for head_dim in (64, 128):

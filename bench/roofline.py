@@ -15,7 +15,7 @@ interleaved (eager, compiled, matmuls) --repeats times; each cell is the median 
 repeats of the per-repeat medians.
 
     .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
-        [--compile] [--repeats 5] [--kernel-backend auto] [--clock cpu --threads 1]
+        [--compile] [--int8] [--repeats 5] [--kernel-backend auto] [--clock cpu --threads 1]
 """
 
 from __future__ import annotations
@@ -48,13 +48,15 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_LEN = 32
 
 
-def models(args, compile: bool = False) -> dict[str, tuple[nn.Module, object]]:
+def models(
+    args, compile: bool = False, quantization: str = "none"
+) -> dict[str, tuple[nn.Module, object]]:
     """Each model as the server sets it up (kernel backend, prepacked linears, compiled or
     not)."""
     out = {}
     palm_dir = REPO / "model" / "default"
     if (palm_dir / "model.safetensors").is_file():
-        out["palm-default"] = _load(palm_dir, args, compile)
+        out["palm-default"] = _load(palm_dir, args, compile, quantization)
     else:  # the colleague's trained default is not there yet: a random PaLM of similar size
         config = PaLMConfig(vocab_size=32000, dim=512, depth=8, heads=8, dim_head=64)
         torch.manual_seed(0)
@@ -67,16 +69,17 @@ def models(args, compile: bool = False) -> dict[str, tuple[nn.Module, object]]:
         out["palm-random (no model/default)"] = (model, _Ids(32000))
     llama_dir = REPO / "bench" / ".venvs" / "models" / "tiny-llama"
     if (llama_dir / "model.safetensors").is_file():
-        out["tiny-llama"] = _load(llama_dir, args, compile)
+        out["tiny-llama"] = _load(llama_dir, args, compile, quantization)
     return out
 
 
-def _load(path: Path, args, compile: bool):
+def _load(path: Path, args, compile: bool, quantization: str = "none"):
     model = load_served_model(
         path,
         kernel_backend=args.kernel_backend,
         prepack_cpu_linears=not args.no_prepack,
         compile=compile,
+        quantization=quantization,
     )
     return model.eval().requires_grad_(False), load_tokenizer(path, model.config.vocab_size)
 
@@ -219,6 +222,7 @@ def main() -> None:
     p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
     p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
+    p.add_argument("--int8", action="store_true", help="the eager step with int8 linears too")
     p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
@@ -230,11 +234,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     eager = models(args)
     compiled = models(args, compile=True) if args.compile else {}
+    int8 = models(args, quantization="int8") if args.int8 else {}
     rows = []
     for name, (model, tokenizer) in eager.items():
         variants = {"eager": model}
         if name in compiled:
             variants["compiled"] = compiled[name][0]
+        if name in int8:
+            variants["int8"] = int8[name][0]
         prepacked = sum(isinstance(m, PrepackedLinear) for m in model.modules())
         params = _parameters(model) / 1e6
         print(

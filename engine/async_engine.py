@@ -46,6 +46,8 @@ class EngineInfo:
     core_pid: int | None = None
     num_threads: int | None = None
     cpus: tuple[int, ...] = ()
+    # Bytes of the model's weights in the core's memory (0: not known, e.g. under TP).
+    weight_bytes: int = 0
 
 
 # "restarting": the core died and a new one is starting; "dead": no new one will come;

@@ -34,6 +34,8 @@ class CoreReady:
     backend_name: str
     num_threads: int
     cpus: list[int]
+    # Bytes of the model's weights as loaded (int8 ones counted as such); 0: not known.
+    weight_bytes: int = 0
 
 
 @dataclass(slots=True)

@@ -72,6 +72,8 @@ class CoreSpec:
     # logging.config.dictConfig for this process, so that its log lines read as the
     # front's (text or JSON); None: Python's default (warnings and errors as bare text).
     logging_config: dict | None = None
+    # "none" or "int8": the blocks' linears in int8 (model/quantization.py).
+    quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
             prepack_cpu_linears=spec.prepack_cpu_linears,
             compile=spec.compile,
             block_size=spec.engine_config.block_size,
+            quantization=spec.quantization,
         )
     # For its EOS id when the model's config names none, and structured output's grammars.
     tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)
@@ -175,6 +178,8 @@ def start_ranks(spec: CoreSpec) -> DecoderModel:
 
 
 def ready_message(core: EngineCore) -> CoreReady:
+    from .factory import served_weight_bytes
+
     bm = core.block_manager
     return CoreReady(
         pid=os.getpid(),
@@ -184,6 +189,7 @@ def ready_message(core: EngineCore) -> CoreReady:
         backend_name=core.runner.model.kernels.name,
         num_threads=torch.get_num_threads(),
         cpus=sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        weight_bytes=served_weight_bytes(core.runner.model),
     )
 
 

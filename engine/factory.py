@@ -19,6 +19,7 @@ from ..model.cpu_linear import prepack_linears
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
 from ..model.model_config import ModelConfig
+from ..model.quantization import QUANTIZATIONS, linear_weight_bytes, quantize_linears, weight_bytes
 from ..model.tokenizer import Tokenizer, load_tokenizer
 from ..model.weights import load_model
 from .async_engine import AsyncEngine, EngineInfo
@@ -49,14 +50,19 @@ def load_served_model(
     prepack_cpu_linears: bool = False,
     compile: bool = False,
     block_size: int = EngineConfig.block_size,
+    quantization: str = "none",
 ) -> DecoderModel:
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
     not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
     of block_size; with no C++ compiler, the torch twins run eagerly instead, said in one
-    log line."""
+    log line. quantization "int8": the blocks' linears in int8 (model/quantization.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+    if quantization == "int8" and torch.device(device).type == "cpu" and dtype != "float32":
+        raise ValueError(f"quantization int8 on the CPU needs dtype float32, not {dtype}")
     if compile and kernel_backend == "auto" and torch.device(device).type == "cpu":
         problem = compiler_problem()
         if problem is not None:
@@ -64,11 +70,30 @@ def load_served_model(
             kernel_backend, compile = "torch", False
     backend = select_backend(kernel_backend, torch.device(device))  # type: ignore[arg-type]
     model = load_model(model_dir, kernels=backend, dtype=DTYPES[dtype], device=device)
+    if quantization == "int8":
+        _quantize(model)
     if prepack_cpu_linears:
         prepack_linears(model)
     if compile:
         compile_model(model, block_size)
     return model
+
+
+def _quantize(model: DecoderModel) -> None:
+    before, linears_before = weight_bytes(model), linear_weight_bytes(model)
+    count = quantize_linears(model, model.kernels.int8_matmul)
+    after, linears_after = weight_bytes(model), linear_weight_bytes(model)
+    logger.info(
+        "int8 weights (%s kernel): %d linears %.1f -> %.1f MiB (%.2fx smaller); "
+        "all weights %.1f -> %.1f MiB",
+        model.kernels.int8_matmul.name,
+        count,
+        linears_before / 2**20,
+        linears_after / 2**20,
+        linears_before / max(linears_after, 1),
+        before / 2**20,
+        after / 2**20,
+    )
 
 
 def build_engine(
@@ -80,6 +105,7 @@ def build_engine(
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
     compile: bool = False,
+    quantization: str = "none",
 ) -> AsyncEngine:
     """An AsyncEngine over a model directory, its core in a thread of this process."""
     engine_config = engine_config or EngineConfig()
@@ -91,6 +117,7 @@ def build_engine(
         prepack_cpu_linears=prepack_cpu_linears,
         compile=compile,
         block_size=engine_config.block_size,
+        quantization=quantization,
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     return build_async_engine(model, tokenizer, engine_config)
@@ -144,7 +171,13 @@ def core_info(core: EngineCore, model: DecoderModel) -> EngineInfo:
         num_blocks=bm.num_blocks,
         block_size=bm.block_size,
         backend_name=model.kernels.name,
+        weight_bytes=served_weight_bytes(model),
     )
+
+
+def served_weight_bytes(model: DecoderModel) -> int:
+    """weight_bytes of a loaded model; 0 for a tensor-parallel proxy (its ranks hold them)."""
+    return weight_bytes(model) if isinstance(model, torch.nn.Module) else 0
 
 
 def pool_blocks(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> int:

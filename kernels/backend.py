@@ -9,6 +9,8 @@ from typing import Literal
 
 import torch
 
+from .int8_linear import Int8Matmul, twin_int8_matmul
+
 logger = logging.getLogger(__name__)
 
 BackendName = Literal["auto", "torch", "triton", "cpu"]
@@ -16,15 +18,16 @@ BackendName = Literal["auto", "torch", "triton", "cpu"]
 
 @dataclass(frozen=True)
 class KernelBackend:
-    """The three kernels the model calls, all with the torch twins' signatures, and the
+    """The three kernels the model calls, all with the torch twins' signatures, the
     per-step plan paged_attention takes (plan_paged_attention's signature; None where the
-    implementation needs none)."""
+    implementation needs none), and the weight-only int8 linear of a quantized model."""
 
     name: str
     rotary_embedding: Callable[..., None]
     write_kv_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     plan_paged_attention: Callable[..., object | None]
+    int8_matmul: Int8Matmul
 
 
 def torch_backend() -> KernelBackend:
@@ -33,14 +36,21 @@ def torch_backend() -> KernelBackend:
     from .rotary import rotary_embedding
 
     return KernelBackend(
-        "torch", rotary_embedding, write_kv_cache, paged_attention, plan_paged_attention
+        "torch",
+        rotary_embedding,
+        write_kv_cache,
+        paged_attention,
+        plan_paged_attention,
+        twin_int8_matmul(),
     )
 
 
 def triton_backend() -> KernelBackend:
-    from .triton import paged_attention, rotary_embedding, write_kv_cache
+    from .triton import paged_attention, rotary_embedding, triton_int8_matmul, write_kv_cache
 
-    return KernelBackend("triton", rotary_embedding, write_kv_cache, paged_attention, _no_plan)
+    return KernelBackend(
+        "triton", rotary_embedding, write_kv_cache, paged_attention, _no_plan, triton_int8_matmul()
+    )
 
 
 def cpu_backend() -> KernelBackend:
@@ -48,7 +58,12 @@ def cpu_backend() -> KernelBackend:
     from . import cpu
 
     return KernelBackend(
-        "cpu", cpu.rotary_embedding, cpu.write_kv_cache, cpu.paged_attention, _no_plan
+        "cpu",
+        cpu.rotary_embedding,
+        cpu.write_kv_cache,
+        cpu.paged_attention,
+        _no_plan,
+        cpu.cpu_int8_matmul(),
     )
 
 

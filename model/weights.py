@@ -15,6 +15,7 @@ from .decoder import DecoderModel
 from .llama_config import LlamaConfig
 from .llama_loader import is_llama_dir, load_llama, load_llama_config
 from .palm import PaLM
+from .quantization import install_int8_linears, split_int8_state
 
 
 def expected_shapes(config: PaLMConfig) -> dict[str, tuple[int, ...]]:
@@ -27,6 +28,19 @@ def expected_shapes(config: PaLMConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_state_dict(state: dict[str, torch.Tensor], config: PaLMConfig, source: str) -> None:
+    """Every tensor present with its shape, none extra; a block linear may be int8 with its
+    scales beside it (model/quantization.py)."""
+    try:
+        rest, int8 = split_int8_state(state)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    for module, (q, scales) in int8.items():
+        if scales.shape != (q.shape[0],):
+            shape = tuple(scales.shape)
+            raise CheckpointError(
+                f"{source}: tensor {module}.scales has shape {shape}, its weight {len(q)} rows"
+            )
+    state = rest | {module + ".weight": q for module, (q, _) in int8.items()}
     expected = expected_shapes(config)
     for name, shape in expected.items():
         if name not in state:
@@ -82,7 +96,12 @@ def load_model(
     state = load_state(path)
     check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
     model = PaLM(config, kernels)
-    model.load_state_dict(state)
+    rest, int8 = split_int8_state(state)
+    # An int8 checkpoint (convert --quantization int8): its linears are built from the
+    # int8 tensors, never as fp32; everything else loads as usual.
+    # (check_state_dict made sure the int8 weights are all that is missing)
+    model.load_state_dict(rest, strict=not int8)
+    install_int8_linears(model, int8)
     # Parameters take the serving dtype; the rotary tables stay fp32 for accuracy.
     for param in model.parameters():
         param.data = param.data.to(dtype)

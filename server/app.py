@@ -51,7 +51,9 @@ def create_app(
         engine=engine,
         model_name=settings.model_name(),
         chat_template=ChatTemplate.load(settings.chat_template),
-        metrics=Metrics(engine.stats, lambda: engine.num_restarts),
+        metrics=Metrics(
+            engine.stats, lambda: engine.num_restarts, lambda: engine.info.weight_bytes
+        ),
         lifecycle=lifecycle or Lifecycle(),
     )
     for routes in (routes_generate, routes_completions, routes_chat, routes_models, routes_ops):

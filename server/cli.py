@@ -38,6 +38,7 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from ..model.checkpoint import CheckpointError
     from ..model.convert import LAYOUTS, convert_state_dict, read_checkpoint
+    from ..model.quantization import quantize_state
     from ..model.weights import save_model_dir
 
     overrides = {}
@@ -53,6 +54,8 @@ def _convert(args: argparse.Namespace) -> int:
     try:
         state = read_checkpoint(args.src)
         config, ours = convert_state_dict(state, args.layout, progress=True, **overrides)
+        if args.quantization == "int8":
+            ours = quantize_state(ours)
         save_model_dir(args.dst, config, ours)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -155,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "xpos_scale_base, eos_token_id, ...)",
     )
     convert.add_argument("--tokenizer", help="a tokenizer.json to copy beside the weights")
+    convert.add_argument(
+        "--quantization",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: write the blocks' linears as int8 + per-channel scales (a quarter of "
+        "their bytes); the model then loads without its fp32 weights",
+    )
     convert.set_defaults(func=_convert)
     serve = commands.add_parser(
         "serve",

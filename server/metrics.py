@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,9 +81,18 @@ class EngineCollector(Collector):
 
 class Metrics:
     def __init__(
-        self, engine_stats: Callable[[], EngineStats], engine_restarts: Callable[[], int]
+        self,
+        engine_stats: Callable[[], EngineStats],
+        engine_restarts: Callable[[], int],
+        weight_bytes: Callable[[], int] = lambda: 0,
     ) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self.weight_bytes = Gauge(
+            "palm_model_weight_bytes",
+            "Bytes of the model's weights as the engine holds them (int8 ones as int8)",
+            registry=r,
+        )
+        self.weight_bytes.set_function(weight_bytes)
         self.ttft = Histogram(
             "palm_time_to_first_token_seconds",
             "Request arrival to its first token",

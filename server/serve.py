@@ -64,7 +64,25 @@ def serve(given: dict[str, Any]) -> int:
     except CoreStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if settings.front_nice:
+        lower_front_priority(settings.front_nice)
     return run_server(settings, engine)
+
+
+def lower_front_priority(nice: int) -> None:
+    """Raise the nice value of every thread of this process (Linux keeps one per thread, and
+    threads started later inherit their creator's). Called once the core process runs, so
+    that the core, spawned from here, keeps the priority it started with: lowering a nice
+    value again would need privileges."""
+    task_dir = Path("/proc/self/task")
+    if not hasattr(os, "setpriority") or not task_dir.is_dir():
+        logging.getLogger(__name__).warning("front_nice: not supported on this system")
+        return
+    for task in task_dir.iterdir():
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that ended meanwhile; raising a nice value needs no privilege
 
 
 def sleeping_workers() -> None:
@@ -174,6 +192,7 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         tp_timeout=settings.tp_timeout,
         tp_local_ranks=settings.tp_local_ranks,
         logging_config=logging_config.core_config(settings.log_format, settings.log_level),
+        quantization=settings.quantization,
     )
     options = CoreProcessOptions(
         restarts=settings.engine_restarts,
@@ -205,6 +224,7 @@ def _thread_engine(settings: Settings, config: EngineConfig) -> AsyncEngine:
             kernel_backend=settings.kernel_backend,
             prepack_cpu_linears=settings.cpu_prepacked_linears,
             compile=settings.compile,
+            quantization=settings.quantization,
         )
         bar.update(1)
     return engine
@@ -252,6 +272,7 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
             if settings.tensor_parallel_size > 1
             else []
         ),
+        f"  weights  {info.weight_bytes / 2**20:.1f} MiB (quantization {settings.quantization})",
         f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",

@@ -7,7 +7,11 @@ before triton is imported. The pytest process must compile (the AOT tests) and t
 the suite never interprets, so the interpreted calls go to one spawned worker whose
 environment alone carries TRITON_INTERPRET=1. Calls and results cross the pipe as
 torch.save bytes (bf16 included); the worker returns the call's result and its (possibly
-mutated, for the in-place kernels) arguments."""
+mutated, for the in-place kernels) arguments.
+
+On a CUDA machine, PALM_TRITON_DEVICE=cuda makes worker() a NativeRunner instead: the same
+calls, in this process, compiled for the GPU, tensors moved there and back (bench/gpu_check.sh
+runs tests/kernels that way)."""
 
 from __future__ import annotations
 
@@ -109,15 +113,54 @@ class InterpreterWorker:
             self._process.kill()
 
 
-_worker: InterpreterWorker | None = None
+class NativeRunner:
+    """The worker's interface, natively on a CUDA device: tensors in the arguments go to the
+    device, the call runs with the device as torch's default (what it builds lands there
+    too), and the result and the arguments after the call come back to the CPU."""
+
+    alive = True
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+
+    def call(self, module: str, name: str, *args: Any, **kwargs: Any) -> tuple[Any, tuple]:
+        moved_args, moved_kwargs = _to(self.device, (args, kwargs))
+        with self.device:
+            result = getattr(importlib.import_module(module), name)(*moved_args, **moved_kwargs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return _to(torch.device("cpu"), (result, moved_args))
+
+    def close(self) -> None:
+        pass
 
 
-def worker() -> InterpreterWorker:
+def _to(device: torch.device, obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(device, x) for x in obj)
+    if isinstance(obj, dict):
+        return {key: _to(device, value) for key, value in obj.items()}
+    return obj
+
+
+def native_device() -> str | None:
+    """PALM_TRITON_DEVICE (e.g. cuda): run the Triton tests natively there."""
+    return os.environ.get("PALM_TRITON_DEVICE") or None
+
+
+_worker: InterpreterWorker | NativeRunner | None = None
+
+
+def worker() -> InterpreterWorker | NativeRunner:
     """The worker, started on first use and shared by every interpreted test of the run
     (a module-level singleton rather than a session fixture in tests/kernels/conftest.py:
     a second rootless conftest.py would shadow tests/conftest.py as the module `conftest`
     that other test directories import helpers from)."""
     global _worker
+    if _worker is None and native_device() is not None:
+        _worker = NativeRunner(native_device())
     if _worker is None or not _worker.alive:
         _worker = InterpreterWorker()
         atexit.register(_worker.close)

@@ -10,7 +10,7 @@ import torch
 from palm_serve.kernels import select_backend
 from palm_serve.kernels.triton.launch import interpreter_active
 
-from interpreter_worker import worker
+from interpreter_worker import native_device, worker
 
 
 def test_cpu_process_without_interpreter_refuses_triton() -> None:
@@ -23,6 +23,10 @@ def test_cpu_process_without_interpreter_refuses_triton() -> None:
         select_backend("triton", cpu)
 
 
+@pytest.mark.skipif(
+    native_device() is not None,
+    reason="PALM_TRITON_DEVICE: the kernels run natively, no interpreter",
+)
 def test_interpreting_process_can_force_triton() -> None:
     names, _ = worker().call("triton_cases", "selected_backends")
     assert names == ("cpu", "triton")

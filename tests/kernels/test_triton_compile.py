@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from palm_serve.kernels.triton.launch import COMPILE_OPTIONS, is_interpreted
 
 # The package re-exports functions under the modules' names, so fetch the modules.
+int8_linear = importlib.import_module("palm_serve.kernels.triton.int8_linear")
 kv_cache = importlib.import_module("palm_serve.kernels.triton.kv_cache")
 paged_attention = importlib.import_module("palm_serve.kernels.triton.paged_attention")
 rotary = importlib.import_module("palm_serve.kernels.triton.rotary")
@@ -45,7 +46,8 @@ HEAD_DIMS = (64, 128)
 # Strides over whole heads or blocks (multiples of head_dim), and block_size 16.
 ALIGNED_INTS = {"stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                 "stride_cb", "stride_cs", "stride_ch", "stride_os", "stride_ot", "stride_oh",
-                "stride_ps", "stride_cos", "block_size"}  # fmt: skip
+                "stride_ps", "stride_cos", "block_size", "stride_xm", "stride_wn",
+                "stride_om"}  # fmt: skip
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 
@@ -216,3 +218,22 @@ def test_rotary_and_cache_write_compile(cap: int, head_dim: int) -> None:
 def test_cuobjdump_is_shipped() -> None:
     """The register figures above need triton's bundled cuobjdump; say so if it moved."""
     assert CUOBJDUMP.exists() or shutil.which("cuobjdump"), f"no cuobjdump at {CUOBJDUMP}"
+
+
+@pytest.mark.parametrize("cap", CAPS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 64, 256])
+def test_int8_linear_compiles_with_tensor_cores(cap: int, dtype: str, rows: int) -> None:
+    """Each of tile_shape's tiles: the int8 weight widened in registers feeds mma."""
+    sig = {"x_ptr": f"*{dtype}", "w_ptr": "*i8", "scales_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+    sig.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_om")})
+    block_m, block_n, block_k, options = int8_linear.tile_shape(rows)
+    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT_PRECISION="tf32",
+                      DOT_FP32=False)  # fmt: skip
+    compiled = _compile(int8_linear._int8_linear_kernel, sig, constexprs, cap, dict(options))
+    _report(f"int8_linear {dtype} {block_m}x{block_n}x{block_k}", cap, compiled)
+    ptx = compiled.asm["ptx"]
+    mma = re.search(r"\b(wgmma\.mma_async|mma\.sync)\.\S+", ptx)
+    assert mma, f"no tensor-core instruction in the sm_{cap} PTX (int8_linear {dtype}, {rows})"
+    assert re.search(r"\bld\.global\S*\.(b8|u8|s8|b32|v\d\.b32)", ptx), "int8 weight loads"
+    print(f"  tensor cores: {mma.group(0)}")

@@ -49,3 +49,20 @@ def test_triton_forward_equals_torch_forward(name: str) -> None:
         print(f"{name} step {step}: max abs diff {diff:.3g}")
         greedy = model.compute_logits(got).argmax(-1)
         assert torch.equal(greedy, model.compute_logits(want).argmax(-1))
+
+
+def test_triton_int8_forward_equals_torch_int8_forward() -> None:
+    """--quantization int8 on the Triton backend: the blocks' linears through the Triton
+    int8 linear equal the twin's (dequantize, then matmul), through the same steps."""
+    from palm_serve.model.quantization import quantize_linears
+
+    config = CONFIGS["mqa"]
+    model = make_model(config)
+    state = model.state_dict()
+    steps = _steps(config.vocab_size)
+    quantize_linears(model, model.kernels.int8_matmul)  # the torch backend: the twin
+    expected = run_model_steps(model, steps, NUM_BLOCKS, BLOCK_SIZE)
+    actual, _ = worker().call("triton_cases", "run_triton_model_steps", config, state, steps,
+                                 NUM_BLOCKS, BLOCK_SIZE, quantization="int8")  # fmt: skip
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        print(f"int8 step {step}: max abs diff {assert_matches(got, want):.3g}")

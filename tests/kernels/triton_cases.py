@@ -124,7 +124,8 @@ def run_model_steps(
     """Run the steps in order over one fresh KVCache; the hidden states of each step."""
     from palm_serve.model import AttentionMetadata, KVCache
 
-    cache = KVCache.allocate(model.config, num_blocks, block_size)
+    device = next(model.parameters()).device  # the GPU's, when the tests run natively
+    cache = KVCache.allocate(model.config, num_blocks, block_size, device=device)
     hidden = []
     for tables, chunks, done in steps:
         ids = [t for chunk in chunks for t in chunk]
@@ -137,14 +138,23 @@ def run_model_steps(
 
 
 def run_triton_model_steps(
-    config, state_dict: dict, steps: list[Step], num_blocks: int, block_size: int
+    config,
+    state_dict: dict,
+    steps: list[Step],
+    num_blocks: int,
+    block_size: int,
+    quantization: str = "none",
 ) -> list[torch.Tensor]:
-    """The same model with the Triton kernels (run inside the interpreter worker)."""
+    """The same model with the Triton kernels (run inside the interpreter worker); with
+    quantization "int8", its blocks' linears through the Triton int8 linear."""
     from palm_serve.kernels import triton_backend
     from palm_serve.model import PaLM
+    from palm_serve.model.quantization import quantize_linears
 
     model = PaLM(config, kernels=triton_backend())
     model.load_state_dict(state_dict)
+    if quantization == "int8":
+        quantize_linears(model, model.kernels.int8_matmul)
     return run_model_steps(model.eval(), steps, num_blocks, block_size)
 
 
