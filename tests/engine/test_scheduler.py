@@ -167,3 +167,45 @@ def test_plans_never_exceed_the_budget_or_hold_empty_entries() -> None:
             assert all(s.num_new_tokens >= 1 for s in plan.scheduled)
             if not sched.has_unfinished():
                 break
+
+
+class FixedDrafts:
+    """A DraftPolicy stand-in: every decode drafts the same tokens (the scheduler's side of
+    speculation, without an n-gram proposer)."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+
+    def draft(self, seq, num_running: int, budget: int) -> list[int]:
+        return list(self.tokens)
+
+
+def test_a_decode_carries_its_draft_and_keeps_only_what_was_accepted() -> None:
+    sched = make_scheduler(num_blocks=8, block_size=2)
+    a = make_request("a", [1, 2, 3], greedy(10))
+    sched.add(a)
+    step(sched)  # prefill; a = 1 2 3 7, 3 computed
+    sched.draft_policy = FixedDrafts([5, 6, 7])
+    plan = sched.schedule()
+    [item] = plan.scheduled
+    assert (item.start, item.num_new_tokens, item.sample, item.draft) == (3, 4, True, [5, 6, 7])
+    assert (plan.num_batched_tokens, plan.num_draft_tokens) == (4, 3)
+    assert a.block_table == [0, 1, 2, 3]  # 4 tokens + 3 draft slots
+    sched.update(plan, [[5, 9]])  # draft 5 accepted, then the target's own token
+    assert a.token_ids == [1, 2, 3, 7, 5, 9] and a.num_computed_tokens == 5
+    assert (sched.num_draft_tokens, sched.num_accepted_draft_tokens) == (3, 1)
+    # Block 3 held only rejected drafts: released, first in line for reuse.
+    assert a.block_table == [0, 1, 2] and next(iter(sched.block_manager.free_queue)) == 3
+
+
+def test_a_draft_that_finds_no_blocks_is_dropped_before_anyone_is_preempted() -> None:
+    sched = make_scheduler(num_blocks=3, block_size=2)
+    a, b = make_request("a", [1, 2, 3], greedy(10)), make_request("b", [4], greedy(10))
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # a: blocks 0, 1; b: block 2; the pool is full
+    sched.draft_policy = FixedDrafts([5, 6])
+    plan = sched.schedule()
+    assert plan_of(plan) == [("a", 3, 1, True), ("b", 1, 1, True)]
+    assert [s.draft for s in plan.scheduled] == [[], []] and not plan.preempted
+    assert plan.num_draft_tokens == 0
