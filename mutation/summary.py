@@ -12,9 +12,7 @@ from collections import Counter
 
 name, wall_s, equivalent_md = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 equivalent = set(re.findall(r"`(palm_serve\.[^`]+__mutmut_\d+)`", open(equivalent_md).read()))
-status = dict(
-    line.strip().rsplit(": ", 1) for line in sys.stdin if line.strip().count(": ") >= 1
-)
+status = dict(line.strip().rsplit(": ", 1) for line in sys.stdin if line.strip().count(": ") >= 1)
 counts = Counter(status.values())
 killed = counts["killed"] + counts["timeout"]
 excluded = [m for m in status if m in equivalent and status[m] != "killed"]
