@@ -246,3 +246,16 @@ def test_blocks_filled_by_decodes_are_found_by_the_next_request() -> None:
     assert a.block_table == [0, 1, 2, 3]
     b = FakeSeq([1, 2, 3, 4, 5, 6, 8])
     assert bm.find_cached_prefix(b) == [0, 1, 2]
+
+
+def test_a_block_evicted_and_computed_again_is_cached_again() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = FakeSeq([1, 2, 3])
+    assert admit(bm, a) and a.block_table == [0, 1]  # block 0 keyed (1, 2)
+    bm.free(a)
+    c = FakeSeq([9] * 7)  # takes every block: block 0 is evicted
+    assert admit(bm, c)
+    bm.free(c)
+    again = FakeSeq([1, 2, 3])
+    assert bm.find_cached_prefix(again) == [] and admit(bm, again)
+    assert bm.find_cached_prefix(FakeSeq([1, 2, 5])) == again.block_table[:1]
