@@ -14,6 +14,7 @@ name, wall_s, equivalent_md = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 equivalent = set(re.findall(r"`(palm_serve\.[^`]+__mutmut_\d+)`", open(equivalent_md).read()))
 status = dict(line.strip().rsplit(": ", 1) for line in sys.stdin if line.strip().count(": ") >= 1)
 counts = Counter(status.values())
+scored_status = Counter(s for m, s in status.items() if m not in equivalent)
 killed = counts["killed"] + counts["timeout"]
 excluded = [m for m in status if m in equivalent and status[m] != "killed"]
 stale = sorted(m for m in status if m in equivalent and status[m] == "killed")
@@ -21,7 +22,7 @@ scored = len(status) - len(excluded)
 print(
     f"{name}: {len(status)} mutants, {killed} killed ({counts['timeout']} by timeout), "
     f"{len(excluded)} equivalent, {scored - killed} not killed "
-    f"({counts['survived']} survived, {counts['no tests']} reached by no test); "
+    f"({scored_status['survived']} survived, {scored_status['no tests']} reached by no test); "
     f"score {100 * killed / max(scored, 1):.1f}%; wall {wall_s} s"
 )
 for mutant in sorted(status):
