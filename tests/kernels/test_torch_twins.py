@@ -18,6 +18,7 @@ from palm_serve.kernels import (
     write_kv_cache,
 )
 from palm_serve.kernels.paged_attention import SPLIT_COST, group_decodes
+from palm_serve.kernels.rotary import rotate
 
 
 def _naive_rotary(x: torch.Tensor, pos: int, base: float, xpos: float | None) -> torch.Tensor:
@@ -217,6 +218,8 @@ def test_the_twins_keep_a_bf16_model_in_bf16() -> None:
     rotary_embedding(q16, k16, torch.arange(5), cos_sin)
     rotary_embedding(qr, kr, torch.arange(5), build_cos_sin_cache(d, 64))
     torch.testing.assert_close(q16.float(), qr, atol=0.05, rtol=0.05)
+    cos, sin = cos_sin[:5, : d // 2], cos_sin[:5, d // 2 :]
+    assert rotate(torch.randn(5, d).bfloat16(), cos, sin).dtype == torch.bfloat16
 
     k_cache16 = torch.zeros(2, 4, n_kv, d, dtype=torch.bfloat16)
     v_cache16 = torch.zeros_like(k_cache16)
