@@ -117,6 +117,7 @@ def test_api_key_required(keyed, headers, code):
     for route in (GEN, CMPL, CHAT):
         r = post(keyed, route, {"prompt": "x", "messages": []}, headers=headers)
         assert r.status_code == 401 and assert_error_shape(r)["code"] == code
+        assert r.headers["www-authenticate"] == "Bearer"  # RFC 6750's challenge
     assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 401
     # Liveness, readiness and scraping stay open (probes and Prometheus carry no key).
     for route in ("/health", "/ready", "/metrics"):
