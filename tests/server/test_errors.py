@@ -102,7 +102,9 @@ def test_chunked_body_over_the_limit_is_413(keyed):
         yield b'"}'
 
     r = httpx.post(f"{keyed.url}{GEN}", content=chunks(), headers=AUTH, timeout=60)
-    assert r.status_code == 413 and "limit" in assert_error_shape(r)["message"]
+    error = assert_error_shape(r)
+    assert r.status_code == 413 and "limit" in error["message"]
+    assert error["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize(

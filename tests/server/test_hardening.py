@@ -304,6 +304,7 @@ def test_a_body_that_is_not_json_is_a_400_saying_what_and_where(
         assert answer.status == status, answer.body
         error = _error(answer)
         assert says in error["message"] and error["param"] == "body", error
+        assert status != 400 or error["code"] == "invalid_json", error
         assert raw.request("POST", "/v1/generate", VALID, JSON).status == 200
     finally:
         raw.close()
