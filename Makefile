@@ -48,19 +48,12 @@ lint: $(DEV_INSTALLED)
 	for d in kernels model engine server; do ln -sfn ../../../$$d $(TYPECHECK)/palm_serve/$$d; done
 	cd $(TYPECHECK) && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p palm_serve
 
-# Mutation testing (cosmic-ray; slow, not in CI): each config in mutation/ mutates its files
-# in place one change at a time and runs its tests; reports land in mutation/results/.
-# Run it on a tree nobody else is testing from. MUTATE="engine" runs one config.
-MUTATE ?= engine kernels server
+# Mutation testing (mutmut; slow, not in CI): mutation/run.sh stages each config of
+# mutation/ under build/mutate/, runs each mutant against only the tests that reach the
+# mutated function and writes mutation/results/<config>.txt. MUTATE="engine" runs one config.
+MUTATE ?= engine engine_io engine_spec kernels server
 mutate: $(DEV_INSTALLED)
-	mkdir -p mutation/results
-	for m in $(MUTATE); do \
-	  $(VENV)/bin/cosmic-ray init mutation/$$m.toml mutation/results/$$m.sqlite && \
-	  $(VENV)/bin/cr-filter-operators mutation/results/$$m.sqlite mutation/$$m.toml && \
-	  $(VENV)/bin/cosmic-ray exec mutation/$$m.toml mutation/results/$$m.sqlite && \
-	  $(VENV)/bin/cr-report --show-pending mutation/results/$$m.sqlite > mutation/results/$$m.txt; \
-	  tail -3 mutation/results/$$m.txt; \
-	done
+	for m in $(MUTATE); do nice -n 15 mutation/run.sh $$m || exit 1; done
 
 clean:
 	rm -rf $(VENV)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -207,3 +208,54 @@ def test_a_prefix_hit_revives_freed_cached_blocks_exactly() -> None:
     assert b.block_table[:3] == [0, 1, 2]
     assert [bm.blocks[i].ref_count for i in b.block_table] == [1, 1, 1, 1]
     assert bm.num_free_blocks == 2 and 0 not in bm.free_queue
+
+
+@pytest.mark.parametrize("num_blocks, block_size", [(0, 4), (4, 0)])
+def test_an_empty_pool_or_block_is_refused_naming_both_sizes(num_blocks, block_size) -> None:
+    with pytest.raises(ValueError) as refused:
+        BlockManager(num_blocks, block_size)
+    expected = f"need num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}"
+    assert str(refused.value) == expected
+
+
+def test_cached_blocks_cannot_extend_a_table_that_holds_blocks() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = FakeSeq([1, 2, 3])
+    assert admit(bm, a)
+    with pytest.raises(ValueError) as refused:
+        bm.allocate(a, 1, cached=[0])
+    assert str(refused.value) == "cached prefix blocks can only start an empty block table"
+
+
+def test_lookahead_slots_get_blocks_past_the_new_tokens() -> None:
+    """Draft tokens are written after the new ones: 4 new + 1 draft need a second block."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    a = FakeSeq([1, 2, 3, 4])
+    assert bm.allocate(a, 4, num_lookahead_tokens=1)
+    assert a.block_table == [0, 1]
+    assert not bm.allocate(FakeSeq([5] * 8), 8, num_lookahead_tokens=1)  # 3 > 2 free
+
+
+def test_blocks_filled_by_decodes_are_found_by_the_next_request() -> None:
+    """Blocks keyed one at a time as decodes fill them chain like a prompt's blocks."""
+    bm = BlockManager(num_blocks=12, block_size=2)
+    a = FakeSeq([1, 2, 3])
+    assert admit(bm, a)  # block 0 keyed
+    for token in (4, 5, 6, 7):
+        assert decode(bm, a, token)  # blocks 1, 2 fill one decode at a time
+    assert a.block_table == [0, 1, 2, 3]
+    b = FakeSeq([1, 2, 3, 4, 5, 6, 8])
+    assert bm.find_cached_prefix(b) == [0, 1, 2]
+
+
+def test_a_block_evicted_and_computed_again_is_cached_again() -> None:
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = FakeSeq([1, 2, 3])
+    assert admit(bm, a) and a.block_table == [0, 1]  # block 0 keyed (1, 2)
+    bm.free(a)
+    c = FakeSeq([9] * 7)  # takes every block: block 0 is evicted
+    assert admit(bm, c)
+    bm.free(c)
+    again = FakeSeq([1, 2, 3])
+    assert bm.find_cached_prefix(again) == [] and admit(bm, again)
+    assert bm.find_cached_prefix(FakeSeq([1, 2, 5])) == again.block_table[:1]

@@ -266,3 +266,95 @@ def test_each_penalty_alone_is_applied(penalty) -> None:
         value = expected[token]
         expected[token] = value / rep if value > 0 else value * rep
     torch.testing.assert_close(apply_penalties(logits.clone(), [seq])[0], expected)
+
+
+def _sequence(prompt: list[int], **params):
+    from palm_serve.engine.sequence import Sequence
+
+    return Sequence("s", prompt, SamplingParams(**params), torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "penalty",
+    [dict(repetition_penalty=2.0), dict(presence_penalty=1.0), dict(frequency_penalty=1.0)],
+)
+def test_a_penalty_alone_changes_the_sampled_token(penalty) -> None:
+    """Through the Sampler (which decides whether a row is penalized at all): token 5, seen
+    once in the output, loses its lead to the unseen token 6; the repetition penalty also
+    divides token 4's logit (in the prompt, positive but below 1), so 4 stays below 6."""
+    from palm_serve.engine.sampler import Sampler
+
+    logits = torch.zeros(1, 20)
+    logits[0, 4], logits[0, 5], logits[0, 6] = 0.9, 1.5, 1.2
+    seq = _sequence([3, 4], temperature=0.0, **penalty)
+    seq.token_ids.append(5)
+    assert Sampler()(logits.clone(), [_sequence([3, 4], temperature=0.0)]).token_ids == [5]
+    assert Sampler()(logits.clone(), [seq]).token_ids == [6]
+
+
+def test_the_bitmask_leaves_the_best_allowed_token_and_its_logprobs() -> None:
+    from palm_serve.engine.sampler import Sampler
+
+    logits = torch.randn(2, 40, generator=torch.Generator().manual_seed(0))
+    best = logits.argmax(-1).tolist()
+    allowed = torch.ones(2, 40, dtype=torch.bool)
+    allowed[0, best[0]] = False  # row 0: its argmax forbidden; row 1: all allowed
+    words = [[sum(1 << b for b in range(32) if w * 32 + b < 40 and allowed[r, w * 32 + b])
+              for w in range(2)] for r in range(2)]  # fmt: skip
+    bitmask = torch.tensor(words, dtype=torch.int64).to(torch.int32)
+    seqs = [_sequence([1], temperature=0.0, logprobs=0) for _ in range(2)]
+    out = Sampler()(logits.clone(), seqs, bitmask)
+    masked = logits.masked_fill(~allowed, float("-inf"))
+    assert out.token_ids == masked.argmax(-1).tolist() and out.token_ids[1] == best[1]
+    reference = masked.log_softmax(-1)
+    for row, entry in enumerate(out.logprobs):
+        assert entry.logprob == pytest.approx(reference[row, out.token_ids[row]].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("num_top", [0, 1])
+def test_a_request_gets_exactly_the_logprobs_it_asked_for(num_top: int) -> None:
+    from palm_serve.engine.sampler import Sampler
+
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(1))
+    [entry] = Sampler()(logits, [_sequence([1], temperature=0.0, logprobs=num_top)]).logprobs
+    reference = logits[0].log_softmax(-1)
+    token = int(logits.argmax())
+    assert entry.token_id == token
+    assert entry.logprob == pytest.approx(reference[token].item(), abs=1e-6)
+    assert [t for t, _ in entry.top] == [token][:num_top]
+
+
+def test_draw_takes_the_first_token_past_the_target_never_a_zero_one() -> None:
+    from palm_serve.engine.sampler import draw
+
+    cdf = torch.tensor([[0.0, 0.5, 0.5, 1.0], [1.0, 2.0, 2.0, 4.0]])  # row 1: unnormalized
+    assert draw(cdf, torch.tensor([0.0, 0.0])).tolist() == [1, 0]
+    assert draw(cdf, torch.tensor([0.5, 0.5])).tolist() == [3, 3]
+    assert draw(cdf, torch.tensor([0.4, 0.3])).tolist() == [1, 1]
+
+
+def test_finite_clamps_overflow_and_keeps_filtered_tokens_out() -> None:
+    from palm_serve.engine.sampler import finite
+
+    top = torch.finfo(torch.float32).max
+    got = finite(torch.tensor([float("nan"), float("inf"), float("-inf"), 1.5]))
+    assert got.tolist() == [-top, top, float("-inf"), 1.5]
+
+
+def test_top_k_alone_and_min_p_limit_each_row_to_its_own_candidates() -> None:
+    """top_k = 1 is the argmax; top_k = 3 alone draws among three; min-p compares each row
+    with its own most likely token (row 1 is flat over 4 tokens, row 0 peaked)."""
+    n = 200
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(2)).repeat(n, 1)
+    top1 = sample_rows(logits, [SamplingParams(top_k=1)] * n, gens)
+    assert set(top1.tolist()) == {int(logits[0].argmax())}
+    top3 = set(sample_rows(logits, [SamplingParams(top_k=3)] * n, gens).tolist())
+    assert top3 == set(logits[0].topk(3).indices.tolist())
+    rows = torch.full((2, 8), float("-inf"))
+    rows[0, :] = torch.tensor([9.0, 0, 0, 0, 0, 0, 0, 0])
+    rows[1, :4] = 0.0
+    drawn = [sample_rows(rows, [SamplingParams(min_p=0.5)] * 2, [g, g])[1].item() for g in gens]
+    assert set(drawn) == {0, 1, 2, 3}
+    only_top = sample_rows(logits[:50], [SamplingParams(min_p=1.0)] * 50, gens[:50])
+    assert set(only_top.tolist()) == {int(logits[0].argmax())}

@@ -167,3 +167,115 @@ def test_plans_never_exceed_the_budget_or_hold_empty_entries() -> None:
             assert all(s.num_new_tokens >= 1 for s in plan.scheduled)
             if not sched.has_unfinished():
                 break
+
+
+class FixedDrafts:
+    """A DraftPolicy stand-in: every decode drafts the same tokens, as many as the budget
+    leaves after its own token (the scheduler's side of speculation, without a proposer)."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self.asked: list[tuple[str, int, int]] = []
+
+    def draft(self, seq, num_running: int, budget: int) -> list[int]:
+        self.asked.append((seq.request_id, num_running, budget))
+        return self.tokens[: budget - 1] if seq.num_uncomputed_tokens == 1 else []
+
+
+def drafting_scheduler(drafts: FixedDrafts, num_blocks: int, **kw):
+    from palm_serve.engine.block_manager import BlockManager
+    from palm_serve.engine.config import EngineConfig
+    from palm_serve.engine.scheduler import Scheduler
+
+    config = EngineConfig(num_blocks=num_blocks, block_size=2, **kw)
+    bm = BlockManager(num_blocks, 2)
+    return Scheduler(config, bm, 10_000, eos_token_id=None, draft_policy=drafts)
+
+
+def test_decodes_carry_their_drafts_and_keep_only_what_was_accepted() -> None:
+    drafts = FixedDrafts([5, 6, 7])
+    sched = drafting_scheduler(drafts, num_blocks=12, max_num_batched_tokens=10)
+    a, b = make_request("a", [1, 2, 3], greedy(10)), make_request("b", [4, 4, 4], greedy(10))
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # prefills; a = 1 2 3 7 and b = 4 4 4 7, 3 computed each
+    sched.add(make_request("c", [8] * 5))
+    drafts.asked.clear()
+    plan = sched.schedule()
+    # Each decode: 1 known token + 3 drafts; c gets the 2 tokens of budget left.
+    assert plan_of(plan) == [("a", 3, 4, True), ("b", 3, 4, True), ("c", 0, 2, False)]
+    assert [s.draft for s in plan.scheduled] == [[5, 6, 7], [5, 6, 7], []]
+    assert (plan.num_batched_tokens, plan.num_draft_tokens) == (10, 6)
+    assert drafts.asked == [("a", 2, 10), ("b", 2, 6)]
+    assert a.block_table == [0, 1, 4, 5]  # 4 tokens + 3 draft slots
+    sched.update(plan, [[5, 9], [8], []])  # a: draft 5 accepted, then its own token; b: none
+    assert a.token_ids == [1, 2, 3, 7, 5, 9] and a.num_computed_tokens == 5
+    assert b.num_computed_tokens == 4
+    assert (sched.num_draft_tokens, sched.num_accepted_draft_tokens) == (6, 1)
+    # Blocks holding only rejected drafts (a's 5, b's 6 and 7) go first in line for reuse.
+    assert a.block_table == [0, 1, 4] and b.block_table == [2, 3]
+    assert list(sched.block_manager.free_queue)[:3] == [7, 6, 5]
+
+
+def test_a_draft_that_finds_no_blocks_is_dropped_before_anyone_is_preempted() -> None:
+    sched = drafting_scheduler(FixedDrafts([5, 6]), num_blocks=3)
+    a, b = make_request("a", [1, 2, 3], greedy(10)), make_request("b", [4], greedy(10))
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # a: blocks 0, 1; b: block 2; the pool is full
+    plan = sched.schedule()
+    assert plan_of(plan) == [("a", 3, 1, True), ("b", 1, 1, True)]
+    assert [s.draft for s in plan.scheduled] == [[], []] and not plan.preempted
+    assert plan.num_draft_tokens == 0
+
+
+def test_an_older_prefill_without_a_block_preempts_itself_not_a_planned_decode() -> None:
+    sched = make_scheduler(num_blocks=3, block_size=2, enable_prefix_caching=False)
+    a, b = make_request("a", [1, 2, 3, 4], greedy(10)), make_request("b", [5], greedy(10))
+    sched.add(a)
+    sched.add(b)
+    step(sched)  # a: blocks 0, 1; b: block 2; the pool is full
+    a.num_computed_tokens = 2  # as if a's prefill had been chunked: 3 tokens left, 3 blocks
+    plan = step(sched)  # b decodes first (planned); a is the newest unplanned: itself
+    assert plan_of(plan) == [("b", 1, 1, True)] and plan.preempted == [a]
+    assert sched.num_preemptions == 1
+    step(sched)
+    a.num_computed_tokens = 2
+    sched.running.append(sched.waiting.popleft())  # back, mid-prefill, and preempted again
+    a.status = SequenceStatus.RUNNING
+    assert step(sched).preempted == [a] and sched.num_preemptions == 2
+
+
+def test_abort_finishes_a_waiting_or_running_request_and_frees_its_blocks() -> None:
+    sched = make_scheduler(num_blocks=4, block_size=2)
+    a, b = make_request("a", [1, 2, 3]), make_request("b", [4, 5, 6, 7, 8, 9])
+    sched.add(a)
+    step(sched)
+    sched.add(b)
+    sched.abort(b)
+    sched.abort(a)
+    assert (a.finish_reason, b.finish_reason) == ("abort", "abort")
+    assert not sched.has_unfinished() and sched.block_manager.num_free_blocks == 4
+
+
+def test_the_context_end_stops_a_request_at_exactly_max_model_len() -> None:
+    sched = make_scheduler(num_blocks=8, max_model_len=5)
+    a = make_request("a", [1, 2, 3], greedy(10))
+    sched.add(a)
+    while sched.has_unfinished():
+        step(sched)
+    assert (a.num_tokens, a.finish_reason) == (5, "length")
+
+
+def test_prefix_hits_add_up_and_the_first_admission_is_timed() -> None:
+    import time
+
+    sched = make_scheduler(num_blocks=16, block_size=4)
+    before = time.monotonic()
+    sched.add(make_request("a", list(range(10))))
+    step(sched)
+    for name in "bc":
+        sched.add(make_request(name, list(range(8)) + [50]))
+        step(sched)
+    assert sched.prefix_cache_hit_tokens == 16
+    assert all(before <= s.first_scheduled_time <= time.monotonic() for s in sched.running)

@@ -148,3 +148,31 @@ def test_stop_checker_emits_exactly_the_text_before_the_first_stop(tokens, stops
         assert all(s not in emitted for s in stops)
     else:
         assert hit is None and emitted == full
+
+
+class TextPieces:
+    """A detokenizer stand-in: token i is pieces[i]; flush releases `held` (what a real one
+    holds back at the end, e.g. an incomplete UTF-8 character)."""
+
+    def __init__(self, pieces: list[str], held: str = "") -> None:
+        self.pieces, self.held = pieces, held
+
+    def add(self, token_id: int) -> str:
+        return self.pieces[token_id]
+
+    def flush(self) -> str:
+        return self.held
+
+
+def test_a_piece_holding_a_stop_string_twice_is_cut_at_the_first() -> None:
+    checker = StopChecker(TextPieces(["say", " x.y.z"]), (".",))
+    assert checker.add_token(0) is None
+    assert checker.add_token(1) == "."
+    assert checker.take_text(True) == "say x"
+
+
+def test_flush_releases_the_held_back_text_and_checks_it_for_stops() -> None:
+    checker = StopChecker(TextPieces(["ab"], held="c!d"), ("!",))
+    assert checker.add_token(0) is None
+    assert checker.flush() == "!"
+    assert checker.take_text(True) == "abc"

@@ -18,6 +18,7 @@ from palm_serve.kernels import (
     write_kv_cache,
 )
 from palm_serve.kernels.paged_attention import SPLIT_COST, group_decodes
+from palm_serve.kernels.rotary import rotate
 
 
 def _naive_rotary(x: torch.Tensor, pos: int, base: float, xpos: float | None) -> torch.Tensor:
@@ -182,3 +183,60 @@ def test_group_decodes_cuts_padding_where_it_pays() -> None:
     assert group_decodes([700, 40, 40, 40], split_cost=2048) == [[0, 1, 2, 3]]  # not worth it
     assert group_decodes([40, 40, 40], split_cost=0) == [[0, 1, 2]]
     assert group_decodes([]) == []
+
+
+def test_paged_attention_honours_the_scale_and_a_batch_ending_in_a_chunk() -> None:
+    """A scale that is not 1/sqrt(head_dim) (the default a twin could silently fall back
+    to), and decodes first then a chunk: the decodes are not every row."""
+    block_size, heads, n_kv, d = 4, 4, 2, 8
+    seqs = [(9, 1), (3, 1), (6, 3)]
+    args, per_seq, starts = _paged_batch(random.Random(2), seqs, block_size, heads, n_kv, d)
+    out = paged_attention(*args, scale=0.3)
+    for s, (q, keys, values) in enumerate(per_seq):
+        expected = _naive_attention(q, keys, values, 0.3)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_twins_keep_a_bf16_model_in_bf16() -> None:
+    """bf16 in, bf16 out (each twin computes in fp32 inside); one plan serves a layer of
+    fp32 caches and then one of bf16 caches, as it would a model of either."""
+    block_size, heads, n_kv, d = 4, 4, 2, 8
+    batch = _paged_batch(random.Random(3), BATCHES["mixed"], block_size, heads, n_kv, d)
+    q, k_cache, v_cache, tables, qsl, lens = batch[0]
+    plan = plan_paged_attention(tables, qsl, lens, block_size, n_kv)
+    exact = paged_attention(q, k_cache, v_cache, tables, qsl, lens, 0.3, plan=plan)
+    half = paged_attention(
+        q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables, qsl, lens, 0.3, plan=plan
+    )
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), exact, atol=0.05, rtol=0.05)
+
+    cos_sin = build_cos_sin_cache(d, 64, dtype=torch.bfloat16)
+    assert cos_sin.dtype == torch.bfloat16
+    qr, kr = torch.randn(5, heads, d), torch.randn(5, n_kv, d)
+    q16, k16 = qr.bfloat16(), kr.bfloat16()
+    rotary_embedding(q16, k16, torch.arange(5), cos_sin)
+    rotary_embedding(qr, kr, torch.arange(5), build_cos_sin_cache(d, 64))
+    torch.testing.assert_close(q16.float(), qr, atol=0.05, rtol=0.05)
+    cos, sin = cos_sin[:5, : d // 2], cos_sin[:5, d // 2 :]
+    assert rotate(torch.randn(5, d).bfloat16(), cos, sin).dtype == torch.bfloat16
+
+    k_cache16 = torch.zeros(2, 4, n_kv, d, dtype=torch.bfloat16)
+    v_cache16 = torch.zeros_like(k_cache16)
+    k, v = torch.randn(3, n_kv, d), torch.randn(3, n_kv, d)
+    write_kv_cache(k, v, k_cache16, v_cache16, torch.tensor([0, 5, 7]))
+    assert torch.equal(k_cache16[1, 1], k[1].bfloat16()) and torch.equal(
+        v_cache16[1, 3], v[2].bfloat16()
+    )
+
+
+def test_the_xpos_factor_is_one_at_its_centre() -> None:
+    """q . k carries scale ** ((i - j) / base): the factor is 1 at the centre, which is half
+    the maximum length (rounded down) unless given."""
+    assert torch.equal(build_xpos_scale_cache(8, 63, 16.0)[31], torch.ones(4))
+    assert torch.equal(build_xpos_scale_cache(8, 64, 16.0, center=5)[5], torch.ones(4))
+    assert not torch.equal(build_xpos_scale_cache(8, 64, 16.0, center=5)[32], torch.ones(4))
+
+
+def test_group_decodes_makes_at_most_max_groups() -> None:
+    assert group_decodes([100, 50, 10], split_cost=0, max_groups=2) == [[0], [1, 2]]

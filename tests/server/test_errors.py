@@ -102,7 +102,9 @@ def test_chunked_body_over_the_limit_is_413(keyed):
         yield b'"}'
 
     r = httpx.post(f"{keyed.url}{GEN}", content=chunks(), headers=AUTH, timeout=60)
-    assert r.status_code == 413 and "limit" in assert_error_shape(r)["message"]
+    error = assert_error_shape(r)
+    assert r.status_code == 413 and "limit" in error["message"]
+    assert error["code"] == "request_too_large"
 
 
 @pytest.mark.parametrize(
@@ -117,6 +119,7 @@ def test_api_key_required(keyed, headers, code):
     for route in (GEN, CMPL, CHAT):
         r = post(keyed, route, {"prompt": "x", "messages": []}, headers=headers)
         assert r.status_code == 401 and assert_error_shape(r)["code"] == code
+        assert r.headers["www-authenticate"] == "Bearer"  # RFC 6750's challenge
     assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 401
     # Liveness, readiness and scraping stay open (probes and Prometheus carry no key).
     for route in ("/health", "/ready", "/metrics"):

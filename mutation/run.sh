@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs one mutation config (mutation/<name>.cfg) with mutmut: `mutation/run.sh engine`.
+#
+# mutmut names a mutant by its module path and the served code is imported as palm_serve.*
+# (setuptools maps the top-level directories onto that package), so the run happens in a
+# staging tree, build/mutate/<name>/, whose palm_serve/ links to them. mutmut copies it to
+# mutants/, puts that first on sys.path (ahead of the editable install's finder), runs the
+# selected tests once to learn which tests reach which function, then forks one child per
+# mutant from a server that has already imported torch and the tests, and runs only the
+# tests that reach the mutated function, fastest first, stopping at the first failure.
+set -euo pipefail
+name=$1
+root=$(cd "$(dirname "$0")/.." && pwd)
+stage=$root/build/mutate/$name
+rm -rf "$stage"
+mkdir -p "$stage/palm_serve" "$root/mutation/results"
+touch "$stage/palm_serve/__init__.py"
+for package in kernels model engine server; do ln -s "$root/$package" "$stage/palm_serve/$package"; done
+ln -s "$root/tests" "$stage/tests"
+ln -s "$root/pyproject.toml" "$stage/pyproject.toml"
+cp "$root/mutation/$name.cfg" "$stage/setup.cfg"
+cd "$stage"
+# One worker, one intra-op thread: the tests use tiny tensors and the machine is shared.
+start=$(date +%s)
+OMP_NUM_THREADS=1 "$root/.venv/bin/mutmut" run --max-children 1 > mutmut-run.log 2>&1 || {
+    tail -40 mutmut-run.log
+    exit 1
+}
+wall=$(($(date +%s) - start))
+"$root/.venv/bin/mutmut" results --all true \
+    | "$root/.venv/bin/python" "$root/mutation/summary.py" "$name" "$wall" "$root/mutation/EQUIVALENT.md" \
+    > "$root/mutation/results/$name.txt"
+head -1 "$root/mutation/results/$name.txt"
