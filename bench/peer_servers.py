@@ -287,7 +287,6 @@ ALL = {
     "palm-serve-core2-bound": lambda: PalmServe(
         "palm-serve-core2-bound", CORE2_ARGS, CORE2_BOUND_ENV
     ),
-    "palm-serve-nice5": lambda: PalmServe("palm-serve-nice5", ("--front-nice", "5")),
     "palm-serve-int8": lambda: PalmServe("palm-serve-int8", INT8_ARGS),
     "llama.cpp-f32": LlamaCpp,
     "llama.cpp-f16": lambda: LlamaCpp("f16"),

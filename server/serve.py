@@ -64,25 +64,7 @@ def serve(given: dict[str, Any]) -> int:
     except CoreStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if settings.front_nice:
-        lower_front_priority(settings.front_nice)
     return run_server(settings, engine)
-
-
-def lower_front_priority(nice: int) -> None:
-    """Raise the nice value of every thread of this process (Linux keeps one per thread, and
-    threads started later inherit their creator's). Called once the core process runs, so
-    that the core, spawned from here, keeps the priority it started with: lowering a nice
-    value again would need privileges."""
-    task_dir = Path("/proc/self/task")
-    if not hasattr(os, "setpriority") or not task_dir.is_dir():
-        logging.getLogger(__name__).warning("front_nice: not supported on this system")
-        return
-    for task in task_dir.iterdir():
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
-        except (ProcessLookupError, PermissionError):
-            pass  # a thread that ended meanwhile; raising a nice value needs no privilege
 
 
 def sleeping_workers() -> None:

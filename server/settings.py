@@ -97,14 +97,6 @@ class Settings(BaseSettings):
         description="CPUs the HTTP front (this process) runs on; default: those the engine "
         "core does not use (none left: not pinned)",
     )
-    front_nice: int = Field(
-        0,
-        ge=0,
-        le=19,
-        description="nice value of the HTTP front's threads once the engine core runs (the "
-        "core keeps its own; one restarted after a failure starts from the front's): a higher "
-        "one leaves the CPUs the front shares with the core to the step",
-    )
     engine_restarts: int = Field(
         3, ge=0, description="times a dead engine core process is restarted over the server's life"
     )
@@ -242,8 +234,6 @@ class Settings(BaseSettings):
     def _pinning_needs_a_process(self) -> Settings:
         if not self.engine_process and (self.engine_cpus or self.front_cpus):
             raise ValueError("engine_cpus and front_cpus need the engine in its own process")
-        if not self.engine_process and self.front_nice:
-            raise ValueError("front_nice needs the engine in its own process")
         return self
 
     @field_validator("tensor_parallel_size")

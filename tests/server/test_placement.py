@@ -3,14 +3,9 @@ placement for one, two and many CPUs, and a user's own OpenMP settings winning."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from palm_serve.server.placement import Placement, parse_cpus, plan_placement
-from palm_serve.server.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -51,36 +46,3 @@ def test_given_values_and_the_users_environment_win():
         assert plan_placement([0, 1], environ=env).core_environment == {}
     with pytest.raises(ValueError, match="not available"):
         plan_placement([0, 1], engine_cpus=(2,), environ={})
-
-
-FRONT_NICE_PROBE = """
-import os, threading
-from palm_serve.server.serve import lower_front_priority
-started, stop = threading.Event(), threading.Event()
-def park():
-    started.set()
-    stop.wait()
-before = threading.Thread(target=park)
-before.start()
-started.wait()
-lower_front_priority(3)
-after = threading.Thread(target=lambda: print(os.getpriority(os.PRIO_PROCESS, 0)))
-after.start()
-after.join()
-print(sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}))
-stop.set()
-"""
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread nice is Linux's")
-def test_front_nice_reaches_every_thread_and_those_started_later():
-    """In a child process: a nice value cannot be lowered again without privileges."""
-    out = subprocess.run(
-        [sys.executable, "-c", FRONT_NICE_PROBE], capture_output=True, text=True, check=True
-    ).stdout.split("\n")
-    assert out[:2] == ["3", "[3]"]
-
-
-def test_front_nice_needs_the_core_process():
-    with pytest.raises(ValueError, match="front_nice"):
-        Settings(front_nice=5, engine_process=False)
