@@ -3,9 +3,10 @@ its weight as int8 with one fp32 scale per output channel, symmetric (w ~ q * sc
 q in [-127, 127], scale = max |w| of the channel / 127), and multiplies through the kernel
 backend's int8 linear (kernels/int8_linear.py), which widens the int8 weight in registers.
 
-The embedding and the logits head stay in the model's dtype: a tied head is the embedding
-(one table serves both), and an untied one is left alone too (docs/BENCHMARKS.md,
-"int8 weight-only", has what quantizing it would cost and buy)."""
+An untied logits head (the Llama's lm_head) is quantized the same way: at small batches it
+is the step's largest read (docs/BENCHMARKS.md, "int8 weight-only", has its quality
+figures). The embedding stays in the model's dtype, and so does a tied head, which is the
+embedding: one table serves lookups and logits, and an int8 copy would add bytes."""
 
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ class Int8Linear(nn.Module):
 
 
 def quantize_linears(model: DecoderModel, matmul: Int8Matmul) -> int:
-    """Swap every bias-free nn.Linear of the model's blocks for an Int8Linear multiplying
-    through `matmul`; returns how many were swapped. The embedding and the head stay."""
+    """Swap every bias-free nn.Linear of the model's blocks, and an untied logits head, for
+    an Int8Linear multiplying through `matmul`; returns how many were swapped. The
+    embedding (and a tied head, which is the embedding) stays."""
     swapped = 0
     for block in model.layers:
         for parent in list(block.modules()):
@@ -75,6 +77,10 @@ def quantize_linears(model: DecoderModel, matmul: Int8Matmul) -> int:
                 if type(child) is nn.Linear and child.bias is None:
                     setattr(parent, name, Int8Linear.quantize(child.weight, matmul))
                     swapped += 1
+    head = model.logits_head
+    if type(head) is nn.Linear and head.bias is None:
+        model.logits_head = Int8Linear.quantize(head.weight, matmul)
+        swapped += 1
     return swapped
 
 
@@ -144,9 +150,13 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def linear_weight_bytes(model: DecoderModel) -> int:
-    """Bytes of the blocks' linears alone (weights and scales): what int8 shrinks."""
+    """Bytes of the linears int8 shrinks (the blocks' and an untied head; weights and
+    scales)."""
     total = 0
-    for module in model.layers.modules():
+    modules = [*model.layers.modules()]
+    if type(model.logits_head) in (nn.Linear, Int8Linear):  # untied, before any prepacking
+        modules.append(model.logits_head)
+    for module in modules:
         if isinstance(module, Int8Linear):
             total += module.weight.nbytes + module.scales.nbytes
         elif type(module) is nn.Linear:
