@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
+
+from palm_serve.server.generation import engine_failure, failure_event
 
 from server_helpers import metric, parse_metrics, running_server, write_model_dir
 
@@ -183,6 +186,30 @@ def test_cors_for_the_configured_origin_only(keyed):
 def test_the_bearer_scheme_is_case_insensitive_and_the_key_trimmed(keyed, scheme, spacing):
     headers = {"Authorization": f"{scheme}{spacing}{KEY}"}
     assert post(keyed, GEN, {"prompt": "x", "max_tokens": 1}, headers=headers).status_code == 200
+
+
+def test_an_options_request_needs_no_key(keyed):
+    """Not a CORS preflight (no Access-Control-Request-Method), so the CORS layer passes it
+    on: the key check lets OPTIONS through to the router, which has no OPTIONS route."""
+    assert httpx.options(f"{keyed.url}{GEN}").status_code == 405
+
+
+def test_an_engine_failure_is_a_503_naming_its_reason():
+    """What a client gets when the core failed or died under its request (the fault
+    tests in test_core_faults.py reach it end to end)."""
+    err = engine_failure("engine step failed: RuntimeError")
+    assert (err.status, err.type, err.code) == (503, "service_unavailable", "engine_error")
+    assert err.message == "the engine failed this request: engine step failed: RuntimeError"
+    assert engine_failure(None).message == "the engine failed this request: no reason given"
+    event = failure_event(SimpleNamespace(finish_reason="error", error="core died"))
+    assert event is not None and event.startswith(b"data: ") and event.endswith(b"\n\n")
+    assert json.loads(event[len(b"data: ") :])["error"] == {
+        "message": "the engine failed this request: core died",
+        "type": "service_unavailable",
+        "code": "engine_error",
+        "param": None,
+    }
+    assert failure_event(SimpleNamespace(finish_reason="stop", error=None)) is None
 
 
 def test_the_api_docs_stay_open_with_a_key(keyed):

@@ -114,3 +114,37 @@ async def test_the_500_path_logs_the_message_only_with_log_requests(log_messages
     assert sent[0]["status"] == 500
     assert "ValueError" in caplog.text
     assert (SECRET in caplog.text) is log_messages
+
+
+NOT_LOGGED = " (message not logged: --log-requests is off)"
+BETWEEN = "\nwhile handling the above, another exception:\n"
+
+
+class ParseFailure(Exception):
+    """Not a builtin: its name in the log carries this module's."""
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["raise-from", "raised-while-handling"])
+def test_each_exception_of_the_chain_gets_its_frames_and_its_name(explicit: bool) -> None:
+    """The line an operator reads: one traceback per exception, the cause first, each
+    ending in the exception's qualified name instead of its message."""
+
+    def parse() -> None:
+        raise ParseFailure(SECRET)
+
+    try:
+        try:
+            parse()
+        except ParseFailure as exc:
+            if explicit:
+                raise ValueError(SECRET) from exc
+            raise ValueError(SECRET)  # noqa: B904 - the implicit chain (__context__)
+    except ValueError as exc:
+        text = without_messages(exc)
+    first, second = text.split(BETWEEN)
+    cause = f"{ParseFailure.__module__}.ParseFailure"
+    for part, name in ((first, cause), (second, "builtins.ValueError")):
+        assert part.startswith("Traceback (most recent call last):\n  File ")
+        assert part.endswith(name + NOT_LOGGED)
+    assert "in parse" in first and "in parse" not in second
+    assert SECRET not in text
