@@ -97,6 +97,12 @@ def load_model(
     check_state_dict(state, config, str(Path(path) / WEIGHTS_FILE))
     model = PaLM(config, kernels)
     rest, int8 = split_int8_state(state)
+    if int8 and torch.device(device).type == "cpu" and dtype != torch.float32:
+        # The CPU int8 kernel takes fp32 activations (as --quantization int8 requires).
+        raise ValueError(
+            f"{path} holds int8 weights: on the CPU they serve with dtype float32, not "
+            f"{str(dtype).removeprefix('torch.')}"
+        )
     # An int8 checkpoint (convert --quantization int8): its linears are built from the
     # int8 tensors, never as fp32; everything else loads as usual.
     # (check_state_dict made sure the int8 weights are all that is missing)

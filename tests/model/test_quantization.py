@@ -165,6 +165,9 @@ def test_convert_writes_an_int8_checkpoint_that_loads_without_fp32(tmp_path: Pat
     quantize_linears(expected, backend.int8_matmul)
     tokens = torch.randint(0, 61, (2, 17))
     assert torch.equal(loaded.forward_dense(tokens), expected.forward_dense(tokens))
+    # The CPU kernel takes fp32 activations: a half-precision CPU load says so up front.
+    with pytest.raises(ValueError, match="int8 weights: on the CPU they serve with dtype float32"):
+        load_model(tmp_path / "int8", kernels=backend, dtype=torch.bfloat16)
 
 
 def test_int8_checkpoint_errors_name_the_tensor(tmp_path: Path) -> None:
