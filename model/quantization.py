@@ -154,8 +154,9 @@ def linear_weight_bytes(model: DecoderModel) -> int:
     scales)."""
     total = 0
     modules = [*model.layers.modules()]
-    if type(model.logits_head) in (nn.Linear, Int8Linear):  # untied, before any prepacking
-        modules.append(model.logits_head)
+    head = model.logits_head
+    if head is not None and type(head) in (nn.Linear, Int8Linear):  # untied, not prepacked
+        modules.append(head)
     for module in modules:
         if isinstance(module, Int8Linear):
             total += module.weight.nbytes + module.scales.nbytes
