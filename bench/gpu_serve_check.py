@@ -16,15 +16,14 @@ Run by bench/gpu_check.sh.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from peer_servers import REPO, VENVS, PalmServe, Running
 
-REPO = Path(__file__).resolve().parent.parent
+LOGS = VENVS / "logs" / "gpu-serve-check"
 MODELS = {
     "default": REPO / "model" / "default",
     "tiny-llama": REPO / "bench" / ".venvs" / "models" / "tiny-llama",
@@ -47,25 +46,14 @@ def prompts(n: int) -> list[str]:
 
 
 def serve_and_ask(model: Path, flags: list[str], texts: list[str], port: int) -> list[list[int]]:
-    command = [str(REPO / ".venv" / "bin" / "palm-serve"), "serve", "--model", str(model)]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
+    """Start `palm-serve serve` as the peer benchmark does (its flags after the CPU fp32
+    defaults, so they win), ask each text greedily, stop it."""
+    name = "palm-serve-" + "-".join(flags[1::2])
+    server = Running(PalmServe(name, tuple(flags)), model, port, 16, LOGS / f"{name}.log")
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited: {server.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready in 300 s")
-            time.sleep(1)
+        server.wait_ready()
         outputs = []
-        with httpx.Client(base_url=base, timeout=120) as client:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
             for text in texts:
                 body = {"prompt": text, "max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
                 reply = client.post("/v1/generate", json=body)
@@ -73,8 +61,7 @@ def serve_and_ask(model: Path, flags: list[str], texts: list[str], port: int) ->
                 outputs.append(reply.json()["token_ids"])
         return outputs
     finally:
-        server.terminate()
-        server.wait(60)
+        server.stop()
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -124,5 +111,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PALM_KV_CACHE_MEMORY", "1GiB")
     sys.exit(main())
