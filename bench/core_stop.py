@@ -23,6 +23,7 @@ import time
 from datetime import datetime
 
 import httpx
+from placements import wait_ready
 
 STREAM = {"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": True}
 DRAIN_ENDS = ("drain complete", "drain timed out")
@@ -86,14 +87,7 @@ def one_stop(python: str, args: argparse.Namespace) -> float:
     reader = threading.Thread(target=lambda: out.extend(proc.stdout or []), daemon=True)
     reader.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    wait_ready(url, proc)
     gone: list[datetime] = []
     watcher = threading.Thread(target=watch_exit, args=(core_of(proc.pid), gone), daemon=True)
     watcher.start()
