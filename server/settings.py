@@ -110,8 +110,9 @@ class Settings(BaseSettings):
     )
     quantization: Literal["none", "int8"] = Field(
         "none",
-        description="int8: weight-only int8 for every linear of the blocks (per-channel "
-        "scales; ~4x fewer weight bytes); the embedding and the logits head keep --dtype",
+        description="int8: weight-only int8 for every linear of the blocks and an untied "
+        "logits head (per-channel scales; ~4x fewer weight bytes); the embedding, and a "
+        "tied head, keep --dtype",
     )
     compile: bool = Field(
         True,
