@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from clocks import CLOCKS, add_clock_argument, chosen_clock
 
 from palm_serve.kernels import cpu
 from palm_serve.model.quantization import quantize_int8
@@ -43,9 +43,7 @@ SHAPES = (
     ("palm-default", "ff_out", 1024, 256),
 )
 BATCH_HINT = 16
-# --clock cpu: the process's CPU time (one thread only), steadier on a shared machine
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]
+clock = CLOCKS["wall"]  # --clock: chosen in main()
 
 
 def variants(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -92,13 +90,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,8,32,256")
     p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
+    add_clock_argument(p)
     p.add_argument("--models", default="tiny-llama,palm-default")
     args = p.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        p.error("--clock cpu measures one thread's work: use --threads 1")
     global clock
-    clock = CLOCKS[args.clock]
+    clock = chosen_clock(p, args)
     torch.set_num_threads(args.threads)
     if not cpu.available():
         raise SystemExit(f"the CPU kernels did not build: {cpu.unavailable_reason()}")

@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from clocks import CLOCKS, add_clock_argument, chosen_clock
 
 # The tiny Llama of bench/make_tiny_llama.py: (name, in, out).
 SHAPES = (
@@ -37,9 +37,7 @@ SHAPES = (
 )
 BATCH_HINT = 16
 _said: list[bool] = []  # whether the missing bf16 prepacking was reported
-# --clock cpu: the process's CPU time (one thread only), steadier on a shared machine
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]
+clock = CLOCKS["wall"]  # --clock: chosen in main()
 
 
 def variants(weight: torch.Tensor) -> dict[str, tuple[torch.dtype, Callable]]:
@@ -121,12 +119,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batches", default="1,8,32,256")
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
+    add_clock_argument(p)
     args = p.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        p.error("--clock cpu measures one thread's work: use --threads 1")
     global clock
-    clock = CLOCKS[args.clock]
+    clock = chosen_clock(p, args)
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {args.threads} threads, ATen CPU capability "

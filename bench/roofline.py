@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from clocks import CLOCKS, add_clock_argument, chosen_clock
 from torch import nn
 
 from palm_serve.engine.config import EngineConfig
@@ -39,11 +39,7 @@ from palm_serve.model.compiled import compile_model
 from palm_serve.model.cpu_linear import PrepackedLinear, prepack_linears
 
 REPO = Path(__file__).resolve().parent.parent
-# Wall time; --clock cpu: the process's CPU time, steadier on a shared machine with one
-# thread (it leaves out time spent waiting for a core; with more threads it would add up
-# every thread's time, spinning included).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = CLOCKS["wall"]
+clock = CLOCKS["wall"]  # --clock: chosen in main()
 BATCHES = (1, 2, 4, 8, 16, 32, 64)
 PROMPT_LEN = 32
 
@@ -223,14 +219,12 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
     p.add_argument("--int8", action="store_true", help="the eager step with int8 linears too")
-    p.add_argument("--clock", choices=CLOCKS, default="wall", help="cpu: one thread only")
+    add_clock_argument(p)
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
     args = p.parse_args()
-    if args.clock == "cpu" and args.threads != 1:
-        p.error("--clock cpu measures one thread's work: use --threads 1")
     global clock
-    clock = CLOCKS[args.clock]
+    clock = chosen_clock(p, args)
     torch.set_num_threads(args.threads)
     eager = models(args)
     compiled = models(args, compile=True) if args.compile else {}
