@@ -12,12 +12,16 @@ set -euo pipefail
 name=$1
 root=$(cd "$(dirname "$0")/.." && pwd)
 stage=$root/build/mutate/$name
-rm -rf "$stage"
+# The stage is kept between runs: mutmut keeps each mutant's verdict beside its copy in
+# mutants/ and tests again only the functions whose code changed, the tests that changed
+# their selection, and (when the config's timeouts change) the timeouts. MUTATE_FRESH=1
+# starts over.
+[[ ${MUTATE_FRESH:-0} == 1 ]] && rm -rf "$stage"
 mkdir -p "$stage/palm_serve" "$root/mutation/results"
 touch "$stage/palm_serve/__init__.py"
-for package in kernels model engine server; do ln -s "$root/$package" "$stage/palm_serve/$package"; done
-ln -s "$root/tests" "$stage/tests"
-ln -s "$root/pyproject.toml" "$stage/pyproject.toml"
+for package in kernels model engine server; do ln -sfn "$root/$package" "$stage/palm_serve/$package"; done
+ln -sfn "$root/tests" "$stage/tests"
+ln -sfn "$root/pyproject.toml" "$stage/pyproject.toml"
 cp "$root/mutation/$name.cfg" "$stage/setup.cfg"
 cd "$stage"
 # One worker by default (MUTATE_CHILDREN=2 on a quiet machine), one intra-op thread: the

@@ -265,14 +265,16 @@ async def merge(
     queue: asyncio.Queue = asyncio.Queue(maxsize=len(streams))
 
     async def pump(i: int, stream: OutputStream) -> None:
+        # Nothing is queued once cancelled: the consumer has gone and the queue may be full,
+        # where a put would keep this task waiting for ever.
         try:
             async with aclosing(stream) as s:
                 async for out in s:
                     await queue.put((i, out, None))
         except Exception as exc:  # handed to the consumer, raised there
             await queue.put((i, None, exc))
-        finally:
-            await queue.put((i, None, None))
+            return
+        await queue.put((i, None, None))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:

@@ -1,5 +1,7 @@
 """64 concurrent streaming clients each get exactly their run-alone greedy text; clients
-that disconnect (streaming or not) abort their requests and the KV pool empties."""
+that disconnect (streaming or not) abort their requests and the KV pool empties; the
+front's merge of one response's streams (n > 1, several prompts) keeps each stream's
+order, ends when all have, raises a failing stream's own error and closes every stream."""
 
 # Fixtures come from server_helpers; pytest injects them by parameter name.
 # ruff: noqa: F811
@@ -11,7 +13,10 @@ import random
 import time
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
+
+from palm_serve.server.generation import merge
 
 from server_helpers import metric, model_dir, parse_metrics, server  # noqa: F401
 
@@ -110,3 +115,69 @@ def test_disconnected_clients_are_aborted_and_free_their_blocks(server):
     assert after["aborts"] - before == 8
     ok = httpx.post(url, json={"prompt": "still fine", "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+class FakeStream:
+    """An engine output stream: `count` outputs named after it, then `error` if given;
+    records whether it was closed (closing an engine stream is what aborts its request)."""
+
+    def __init__(self, name: str, count: int, error: Exception | None = None) -> None:
+        self.name, self.count, self.error, self.closed = name, count, error, False
+
+    async def outputs(self):
+        try:
+            for k in range(self.count):
+                await asyncio.sleep(0)  # each output arrives on its own turn of the loop
+                yield f"{self.name}{k}"
+            if self.error is not None:
+                raise self.error
+        finally:
+            self.closed = True
+
+
+async def _merged(streams: list[FakeStream]) -> list[tuple[int, str]]:
+    return [item async for item in merge([s.outputs() for s in streams])]
+
+
+@pytest.mark.parametrize("counts", [[3], [2, 5], [4, 0, 1]])
+def test_merge_keeps_each_streams_order_and_ends_when_all_have(counts: list[int]) -> None:
+    streams = [FakeStream(chr(ord("a") + i), c) for i, c in enumerate(counts)]
+    merged = asyncio.run(_merged(streams))
+    for i, stream in enumerate(streams):
+        assert [out for k, out in merged if k == i] == [
+            f"{stream.name}{j}" for j in range(stream.count)
+        ]
+    assert len(merged) == sum(counts) and all(s.closed for s in streams)
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_merge_raises_a_failing_streams_own_error(failing: int) -> None:
+    """The response turns the error into its error event: it must be the engine's, not a
+    TypeError of the merge's own making (which would read as an internal error)."""
+    streams = [FakeStream("a", 2), FakeStream("b", 1)]
+    streams[failing].error = ValueError("the engine says no")
+    with pytest.raises(ValueError, match="the engine says no"):
+        asyncio.run(_merged(streams))
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_a_consumer_that_stops_early_closes_every_stream_and_leaves_no_task(count: int) -> None:
+    """A client leaving a multi-choice stream: each engine stream is closed (its request
+    aborted) and no pump task is left waiting on the merge's queue for ever."""
+    streams = [FakeStream(chr(ord("a") + i), 100) for i in range(count)]
+
+    async def take_two() -> set:
+        merged = merge([s.outputs() for s in streams])
+        assert [await anext(merged) for _ in range(2)]
+        await merged.aclose()
+        for _ in range(5):  # the pumps' cancellation runs on later turns of the loop
+            await asyncio.sleep(0)
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    # Not asyncio.run, whose shutdown would wait for a pump left running: for ever.
+    loop = asyncio.new_event_loop()
+    try:
+        left = loop.run_until_complete(take_two())
+    finally:
+        loop.close()
+    assert all(s.closed for s in streams) and not left

@@ -110,18 +110,23 @@ def test_chunked_body_over_the_limit_is_413(keyed):
     assert error["code"] == "request_too_large"
 
 
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
+
+
 @pytest.mark.parametrize(
-    "headers, code",
+    "headers, code, message",
     [
-        ({}, "missing_api_key"),
-        ({"Authorization": "Bearer wrong"}, "invalid_api_key"),
-        ({"Authorization": f"Basic {KEY}"}, "missing_api_key"),
+        ({}, "missing_api_key", MISSING_KEY),
+        ({"Authorization": "Bearer wrong"}, "invalid_api_key", "invalid API key"),
+        ({"Authorization": f"Basic {KEY}"}, "missing_api_key", MISSING_KEY),
     ],
 )
-def test_api_key_required(keyed, headers, code):
+def test_api_key_required(keyed, headers, code, message):
     for route in (GEN, CMPL, CHAT):
         r = post(keyed, route, {"prompt": "x", "messages": []}, headers=headers)
-        assert r.status_code == 401 and assert_error_shape(r)["code"] == code
+        error = assert_error_shape(r)
+        # The message is what a person reads in a client's exception: it says what to send.
+        assert r.status_code == 401 and (error["code"], error["message"]) == (code, message)
         assert r.headers["www-authenticate"] == "Bearer"  # RFC 6750's challenge
     assert httpx.get(f"{keyed.url}/v1/models", headers=headers).status_code == 401
     # Liveness, readiness and scraping stay open (probes and Prometheus carry no key).

@@ -181,6 +181,33 @@ def test_every_choice_of_a_multi_choice_stream_finishes(server):
     assert [texts[k] for k in range(4)] == [c["text"] for c in whole.json()["choices"]]
 
 
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_a_one_or_two_choice_stream_equals_its_whole_answer(server, route, n):
+    """One choice takes the front's single-stream path, two its interleaving one: either
+    way the chunks carry exactly the choices' indices and add up to the whole answer."""
+    chat = route.endswith("chat/completions")
+    body = {"n": n, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+    body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    with httpx.Client(timeout=60) as client:
+        with connect_sse(client, "POST", f"{server.url}{route}", json=body) as src:
+            for event in src.iter_sse():
+                if event.data == "[DONE]":
+                    break
+                for choice in event.json()["choices"]:
+                    piece = choice["delta"].get("content") if chat else choice["text"]
+                    texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
+                    if choice["finish_reason"]:
+                        finished[choice["index"]] = choice["finish_reason"]
+    r = httpx.post(f"{server.url}{route}", json={**body, "stream": False}, timeout=60)
+    whole = [c["message"]["content"] if chat else c["text"] for c in r.json()["choices"]]
+    assert sorted(texts) == sorted(finished) == list(range(n))
+    assert [texts[k] for k in range(n)] == whole and all(whole)
+    assert [finished[k] for k in range(n)] == ["length"] * n
+
+
 def test_a_refused_generate_releases_its_admission(server):
     before = server.state.lifecycle.inflight
     for _ in range(3):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import traceback
 
 import pytest
 
@@ -140,11 +141,18 @@ def test_each_exception_of_the_chain_gets_its_frames_and_its_name(explicit: bool
                 raise ValueError(SECRET) from exc
             raise ValueError(SECRET)  # noqa: B904 - the implicit chain (__context__)
     except ValueError as exc:
+        raised = exc
         text = without_messages(exc)
     first, second = text.split(BETWEEN)
     cause = f"{ParseFailure.__module__}.ParseFailure"
-    for part, name in ((first, cause), (second, "builtins.ValueError")):
-        assert part.startswith("Traceback (most recent call last):\n  File ")
-        assert part.endswith(name + NOT_LOGGED)
+    earlier = raised.__cause__ if explicit else raised.__context__
+    assert earlier is not None
+    for part, e, name in ((first, earlier, cause), (second, raised, "builtins.ValueError")):
+        # The oracle: the standard library's own traceback of that one exception, with the
+        # line that carries its message swapped for the name.
+        whole = "".join(traceback.format_exception(type(e), e, e.__traceback__, chain=False))
+        message_line = "".join(traceback.format_exception_only(type(e), e))
+        assert whole.endswith(message_line)
+        assert part == whole.removesuffix(message_line) + name + NOT_LOGGED
     assert "in parse" in first and "in parse" not in second
     assert SECRET not in text
