@@ -1,7 +1,9 @@
 """The score of one config from `mutmut results --all true` (read on stdin):
 `mutmut results --all true | summary.py NAME WALL_S EQUIVALENT.md`.
 
-Killed: the tests failed or hung (timeout) on the mutant. Equivalent: a mutant named in
+Killed: the tests failed or hung (timeout) on the mutant. A timeout is listed by name: a
+surviving mutant whose tests outrun the limit on a loaded machine also reads as one, so
+each deserves a look (rerun it alone: `mutmut run NAME` in the stage). Equivalent: a mutant named in
 EQUIVALENT.md (it changes no behaviour; the reason is given there); it leaves the count.
 Every other mutant, "no tests" (no selected test reaches it) included, counts against the
 score. A named equivalent that was killed is reported: the list is stale."""
@@ -28,5 +30,8 @@ print(
 for mutant in sorted(status):
     if status[mutant] not in ("killed", "timeout") and mutant not in equivalent:
         print(f"  not killed: {mutant}: {status[mutant]}")
+for mutant in sorted(status):
+    if status[mutant] == "timeout" and mutant not in equivalent:
+        print(f"  killed by timeout: {mutant}")
 for mutant in stale:
     print(f"  listed as equivalent but killed (remove it from EQUIVALENT.md): {mutant}")

@@ -184,7 +184,6 @@ class Collected:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
-    num_prompt_tokens: int = 0
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.new_text
@@ -192,7 +191,6 @@ class Collected:
         self.logprobs += out.logprobs or []
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
-        self.num_prompt_tokens = out.num_prompt_tokens or self.num_prompt_tokens
         if out.finished:
             self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
             self.error = out.error

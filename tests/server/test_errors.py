@@ -15,7 +15,9 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from palm_serve.server.generation import engine_failure, failure_event
+from palm_serve.engine.outputs import RequestOutput
+from palm_serve.server.errors import APIError
+from palm_serve.server.generation import collect, engine_failure, failure_event
 
 from server_helpers import metric, parse_metrics, running_server, write_model_dir
 
@@ -215,6 +217,59 @@ def test_an_engine_failure_is_a_503_naming_its_reason():
         "param": None,
     }
     assert failure_event(SimpleNamespace(finish_reason="stop", error=None)) is None
+
+
+class FakeRequest:
+    """What collect asks of a starlette Request: whether its client has gone."""
+
+    def __init__(self, gone: bool = False) -> None:
+        self.gone = gone
+
+    async def is_disconnected(self) -> bool:
+        return self.gone
+
+
+async def _outputs(outputs: list[RequestOutput], closed: list[bool], then_wait: bool = False):
+    try:
+        for out in outputs:
+            await asyncio.sleep(0)
+            yield out
+        if then_wait:
+            await asyncio.Event().wait()  # a request still running when its client leaves
+    finally:
+        closed.append(True)
+
+
+def test_collect_adds_up_the_outputs_and_an_engine_failure_is_a_503_naming_it():
+    tokens = [
+        RequestOutput("r", [5], "a", prompt_logprobs=[None, {"t": 1}]),  # type: ignore[list-item]
+        RequestOutput("r", [6, 7], "bc", logprobs=["x", "y"]),  # type: ignore[list-item]
+        RequestOutput("r", [], "", finished=True, finish_reason="stop", stop_reason="z"),
+    ]
+    closed: list[bool] = []
+    got = asyncio.run(collect(_outputs(tokens, closed), FakeRequest()))
+    assert (got.text, got.token_ids, got.logprobs) == ("abc", [5, 6, 7], ["x", "y"])
+    assert got.prompt_logprobs == [None, {"t": 1}] and closed == [True]
+    assert (got.finish_reason, got.stop_reason, got.error) == ("stop", "z", None)
+
+    failed = tokens[:2] + [
+        RequestOutput("r", [], "", finished=True, finish_reason="error", error="core died")
+    ]
+    with pytest.raises(APIError) as raised:
+        asyncio.run(collect(_outputs(failed, []), FakeRequest()))
+    assert (raised.value.status, raised.value.code) == (503, "engine_error")
+    assert raised.value.message == "the engine failed this request: core died"
+
+
+def test_collect_stops_a_request_whose_client_left_with_a_499():
+    closed: list[bool] = []
+    started = [RequestOutput("r", [5], "a")]
+    with pytest.raises(APIError) as raised:
+        # Bounded: collect that never looks at its client would wait here for ever.
+        gone = collect(_outputs(started, closed, then_wait=True), FakeRequest(gone=True))
+        asyncio.run(asyncio.wait_for(gone, 10))
+    assert (raised.value.status, raised.value.code) == (499, "client_closed")
+    assert closed == [True]  # closing the engine's stream is what aborts the request
 
 
 def test_the_api_docs_stay_open_with_a_key(keyed):

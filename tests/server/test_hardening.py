@@ -288,6 +288,13 @@ def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
         (gzip.compress(VALID, mtime=0), {"content-encoding": "gzip"}, 415, "gzip"),
         (b'{"prompt": "x", "temperature": NaN}', {}, 400, "NaN"),
         (b'{"prompt": "x", "temperature": 1e999}', {}, 400, "out of range"),
+        # A long number is quoted to its first 40 characters, and found where it starts.
+        (
+            b'{"prompt": "x", "temperature": ' + b"9" * 400 + b".5}",
+            {},
+            400,
+            "number " + "9" * 40 + " is out of range at character 31",
+        ),
         (b'{"prompt": "x",, }', {}, 400, "line 1, column 16"),
     ],
 )
