@@ -130,7 +130,9 @@ def test_drafts_stay_within_the_budget_max_tokens_and_context() -> None:
     seq = decoding([1, 2, 3] * 3 + [1], greedy(100))
     assert DraftPolicy(config, 10_000).draft(seq, 1, 3) == [2, 3]
     assert DraftPolicy(config, 12).draft(seq, 1, 100) == [2]
-    assert DraftPolicy(config, 10_000).draft(seq, 17, 100) == []  # past max running
+    running = config.speculative_max_running  # drafts up to and including this many
+    assert DraftPolicy(config, 10_000).draft(seq, running, 100) == [2, 3, 1, 2]
+    assert DraftPolicy(config, 10_000).draft(seq, running + 1, 100) == []
 
 
 def test_a_stop_inside_an_accepted_draft_drops_the_rest() -> None:

@@ -24,9 +24,10 @@ from palm_serve.engine.structured_output import (
     StructuredOutputManager,
     StructuredOutputValidator,
     apply_token_bitmask,
+    llg_tokenizer,
 )
 from palm_serve.model import load_model, load_tokenizer
-from palm_serve.model.tokenizer import Tokenizer
+from palm_serve.model.tokenizer import ByteTokenizer, Tokenizer
 
 from engine_helpers import assert_pool_whole, one_torch_thread, run, text_of, tokens_of  # noqa: F401
 
@@ -216,6 +217,37 @@ def test_sampled_text_under_a_regex_matches_it(model, tokenizer):
     for outs in run(engine, {0: arrivals}).values():
         assert outs[-1].finish_reason == "stop"
         assert re.fullmatch(spec.regex, text_of(outs)), text_of(outs)  # type: ignore[arg-type]
+
+
+def allowed_tokens(mask: torch.Tensor, vocab: int) -> list[int]:
+    return [t for t in range(vocab) if (int(mask[0, t // 32]) >> (t % 32)) & 1]
+
+
+def test_a_byte_level_model_is_allowed_exactly_the_bytes_its_grammar_takes():
+    """A model directory without tokenizer.json: llguidance sees id i < 256 as byte i, EOS
+    (256) as the special token that ends the grammar, and the ids past it as nothing a
+    grammar can take."""
+    tokenizer = ByteTokenizer(260)
+    manager = StructuredOutputManager(tokenizer, 260)
+    grammar = manager.start(StructuredOutputSpec(regex="[ab]é"))
+    output: list[int] = []
+    for piece, expected in [("", [97, 98]), ("b", [0xC3]), ("\xc3", [0xA9]), ("\xa9", [256])]:
+        output += [ord(c) for c in piece]  # raw bytes: é is 0xC3 0xA9 in UTF-8
+        grammar.advance(output)
+        mask = manager.bitmask([grammar])
+        assert mask is not None and allowed_tokens(mask, 260) == expected, output
+    seen = llg_tokenizer(tokenizer, 260)
+    assert (seen.eos_token, seen.vocab_size) == (256, 260)
+    assert [seen.is_special_token(t) for t in (97, 200, 256, 257)] == [False, False, True, False]
+    assert seen.tokenize_str("hé") == tokenizer.encode("hé") == [104, 0xC3, 0xA9]
+    assert seen.decode_bytes([104, 0xC3, 0xA9]) == "hé".encode()
+
+
+def test_the_validator_says_why_a_tokenizer_cannot_constrain_and_passes_a_good_spec():
+    spec = StructuredOutputSpec(regex="a+")
+    no_eos = StructuredOutputValidator(ByteTokenizer(256), 256).error(spec)
+    assert no_eos == "the model's tokenizer has no EOS token, which structured output needs"
+    assert StructuredOutputValidator(ByteTokenizer(260), 260).error(spec) is None
 
 
 def test_the_bitmask_forbids_exactly_its_zero_bits():
