@@ -68,6 +68,22 @@ def test_the_latest_match_with_a_full_draft_else_the_earliest() -> None:
     assert p.propose([4, 6, 4, 6, 4, 6, 4], 4) == [6, 4, 6, 4]
 
 
+def test_every_ngram_length_from_the_longest_down_is_tried() -> None:
+    # Only the unigram 3 recurs (at 2): the bigram (9, 3) does not.
+    assert NgramProposer(1, 2).propose([1, 2, 3, 9, 3], 2) == [9, 3]
+    assert NgramProposer(1, 4).propose([1, 2, 3, 9, 3], 2) == [9, 3]
+    # A run of one token: the longest n-gram, the whole run but its last token, matches first.
+    assert NgramProposer(1, 4).propose([5, 5, 5, 5], 3) == [5]
+
+
+def test_ngram_bounds_out_of_order_are_refused_naming_both() -> None:
+    for low, high in [(0, 2), (3, 2)]:
+        with pytest.raises(
+            ValueError, match=f"need 1 <= ngram_min <= ngram_max, got {low}, {high}"
+        ):
+            NgramProposer(low, high)
+
+
 # ---- block accounting ----------------------------------------------------------------------
 
 
