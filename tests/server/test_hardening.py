@@ -13,6 +13,9 @@ import time
 import httpx
 import pytest
 from raw_http import RawConnection
+from starlette.routing import Route
+
+from palm_serve.server.request_body import RequestBodyMiddleware
 
 from server_helpers import metric, model_dir, parse_metrics, running_server, server  # noqa: F401
 
@@ -315,3 +318,153 @@ def test_a_body_that_is_not_json_is_a_400_saying_what_and_where(
         assert raw.request("POST", "/v1/generate", VALID, JSON).status == 200
     finally:
         raw.close()
+
+
+# ---- 11. the body reader alone, as an ASGI middleware (no server) ----------------------------
+
+LIMIT = 64  # the reader's --max-request-bytes in these tests
+ROUTES = [Route("/v1/generate", lambda request: None, methods=["POST"])]
+
+
+class BodyReaderRun:
+    """RequestBodyMiddleware over an app that records what reaches it, fed `messages` by a
+    client that then goes silent; `sent` is what the middleware itself answered."""
+
+    def __init__(
+        self, messages: list[dict], headers: dict[str, str] | None = None, gap: float = 0.0
+    ) -> None:
+        self.messages, self.headers, self.gap = list(messages), headers or {}, gap
+        self.app_scope: dict | None = None
+        self.app_received: list[dict] = []
+        self.sent: list[dict] = []
+        self.receives = 0
+
+    async def _receive(self) -> dict:
+        self.receives += 1
+        if self.messages:
+            await asyncio.sleep(self.gap)
+            return self.messages.pop(0)
+        await asyncio.Event().wait()  # a client that sends nothing more
+        raise AssertionError("unreachable")
+
+    async def _app(self, scope, receive, send) -> None:
+        self.app_scope = scope
+        self.app_received.append(await receive())
+        if self.messages:  # the client's own messages come through after the replay
+            self.app_received.append(await receive())
+
+    async def _send(self, message: dict) -> None:
+        self.sent.append(message)
+
+    def run(self, method: str = "POST", path: str = "/v1/generate", timeout: float = 5.0):
+        reader = RequestBodyMiddleware(self._app, LIMIT, timeout, ROUTES)
+        headers = [(k.encode(), v.encode()) for k, v in self.headers.items()]
+        scope = {"type": "http", "method": method, "path": path, "headers": headers}
+        asyncio.run(asyncio.wait_for(reader(scope, self._receive, self._send), GUARD))
+        return self
+
+    def error(self) -> tuple[int, dict]:
+        assert self.app_scope is None and len(self.sent) == 2, self.sent
+        body = json.loads(self.sent[1]["body"])
+        assert body["error"]["param"] == "body", body
+        return self.sent[0]["status"], body["error"]
+
+
+def chunk(body: bytes, more: bool = False) -> dict:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_the_body_reaches_the_app_whole_once_and_labelled_json() -> None:
+    parts = [b'{"prompt": ', b'"x"', b"}"]
+    later = {"type": "http.disconnect"}
+    run = BodyReaderRun(
+        [chunk(parts[0], True), chunk(parts[1], True), chunk(parts[2]), later],
+        {"content-type": "text/plain", "x-request-id": "r1"},
+    ).run()
+    assert run.sent == [] and run.app_scope is not None
+    assert run.app_received == [chunk(b"".join(parts)), later]
+    assert run.app_scope["headers"] == [
+        (b"x-request-id", b"r1"),
+        (b"content-type", b"application/json"),
+    ]
+
+
+def test_a_body_of_exactly_the_limit_passes_and_one_byte_more_in_any_chunking_is_413() -> None:
+    exact = b'{"p": "' + b"a" * (LIMIT - 9) + b'"}'
+    assert len(exact) == LIMIT
+    assert BodyReaderRun([chunk(exact[:10], True), chunk(exact[10:])]).run().app_received
+    over = exact[:-2] + b'a"}'
+    for pieces in ([over], [over[:LIMIT], over[LIMIT:]], [over[:1], over[1:]]):
+        run = BodyReaderRun([chunk(p, True) for p in pieces[:-1]] + [chunk(pieces[-1])]).run()
+        status, error = run.error()
+        assert (status, error["code"]) == (413, "request_too_large")
+        assert error["message"] == f"body: request body larger than the limit of {LIMIT} bytes"
+
+
+def test_a_declared_length_over_the_limit_is_413_before_any_byte_is_read() -> None:
+    run = BodyReaderRun([chunk(b"{}")], {"content-length": str(LIMIT + 1)}).run()
+    assert run.error()[0] == 413 and run.receives == 0
+    # A length that is not a number, or within the limit, is left to the bytes that arrive.
+    for declared in ("abc", "-5", str(LIMIT)):
+        assert BodyReaderRun([chunk(b"{}")], {"content-length": declared}).run().app_received
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", " Deflate "])
+def test_a_compressed_body_is_415_naming_the_encoding(encoding: str) -> None:
+    status, error = BodyReaderRun([chunk(b"{}")], {"content-encoding": encoding}).run().error()
+    assert (status, error["code"]) == (415, "unsupported_encoding")
+    name = encoding.strip().lower()
+    assert error["message"] == (
+        f"body: Content-Encoding '{name}' is not accepted; send the JSON uncompressed"
+    )
+
+
+@pytest.mark.parametrize("encoding", ["identity", " IDENTITY ", ""])
+def test_an_identity_encoding_is_read(encoding: str) -> None:
+    assert BodyReaderRun([chunk(b"{}")], {"content-encoding": encoding}).run().app_received
+
+
+def test_a_body_that_stops_arriving_is_408_saying_how_much_came() -> None:
+    run = BodyReaderRun([chunk(b'{"a', True)]).run(timeout=0.2)
+    status, error = run.error()
+    assert (status, error["code"]) == (408, "request_timeout")
+    assert error["message"] == "body: not received within 0.2 s (3 bytes arrived)"
+
+
+def test_the_read_timeout_bounds_the_whole_body_not_each_chunk() -> None:
+    """A trickle: every chunk comes sooner than the timeout, the whole body does not."""
+    trickle = [chunk(b" ", True) for _ in range(20)] + [chunk(b"{}")]
+    status, error = BodyReaderRun(trickle, gap=0.05).run(timeout=0.3).error()
+    assert (status, error["code"]) == (408, "request_timeout")
+    assert error["message"].startswith("body: not received within 0.3 s (")
+
+
+def test_a_client_that_leaves_before_its_body_gets_nothing_and_reaches_no_app() -> None:
+    run = BodyReaderRun([chunk(b'{"a', True), {"type": "http.disconnect"}]).run()
+    assert run.sent == [] and run.app_scope is None
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/generate"),
+        ("HEAD", "/v1/generate"),
+        ("OPTIONS", "/v1/generate"),
+        ("POST", "/nowhere"),
+    ],
+)
+def test_what_no_post_route_takes_passes_through_unread(method: str, path: str) -> None:
+    """Not JSON, compressed, over the limit: none of it is the reader's business here."""
+    garbage = chunk(b"\xff" * (LIMIT + 1))
+    run = BodyReaderRun([garbage], {"content-encoding": "gzip"}).run(method, path)
+    assert run.sent == [] and run.app_received == [garbage]
+    assert run.app_scope is not None and run.app_scope["headers"] == [
+        (b"content-encoding", b"gzip")
+    ]
+
+
+def test_a_missing_body_key_is_an_empty_chunk() -> None:
+    run = BodyReaderRun([{"type": "http.request", "more_body": True}, chunk(b"{}")]).run()
+    assert run.app_received == [chunk(b"{}")]
+    status, error = BodyReaderRun([{"type": "http.request"}]).run().error()
+    assert (status, error["code"]) == (400, "invalid_json")  # nothing is not a JSON document
