@@ -23,6 +23,7 @@ from palm_serve.engine.sampling_params import SamplingParams, StructuredOutputSp
 from palm_serve.engine.structured_output import (
     StructuredOutputManager,
     StructuredOutputValidator,
+    _CompiledSpecs,
     apply_token_bitmask,
     llg_tokenizer,
 )
@@ -248,6 +249,33 @@ def test_the_validator_says_why_a_tokenizer_cannot_constrain_and_passes_a_good_s
     no_eos = StructuredOutputValidator(ByteTokenizer(256), 256).error(spec)
     assert no_eos == "the model's tokenizer has no EOS token, which structured output needs"
     assert StructuredOutputValidator(ByteTokenizer(260), 260).error(spec) is None
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_never_allows_the_padding(tokenizer):
+    """Models pad their embedding past the tokenizer's ids (here 4096 -> 4100): the mask
+    covers the model's vocabulary, and no id past the tokenizer's is ever allowed."""
+    manager = StructuredOutputManager(tokenizer, 4100)
+    grammar = manager.start(StructuredOutputSpec(regex="[a-z ]+"))
+    mask = manager.bitmask([grammar])
+    assert mask is not None and mask.shape == (1, 129)  # ceil(4100 / 32)
+    allowed = allowed_tokens(mask, 4100)
+    assert allowed and max(allowed) < 4096
+
+
+def test_a_spec_is_compiled_once_however_often_it_is_checked(tokenizer, monkeypatch):
+    compiled: list[StructuredOutputSpec] = []
+    real = _CompiledSpecs._compile
+
+    def counting(self, spec):
+        compiled.append(spec)
+        return real(self, spec)
+
+    monkeypatch.setattr(_CompiledSpecs, "_compile", counting)
+    validator = StructuredOutputValidator(tokenizer, 4096)
+    good, bad = StructuredOutputSpec(regex="a+"), StructuredOutputSpec(regex="(")
+    for _ in range(3):
+        assert validator.error(good) is None and validator.error(bad) is not None
+    assert compiled == [good, bad]
 
 
 def test_the_bitmask_forbids_exactly_its_zero_bits():
