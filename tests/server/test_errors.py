@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from types import SimpleNamespace
 
 import httpx
@@ -18,6 +19,7 @@ from httpx_sse import aconnect_sse
 from palm_serve.engine.outputs import RequestOutput
 from palm_serve.server.errors import APIError
 from palm_serve.server.generation import collect, engine_failure, failure_event
+from palm_serve.server.metrics import Metrics
 
 from server_helpers import metric, parse_metrics, running_server, write_model_dir
 
@@ -298,3 +300,98 @@ def test_requests_to_unknown_routes_share_one_metric_label(keyed):
     assert "unmatched" in labels and not any(label.startswith("/x") for label in labels)
     assert metric(m, "palm_http_requests_total", method="POST", route="unmatched",
                   status="404") == 3  # fmt: skip
+
+
+def _routes() -> list:
+    """A FastAPI app's routes as ours are: the docs' own, then included routers kept whole."""
+    from fastapi import APIRouter, FastAPI
+
+    router = APIRouter()
+    router.add_api_route("/v1/generate", lambda: None, methods=["POST"])
+    router.add_api_route("/v1/models/{model_id}", lambda model_id: None, methods=["GET"])
+    app = FastAPI()
+    app.include_router(router)
+    return app.routes
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "template"),
+    [
+        ("POST", "/v1/generate", "/v1/generate"),
+        ("GET", "/v1/generate", "/v1/generate"),  # the wrong method still aims at the route
+        ("GET", "/v1/models/tiny", "/v1/models/{model_id}"),
+        ("GET", "/docs", "/docs"),
+        ("POST", "/v1/generate/extra", None),
+        ("GET", "/nowhere", None),
+    ],
+)
+def test_a_request_is_labelled_with_the_template_of_the_route_it_aims_at(method, path, template):
+    from palm_serve.server.middleware import match_route, route_template
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+    assert match_route(_routes(), scope) == template
+    assert route_template(scope, _routes()) == (template or "unmatched")
+    # Once routed, the router's own choice is the label.
+    assert route_template({**scope, "route": SimpleNamespace(path="/chosen")}, []) == "/chosen"
+
+
+def _metered(app) -> tuple[Metrics, Callable[[dict], Awaitable[None]]]:
+    from palm_serve.engine.stats import EngineStats
+    from palm_serve.server.middleware import HTTPMetricsMiddleware
+
+    metrics = Metrics(EngineStats, lambda: 0)
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call(scope: dict) -> None:
+        await HTTPMetricsMiddleware(app, metrics, _routes())(scope, None, send)
+
+    return metrics, call
+
+
+def _counted(metrics: Metrics, method: str, route: str, status: str) -> tuple[float, float]:
+    labels = {"method": method, "route": route, "status": status}
+    r = metrics.registry
+    return (
+        r.get_sample_value("palm_http_requests_total", labels) or 0.0,
+        r.get_sample_value("palm_http_request_duration_seconds_count", labels) or 0.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status"), [("answers", "201"), ("fails", "500"), ("leaves", "499")]
+)
+def test_every_request_is_counted_and_timed_once_with_its_status(behaviour, status):
+    async def app(scope, receive, send) -> None:
+        if behaviour == "answers":
+            await send({"type": "http.response.start", "status": 201, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        elif behaviour == "fails":
+            raise ValueError("the app's own bug")
+        # "leaves": the client went away before anything was answered
+
+    metrics, call = _metered(app)
+    scope = {"type": "http", "method": "GET", "path": "/v1/models/tiny", "root_path": ""}
+    if behaviour == "fails":
+        with pytest.raises(ValueError):  # reported (and answered) by the error middleware
+            asyncio.run(call(scope))
+    else:
+        asyncio.run(call(scope))
+    assert _counted(metrics, "GET", "/v1/models/{model_id}", status) == (1.0, 1.0)
+    others = [s for s in ("200", "201", "499", "500") if s != status]
+    assert all(_counted(metrics, "GET", "/v1/models/{model_id}", s) == (0, 0) for s in others)
+
+
+def test_what_is_not_http_is_not_counted():
+    async def app(scope, receive, send) -> None:
+        await send({"type": "lifespan.startup.complete"})
+
+    metrics, call = _metered(app)
+    asyncio.run(call({"type": "lifespan"}))
+    assert not any(
+        s.name.startswith("palm_http_request") and s.name.endswith(("_total", "_count")) and s.value
+        for family in metrics.registry.collect()
+        for s in family.samples
+    )

@@ -4,6 +4,7 @@ unexpected errors are logged with when --log-requests is off."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
@@ -156,3 +157,69 @@ def test_each_exception_of_the_chain_gets_its_frames_and_its_name(explicit: bool
         assert part == whole.removesuffix(message_line) + name + NOT_LOGGED
     assert "in parse" in first and "in parse" not in second
     assert SECRET not in text
+
+
+def _run_unhandled(app, log_messages: bool, caplog) -> list[dict]:
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "PUT", "path": "/v1/models", "headers": []}
+    with caplog.at_level(logging.ERROR, logger="palm_serve.server"):
+        asyncio.run(UnhandledErrorMiddleware(app, log_messages=log_messages)(scope, None, send))
+    return sent
+
+
+def test_the_500_and_its_log_line_exactly(caplog) -> None:
+    async def failing_app(scope, receive, send) -> None:
+        raise ValueError(SECRET)
+
+    sent = _run_unhandled(failing_app, False, caplog)
+    length = str(len(sent[1]["body"])).encode()
+    assert sent[0] == {
+        "type": "http.response.start",
+        "status": 500,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", length)],
+    }
+    assert json.loads(sent[1]["body"]) == {
+        "error": {
+            "message": "internal error",
+            "type": "server_error",
+            "code": "internal_error",
+            "param": None,
+        }
+    }
+    assert len(sent) == 2
+    [record] = caplog.records
+    # The route the request was aimed at (none matched here: the middleware has no routes).
+    assert record.getMessage().startswith("unhandled error on PUT unmatched\nTraceback")
+    assert record.exc_info is None  # frames and names only, written into the message
+    caplog.clear()
+    _run_unhandled(failing_app, True, caplog)
+    [record] = caplog.records
+    assert record.getMessage() == "unhandled error on PUT unmatched"
+    assert record.exc_info is not None and record.exc_info[1].args == (SECRET,)
+
+
+def test_an_error_after_the_answer_started_is_logged_not_answered_twice(caplog) -> None:
+    async def fails_mid_answer(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise ValueError(SECRET)
+
+    sent = _run_unhandled(fails_mid_answer, False, caplog)
+    assert sent == [{"type": "http.response.start", "status": 200, "headers": []}]
+    assert len(caplog.records) == 1 and "ValueError" in caplog.text
+
+
+def test_what_is_not_http_passes_through_untouched() -> None:
+    seen: list[tuple] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append((scope, receive, send))
+        raise ValueError("a lifespan error is the server's to report")
+
+    scope = {"type": "lifespan"}
+    with pytest.raises(ValueError, match="lifespan"):
+        asyncio.run(UnhandledErrorMiddleware(app)(scope, "receive", "send"))
+    assert seen == [(scope, "receive", "send")]
