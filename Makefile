@@ -51,7 +51,9 @@ lint: $(DEV_INSTALLED)
 # Mutation testing (mutmut; slow, not in CI): mutation/run.sh stages each config of
 # mutation/ under build/mutate/, runs each mutant against only the tests that reach the
 # mutated function and writes mutation/results/<config>.txt. MUTATE="engine" runs one config;
-# MUTATE_CHILDREN=2 runs two mutants at once (a quiet machine).
+# MUTATE_CHILDREN=2 runs two mutants at once (a quiet machine). Verdicts are kept between
+# runs (only changed functions are tested again); MUTATE_RETRY=1 also tests again the
+# mutants not killed, after tests were written for them; MUTATE_FRESH=1 starts over.
 MUTATE ?= engine engine_io engine_spec kernels server
 mutate: $(DEV_INSTALLED)
 	for m in $(MUTATE); do nice -n 15 mutation/run.sh $$m || exit 1; done
