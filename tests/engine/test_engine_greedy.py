@@ -9,10 +9,13 @@ import random
 import pytest
 import torch
 
+from palm_serve.engine.errors import InvalidRequestError
+from palm_serve.engine.input_processor import InputProcessor
 from palm_serve.engine.sampling_params import SamplingParams
 
 import engine_helpers
 from engine_helpers import (
+    PieceTokenizer,
     assert_pool_whole,
     check_greedy,
     greedy,
@@ -240,3 +243,67 @@ def check_threads_per_step(model) -> None:
     for rid, prompt in prompts.items():
         check_greedy(model, prompt, tokens_of(outputs[rid]))
     assert_pool_whole(engine)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ab\ud800c", "text: lone surrogate U+D800 at character 2 is not valid Unicode"),
+        ("\udfff", "text: lone surrogate U+DFFF at character 0 is not valid Unicode"),
+        ("abc", "text: the tokenizer refused the text (NotImplementedError: tests pass token ids)"),
+    ],
+)
+def test_text_the_tokenizer_cannot_take_is_the_texts_fault_naming_the_field(text, message):
+    processor = InputProcessor(PieceTokenizer(97), 97, 256)  # its encode refuses every text
+    with pytest.raises(InvalidRequestError) as raised:
+        processor.tokenize(text, "text")
+    assert (str(raised.value), raised.value.param) == (message, "text")
+    # Characters around the surrogate range are not surrogates: they reach the tokenizer.
+    for fine in ("\ud7ff", "\ue000", "😀"):
+        with pytest.raises(InvalidRequestError, match="the tokenizer refused"):
+            processor.tokenize(fine, "text")
+
+
+def test_finishing_requests_counts_each_once_with_its_reason(model) -> None:
+    engine = make_engine(model, max_model_len=64)
+    for request_id in ("a", "b", "c", "d"):
+        engine.add_request(request_id, [1, 2, 3], greedy(50))
+    engine.step()
+    core = engine.core
+    core.finish_requests(["a", "nobody"], "abort")
+    core.finish_requests(["b"], "stop")
+    core.finish_requests(["a", "b", "c"], "abort")  # a and b ended already: only c counts
+    stats = engine.stats()
+    assert (stats.num_finished, stats.num_aborted, stats.num_failed) == (3, 2, 0)
+    assert [s.request_id for s in core.scheduler.running] == ["d"]
+    assert set(core.seqs) == {"d"}
+    # A request the core refused on arrival has ended already (with "error"): finishing it
+    # before its output goes out changes neither its reason nor the counts.
+    engine.add_request("too long", list(range(64)), greedy(1))
+    core.finish_requests(["too long"], "abort")
+    [refused] = [o for o in core.step() if o.request_id == "too long"]
+    assert refused.finish_reason == "error"
+    stats = engine.stats()
+    assert (stats.num_finished, stats.num_aborted, stats.num_failed) == (4, 2, 1)
+
+
+@pytest.mark.parametrize("reason", ["error", "abort"])
+def test_finish_all_ends_every_request_and_only_an_error_drops_the_prefix_cache(
+    model, reason
+) -> None:
+    engine = make_engine(model, num_blocks=64, block_size=4)
+    engine.add_request("done", list(range(12)), greedy(1))
+    run(engine, {})  # "done" finishes: its full blocks stay cached for the prefix
+    engine.add_request("a", list(range(12)), greedy(50))
+    engine.add_request("b", [5, 6], greedy(50))
+    engine.step()
+    hits_before = engine.stats().prefix_cache_hit_tokens
+    assert hits_before > 0
+    outputs = engine.core.finish_all(reason, "why")  # type: ignore[arg-type]
+    assert sorted(o.request_id for o in outputs) == ["a", "b"]
+    assert all(o.finish_reason == reason and o.error == "why" for o in outputs)
+    assert not engine.core.has_unfinished() and engine.block_manager.num_free_blocks == 64
+    engine.add_request("again", list(range(12)), greedy(1))
+    engine.step()
+    got_hits = engine.stats().prefix_cache_hit_tokens > hits_before
+    assert got_hits is (reason == "abort")  # K/V a failed step wrote is never reused
