@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import palm_serve.model
+from palm_serve.engine import structured_output as structured_output_module
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine
 from palm_serve.engine.llm_engine import LLMEngine
@@ -190,6 +191,18 @@ def test_a_complete_grammar_ends_the_request_with_stop_and_keeps_its_last_token(
         assert tokenizer.decode(tokens_of(outs)) == text_of(outs)
 
 
+def test_only_the_output_that_completes_the_grammar_says_so(model, tokenizer):
+    """The front keeps a request's last token in its text only when the grammar, not a
+    stop token, ended it: every earlier output must say it did not."""
+    engine = make_engine(model, tokenizer)
+    spec = StructuredOutputSpec(choice=("the LORD said unto Moses",))
+    engine.add_request("c", tokenizer.encode(PROMPTS[0]), sampled(spec, seed=3))
+    flags: list[bool] = []
+    while engine.core.has_unfinished():
+        flags += [o.grammar_complete for o in engine.core.step() if o.request_id == "c"]
+    assert len(flags) > 1 and flags[-1] is True and not any(flags[:-1])
+
+
 def test_eos_is_allowed_only_where_the_grammar_can_end(tokenizer):
     manager = StructuredOutputManager(tokenizer, 4096)
     eos = tokenizer.eos_token_id
@@ -278,6 +291,50 @@ def test_a_spec_is_compiled_once_however_often_it_is_checked(tokenizer, monkeypa
     assert compiled == [good, bad]
 
 
+def test_the_least_recently_used_spec_is_dropped_past_the_cache_size(tokenizer, monkeypatch):
+    monkeypatch.setattr(structured_output_module, "CACHE_SIZE", 3)
+    compiled: list[str] = []
+    real = _CompiledSpecs._compile
+
+    def counting(self, spec):
+        compiled.append(spec.regex)
+        return real(self, spec)
+
+    monkeypatch.setattr(_CompiledSpecs, "_compile", counting)
+    validator = StructuredOutputValidator(tokenizer, 4096)
+    for regex in ["a", "b", "c", "a", "d", "a", "b"]:  # "a" used again before "d" arrives
+        assert validator.error(StructuredOutputSpec(regex=regex)) is None
+    # Full at 3: "d" drops "b" (least recently used), so only "b" is compiled again.
+    assert compiled == ["a", "b", "c", "d", "b"]
+
+
+class PieceVocabulary:
+    """A tokenizer that is neither bytes nor tokenizers.json: llguidance reads each id's
+    decoded text."""
+
+    pieces = ["a", "b", "ab", "ba", "c", "<eos>"]
+    eos_token_id, bos_token_id = 5, None
+
+    def encode(self, text: str) -> list[int]:
+        return [self.pieces.index(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids if i != self.eos_token_id)
+
+
+def test_a_tokenizer_of_its_own_is_allowed_exactly_the_pieces_its_grammar_takes():
+    manager = StructuredOutputManager(PieceVocabulary(), 6)  # type: ignore[arg-type]
+    grammar = manager.start(StructuredOutputSpec(regex="ab?a"))
+    output: list[int] = []
+    # "a" then "b" or "a"; "ab" then "a"; "aba" as a, ba; then only EOS.
+    for token, expected in [(None, [0, 2]), (0, [0, 1, 3]), (3, [5])]:
+        if token is not None:
+            output.append(token)
+            grammar.advance(output)
+        mask = manager.bitmask([grammar])
+        assert mask is not None and allowed_tokens(mask, 6) == expected, output
+
+
 def test_the_bitmask_forbids_exactly_its_zero_bits():
     generator = torch.Generator().manual_seed(0)
     vocab = 100  # not a multiple of 32: the last word is partly unused
@@ -331,6 +388,8 @@ def test_the_parallel_fill_equals_the_serial_one(tokenizer):
 def test_the_front_refuses_a_spec_that_does_not_compile(tokenizer, spec, reason):
     error = StructuredOutputValidator(tokenizer, 4096).error(spec)
     assert error is not None and reason in error
+    if spec.regex == r"[^\s\S]":  # our own words, not llguidance's
+        assert error == "it matches no text at all"
 
 
 def test_a_bad_spec_sent_to_the_core_fails_that_request_alone(model, tokenizer):
