@@ -309,6 +309,18 @@ def test_the_least_recently_used_spec_is_dropped_past_the_cache_size(tokenizer, 
     assert compiled == ["a", "b", "c", "d", "b"]
 
 
+def test_the_grammar_ends_on_the_eos_the_engine_uses_not_the_tokenizer_files_guess():
+    """Unless told, llguidance guesses the end token from tokenizer.json's special tokens.
+    Told ours (here another id than its guess), it allows only ours once the grammar ends."""
+    tokenizer = load_tokenizer(MODEL_DIR, 4096)
+    tokenizer.eos_token_id = 5  # as a model whose config names another end token
+    manager = StructuredOutputManager(tokenizer, 4096)
+    grammar = manager.start(StructuredOutputSpec(regex="a"))
+    grammar.advance(tokenizer.encode("a"))
+    mask = manager.bitmask([grammar])
+    assert mask is not None and allowed_tokens(mask, 4096) == [5]
+
+
 class PieceVocabulary:
     """A tokenizer that is neither bytes nor tokenizers.json: llguidance reads each id's
     decoded text."""
