@@ -395,3 +395,102 @@ def test_what_is_not_http_is_not_counted():
         for family in metrics.registry.collect()
         for s in family.samples
     )
+
+
+def _admission(max_num_seqs=4, max_queue=2, status="ready", inflight=0, draining=False):
+    from palm_serve.server.lifecycle import Lifecycle
+
+    lifecycle = Lifecycle()
+    lifecycle.draining = draining
+    held = [lifecycle.admit() for _ in range(inflight)]
+    state = SimpleNamespace(
+        settings=SimpleNamespace(max_num_seqs=max_num_seqs, max_queue=max_queue),
+        lifecycle=lifecycle,
+        engine=SimpleNamespace(status=status),
+    )
+    return state, held
+
+
+def test_admission_takes_up_to_running_plus_waiting_sequences_all_or_none():
+    from palm_serve.server.generation import admit
+
+    state, _ = _admission(inflight=2)
+    tickets = admit(state, 4)  # exactly the room left: 2 + 4 = 4 running + 2 waiting
+    assert len(tickets) == 4 and state.lifecycle.inflight == 6
+    for ticket in tickets:
+        ticket.release()
+    assert state.lifecycle.inflight == 2
+    with pytest.raises(APIError) as full:
+        admit(state, 5)
+    e = full.value
+    assert (e.status, e.type, e.code, e.headers) == (
+        429,
+        "rate_limit_error",
+        "queue_full",
+        {"Retry-After": "1"},
+    )
+    assert e.message == (
+        "too many requests: 2 sequences are running or waiting and this request needs 5 more "
+        "(room for 6); retry later"
+    )
+    assert state.lifecycle.inflight == 2  # nothing taken by a refused request
+
+
+def test_a_request_that_can_never_fit_is_a_400_naming_n_and_why():
+    from palm_serve.server.generation import admit
+
+    state, _ = _admission()
+    assert len(admit(state, 6)) == 6  # exactly the capacity fits when nothing runs
+    state, _ = _admission()
+    with pytest.raises(APIError) as never:
+        admit(state, 7, " (2 prompts x n=4)")
+    e = never.value
+    assert (e.status, e.code, e.param) == (400, "invalid_parameter", "n")
+    assert e.message == (
+        "n: this request needs 7 sequences (2 prompts x n=4); this server holds at most 6 at "
+        "once (max_num_seqs 4 running + max_queue 2 waiting)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "draining", "code", "message", "headers"),
+    [
+        ("ready", True, "unavailable", "the server is shutting down; retry on another replica",
+         None),
+        ("restarting", False, "engine_restarting", "the engine core is restarting; retry shortly",
+         {"Retry-After": "1"}),
+        ("dead", False, "unavailable", "the engine has stopped; no request can be served", None),
+        ("stopped", False, "unavailable", "the engine has stopped; no request can be served",
+         None),
+        ("starting", False, "unavailable", "the engine has stopped; no request can be served",
+         None),
+    ],
+)  # fmt: skip
+def test_admission_refuses_while_draining_or_without_an_engine(
+    status, draining, code, message, headers
+):
+    from palm_serve.server.generation import admit
+
+    state, _ = _admission(status=status, draining=draining)
+    with pytest.raises(APIError) as refused:
+        admit(state, 1)
+    e = refused.value
+    assert (e.status, e.type, e.code, e.message, e.headers) == (
+        503,
+        "service_unavailable",
+        code,
+        message,
+        headers,
+    )
+    assert state.lifecycle.inflight == 0
+
+
+def test_sampling_params_refused_are_a_400_naming_the_field():
+    from palm_serve.server.generation import make_params
+
+    with pytest.raises(APIError) as refused:
+        make_params(max_tokens=4, temperature=-1.0)
+    e = refused.value
+    assert (e.status, e.param) == (400, "temperature")
+    assert e.message.startswith("temperature ") and e.message == str(e)
+    assert make_params(max_tokens=3, temperature=0.5).temperature == 0.5
