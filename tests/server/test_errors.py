@@ -462,8 +462,6 @@ def test_a_request_that_can_never_fit_is_a_400_naming_n_and_why():
         ("dead", False, "unavailable", "the engine has stopped; no request can be served", None),
         ("stopped", False, "unavailable", "the engine has stopped; no request can be served",
          None),
-        ("starting", False, "unavailable", "the engine has stopped; no request can be served",
-         None),
     ],
 )  # fmt: skip
 def test_admission_refuses_while_draining_or_without_an_engine(
