@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from types import SimpleNamespace
 
 import httpx
@@ -492,3 +494,87 @@ def test_sampling_params_refused_are_a_400_naming_the_field():
     assert (e.status, e.param) == (400, "temperature")
     assert e.message.startswith("temperature ") and e.message == str(e)
     assert make_params(max_tokens=3, temperature=0.5).temperature == 0.5
+
+
+def _served(outs: list[RequestOutput], stop_after: int | None = None, stalled=False):
+    """outputs() over an engine that yields `outs`; the consumer stops after `stop_after`."""
+    from palm_serve.engine.messages import EngineCoreRequest
+    from palm_serve.engine.sampling_params import SamplingParams
+    from palm_serve.engine.stats import EngineStats
+    from palm_serve.server.generation import Outcome, outputs
+    from palm_serve.server.lifecycle import Lifecycle
+    from palm_serve.server.request_context import RequestContext
+
+    closed: list[bool] = []
+
+    async def generate(request):
+        try:
+            for out in outs:
+                yield out
+        finally:
+            closed.append(True)
+
+    metrics = Metrics(EngineStats, lambda: 0)
+    settings = SimpleNamespace(log_requests=True)
+    state = SimpleNamespace(
+        metrics=metrics, engine=SimpleNamespace(generate=generate), settings=settings
+    )
+    lifecycle = Lifecycle()
+    context = RequestContext("rid")
+    request = EngineCoreRequest("r", [1, 2, 3], SamplingParams(max_tokens=4), 0.0)
+    stream = outputs(state, request, lifecycle.admit(), Outcome(stalled=stalled), context)
+
+    async def consume() -> list[RequestOutput]:
+        got = []
+        async with aclosing(stream) as s:
+            async for out in s:
+                got.append(out)
+                if len(got) == stop_after:
+                    break
+        return got
+
+    got = asyncio.run(consume())
+    finished = {
+        reason: metrics.registry.get_sample_value(
+            "palm_requests_finished_total", {"finish_reason": reason}
+        )
+        for reason in ("stop", "length", "abort", "stalled")
+    }
+    return got, closed, lifecycle, context, metrics, finished
+
+
+def test_a_request_served_whole_is_counted_once_with_its_reason_and_logged(caplog):
+    outs = [
+        RequestOutput("r", [5], "he"),
+        RequestOutput("r", [], ""),  # an output without a token (a held-back stop string)
+        RequestOutput("r", [6, 7], "llo", finished=True, finish_reason="length"),
+    ]
+    with caplog.at_level(logging.INFO, logger="palm_serve.requests"):
+        got, closed, lifecycle, context, metrics, finished = _served(outs)
+    assert got == outs and closed == [True] and lifecycle.inflight == 0
+    assert (context.completion_tokens, context.finish_reasons) == (3, ["length"])
+    assert finished == {"stop": 0, "length": 1, "abort": 0, "stalled": 0}
+    samples = metrics.registry.get_sample_value
+    assert samples("palm_prompt_tokens_total") == 3
+    assert samples("palm_generation_tokens_total") == 3
+    assert [r.getMessage() for r in caplog.records] == ["output of r: 'hello'"]
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+def test_a_request_left_early_is_aborted_and_counted_as_abort_or_stalled(stalled):
+    outs = [
+        RequestOutput("r", [5], "a"),
+        RequestOutput("r", [6], "b"),
+        RequestOutput("r", [7], "c"),
+    ]
+    got, closed, lifecycle, context, _, finished = _served(outs, stop_after=1, stalled=stalled)
+    reason = "stalled" if stalled else "abort"
+    assert len(got) == 1 and closed == [True] and lifecycle.inflight == 0
+    assert context.finish_reasons == [reason]
+    assert finished == {"stop": 0, "length": 0, "abort": 0, "stalled": 0} | {reason: 1}
+
+
+def test_a_finished_output_without_a_reason_counts_as_stop():
+    outs = [RequestOutput("r", [5], "a", finished=True)]
+    *_, context, _, finished = _served(outs)
+    assert context.finish_reasons == ["stop"] and finished["stop"] == 1
