@@ -547,16 +547,16 @@ def test_a_request_served_whole_is_counted_once_with_its_reason_and_logged(caplo
     outs = [
         RequestOutput("r", [5], "he"),
         RequestOutput("r", [], ""),  # an output without a token (a held-back stop string)
-        RequestOutput("r", [6, 7], "llo", finished=True, finish_reason="length"),
+        RequestOutput("r", [6, 7, 8], "llo", finished=True, finish_reason="length"),
     ]
     with caplog.at_level(logging.INFO, logger="palm_serve.requests"):
         got, closed, lifecycle, context, metrics, finished = _served(outs)
     assert got == outs and closed == [True] and lifecycle.inflight == 0
-    assert (context.completion_tokens, context.finish_reasons) == (3, ["length"])
+    assert (context.completion_tokens, context.finish_reasons) == (4, ["length"])
     assert finished == {"stop": 0, "length": 1, "abort": 0, "stalled": 0}
     samples = metrics.registry.get_sample_value
     assert samples("palm_prompt_tokens_total") == 3
-    assert samples("palm_generation_tokens_total") == 3
+    assert samples("palm_generation_tokens_total") == 4
     assert [r.getMessage() for r in caplog.records] == ["output of r: 'hello'"]
 
 
