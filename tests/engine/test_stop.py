@@ -9,6 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from palm_serve.engine.messages import EngineCoreOutput, EngineCoreRequest
+from palm_serve.engine.output_processor import OutputProcessor
 from palm_serve.engine.stop_checker import StopChecker
 from palm_serve.model.tokenizer import IncrementalDetokenizer
 
@@ -176,3 +178,24 @@ def test_flush_releases_the_held_back_text_and_checks_it_for_stops() -> None:
     assert checker.add_token(0) is None
     assert checker.flush() == "!"
     assert checker.take_text(True) == "abc"
+
+
+def test_the_front_ends_a_request_once_with_its_reason_and_error() -> None:
+    """The front's own ends (a caller's abort, a dead core): one last output each, empty,
+    carrying the reason and the core's message; nothing for a request already over."""
+    processor = OutputProcessor(PieceTokenizer(97))
+    for request_id, prompt in (("a", [1, 2]), ("b", [1]), ("c", [4])):
+        processor.add_request(EngineCoreRequest(request_id, prompt, greedy(5), 0.0))
+    assert processor.has_unfinished()
+    [first] = processor.process([EngineCoreOutput("a", [3])]).outputs
+    assert (first.new_text, first.finished) == ("d", False)
+    aborted = processor.finish("a", "abort")
+    assert aborted is not None
+    assert (aborted.request_id, aborted.finished, aborted.finish_reason) == ("a", True, "abort")
+    assert (aborted.new_token_ids, aborted.new_text, aborted.error) == ([], "", None)
+    assert processor.finish("a", "abort") is None  # over already
+    assert processor.finish("nobody", "abort") is None
+    dead = processor.finish_all("error", "core died")
+    assert sorted(o.request_id for o in dead) == ["b", "c"]
+    assert all(o.finished and (o.finish_reason, o.error) == ("error", "core died") for o in dead)
+    assert not processor.has_unfinished() and processor.finish_all("abort") == []
