@@ -5,6 +5,7 @@ no-cache forward of the same prompt."""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -307,3 +308,59 @@ def test_finish_all_ends_every_request_and_only_an_error_drops_the_prefix_cache(
     engine.step()
     got_hits = engine.stats().prefix_cache_hit_tokens > hits_before
     assert got_hits is (reason == "abort")  # K/V a failed step wrote is never reused
+
+
+def _refusal(call) -> tuple[str, str | None]:
+    with pytest.raises(InvalidRequestError) as raised:
+        call()
+    return str(raised.value), raised.value.param
+
+
+def test_the_input_processor_refuses_what_cannot_run_naming_field_and_bound() -> None:
+    processor = InputProcessor(PieceTokenizer(97), 97, 16)
+    make, tokenize = processor.make_request, processor.tokenize
+    assert _refusal(lambda: make([], greedy(1))) == (
+        "prompt is empty (it encodes to no tokens)",
+        "prompt",
+    )
+    assert _refusal(lambda: make(list(range(16)), greedy(1))) == (
+        "prompt has 16 tokens, more than the model's context length of 16 tokens allows "
+        "(at most 15 prompt tokens)",
+        "prompt",
+    )
+    assert _refusal(lambda: make(list(range(10)), greedy(7))) == (
+        "prompt (10 tokens) + max_tokens (7) = 17 exceeds the model's context length of 16 "
+        "tokens; lower max_tokens to at most 6",
+        "max_tokens",
+    )
+    assert _refusal(lambda: make([1], greedy(1, stop_token_ids=(96, 97, -1)))) == (
+        "stop_token_ids [97, -1] are outside the vocabulary [0, 97)",
+        "stop_token_ids",
+    )
+    assert _refusal(lambda: make([1], {"max_tokens": 1})) == (  # type: ignore[arg-type]
+        "params must be SamplingParams, got dict",
+        None,
+    )
+    assert _refusal(lambda: tokenize([])) == ("prompt is empty (it encodes to no tokens)", "prompt")
+    assert _refusal(lambda: tokenize([1, "2"], "input")) == (  # type: ignore[list-item]
+        "input must be a string or a list of token ids",
+        "input",
+    )
+    assert _refusal(lambda: tokenize([True, 1]))[1] == "prompt"  # a bool is not a token id
+    assert _refusal(lambda: tokenize(list(range(90, 100)) + [-3, 500])) == (
+        "prompt: token id(s) [97, 98, 99, -3, 500] are outside the vocabulary [0, 97)",
+        "prompt",
+    )
+    assert _refusal(lambda: tokenize(list(range(97, 104))))[0].startswith(
+        "prompt: token id(s) [97, 98, 99, 100, 101] are"  # the first 5 of 7
+    )
+
+
+def test_what_fits_exactly_is_accepted() -> None:
+    processor = InputProcessor(PieceTokenizer(97), 97, 16)
+    before = time.monotonic()
+    request = processor.make_request(list(range(10)), greedy(6, stop_token_ids=(0, 96)), "r1")
+    assert (request.request_id, request.prompt_token_ids) == ("r1", list(range(10)))
+    assert before <= request.arrival_time <= time.monotonic()
+    assert len(processor.make_request(list(range(15)), greedy(1)).request_id) == 32  # a uuid
+    assert processor.tokenize([0, 96]) == [0, 96]
