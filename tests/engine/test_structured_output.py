@@ -112,6 +112,13 @@ def sampled(spec: StructuredOutputSpec, seed: int, max_tokens: int = 120) -> Sam
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, structured_output=spec)
 
 
+REGEX_DIGITS = StructuredOutputSpec(regex="[0-9]{8}")
+
+
+def sampled_free(seed: int, max_tokens: int = 20) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed)
+
+
 def json_spec(schema: dict) -> StructuredOutputSpec:
     return StructuredOutputSpec(json_schema=json.dumps(schema))
 
@@ -458,3 +465,31 @@ def test_constrained_requests_beside_speculating_ones(model, tokenizer):
     jsonschema.validate(json.loads(text_of(speculative["me"])), SCHEMAS[0])
     assert speculative["me"][-1].finish_reason == "stop"
     assert_pool_whole(engine)
+
+
+def test_a_token_its_grammar_refuses_fails_that_request_alone(model, tokenizer, monkeypatch):
+    """The mask makes it impossible; were a refused token sampled anyway (a bug), the
+    request ends with an error naming structured output, and its neighbour goes on."""
+    monkeypatch.setattr(StructuredOutputManager, "bitmask", lambda self, grammars: None)
+    engine = make_engine(model, tokenizer)
+    digits = SamplingParams(max_tokens=8, temperature=0.0, structured_output=REGEX_DIGITS)
+    free = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompt = tokenizer.encode(PROMPTS[0])  # text: the unmasked greedy pick is no digit
+    outputs = run(engine, {0: [("digits", prompt, digits), ("free", prompt, free)]})
+    last = outputs["digits"][-1]
+    assert last.finish_reason == "error"
+    assert (last.error or "").startswith("structured output: ")
+    assert outputs["free"][-1].finish_reason == "length" and len(tokens_of(outputs["free"])) == 8
+    assert_pool_whole(engine)
+
+
+def test_a_core_without_a_tokenizer_refuses_structured_output_alone(model, tokenizer):
+    engine = make_engine(model, tokenizer)
+    engine.core.structured = None  # a core built without one (no tokenizer to compile for)
+    spec = sampled(StructuredOutputSpec(choice=CHOICES), seed=0)
+    outputs = run(engine, {0: [("s", [1, 2], spec), ("free", [1, 2], sampled_free(0))]})
+    assert outputs["s"][-1].finish_reason == "error"
+    assert outputs["s"][-1].error == (
+        "structured output: this engine core has no tokenizer to compile it for"
+    )
+    assert outputs["free"][-1].finish_reason in ("stop", "length")
