@@ -479,6 +479,7 @@ def test_a_token_its_grammar_refuses_fails_that_request_alone(model, tokenizer, 
     last = outputs["digits"][-1]
     assert last.finish_reason == "error"
     assert (last.error or "").startswith("structured output: ")
+    assert len(tokens_of(outputs["digits"])) == 1  # ended at the first refused token
     assert outputs["free"][-1].finish_reason == "length" and len(tokens_of(outputs["free"])) == 8
     assert_pool_whole(engine)
 
