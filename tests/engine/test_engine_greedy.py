@@ -364,3 +364,13 @@ def test_what_fits_exactly_is_accepted() -> None:
     assert before <= request.arrival_time <= time.monotonic()
     assert len(processor.make_request(list(range(15)), greedy(1)).request_id) == 32  # a uuid
     assert processor.tokenize([0, 96]) == [0, 96]
+
+
+def test_stats_count_the_running_and_the_waiting(model) -> None:
+    engine = make_engine(model, max_num_seqs=2)
+    for request_id in ("a", "b", "c", "d", "e"):
+        engine.add_request(request_id, [1, 2, 3], greedy(20))
+    engine.step()
+    stats = engine.stats()
+    assert (stats.num_running, stats.num_waiting) == (2, 3)
+    assert 0 < stats.kv_cache_usage < 1

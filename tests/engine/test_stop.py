@@ -199,3 +199,22 @@ def test_the_front_ends_a_request_once_with_its_reason_and_error() -> None:
     assert sorted(o.request_id for o in dead) == ["b", "c"]
     assert all(o.finished and (o.finish_reason, o.error) == ("error", "core died") for o in dead)
     assert not processor.has_unfinished() and processor.finish_all("abort") == []
+
+
+def test_the_front_reports_the_requests_it_stopped_and_skips_late_tokens() -> None:
+    """A stop string ends a request in the front: the core must be told (stopped); tokens
+    the core sent before it heard are dropped, and the rest of the batch still goes out."""
+    processor = OutputProcessor(PieceTokenizer(97))
+    processor.add_request(EngineCoreRequest("a", [1], greedy(9, stop=["d"]), 0.0))
+    processor.add_request(EngineCoreRequest("b", [1], greedy(9), 0.0))
+    step = processor.process([EngineCoreOutput("a", [3]), EngineCoreOutput("b", [4])])
+    assert step.stopped == ["a"]
+    assert [(o.request_id, o.finished, o.finish_reason) for o in step.outputs] == [
+        ("a", True, "stop"),
+        ("b", False, None),
+    ]
+    late = processor.process([EngineCoreOutput("a", [5]), EngineCoreOutput("b", [6])])
+    assert late.stopped == [] and [o.request_id for o in late.outputs] == ["b"]
+    # A request the core itself finished is not reported back to it.
+    done = processor.process([EngineCoreOutput("b", [7], finish_reason="length")])
+    assert done.stopped == [] and done.outputs[0].finish_reason == "length"

@@ -494,3 +494,15 @@ def test_a_core_without_a_tokenizer_refuses_structured_output_alone(model, token
         "structured output: this engine core has no tokenizer to compile it for"
     )
     assert outputs["free"][-1].finish_reason in ("stop", "length")
+
+
+def test_a_grammar_completed_by_the_last_allowed_token_ends_with_stop(model, tokenizer):
+    """max_tokens reached by the very token that completes the grammar: the output is
+    whole, so the request ends with "stop", as with room to spare."""
+    spec = StructuredOutputSpec(choice=("the LORD said unto Moses",))
+    prompt = tokenizer.encode(PROMPTS[1])
+    roomy = run(make_engine(model, tokenizer), {0: [("r", prompt, sampled(spec, 5, 60))]})["r"]
+    n = len(tokens_of(roomy))
+    assert roomy[-1].finish_reason == "stop" and n > 1
+    exact = run(make_engine(model, tokenizer), {0: [("r", prompt, sampled(spec, 5, n))]})["r"]
+    assert tokens_of(exact) == tokens_of(roomy) and exact[-1].finish_reason == "stop"
