@@ -27,18 +27,24 @@ cd "$stage"
 # One worker by default (MUTATE_CHILDREN=2 on a quiet machine), one intra-op thread: the
 # tests use tiny tensors.
 # mutmut keeps a verdict until the function changes, so a survivor stays one after a test
-# for it is written: MUTATE_RETRY=1 tests again every mutant not killed (survived, timed out,
-# reached by no test) against the tests as they are now.
+# for it is written: MUTATE_RETRY=1 tests again, after the mutants without a verdict, every
+# mutant not killed (survived, timed out, reached by no test) against the tests as they are.
 retry=()
 if [[ ${MUTATE_RETRY:-0} == 1 && -d mutants ]]; then
-    mapfile -t retry < <("$root/.venv/bin/mutmut" results 2>/dev/null | sed -n 's/^ *\([^ ]*\): .*/\1/p')
+    mapfile -t retry < <("$root/.venv/bin/mutmut" results 2>/dev/null \
+        | sed -n 's/^ *\([^ ]*\): \(survived\|timeout\|no tests\|suspicious\|segfault\)$/\1/p')
 fi
-start=$(date +%s)
-OMP_NUM_THREADS=1 "$root/.venv/bin/mutmut" run --max-children "${MUTATE_CHILDREN:-1}" "${retry[@]}" \
-    > mutmut-run.log 2>&1 || {
-    tail -40 mutmut-run.log
-    exit 1
+mutate() {  # named mutants only, or (no names) every mutant without a verdict
+    OMP_NUM_THREADS=1 "$root/.venv/bin/mutmut" run --max-children "${MUTATE_CHILDREN:-1}" "$@" \
+        >> mutmut-run.log 2>&1 || {
+        tail -40 mutmut-run.log
+        exit 1
+    }
 }
+start=$(date +%s)
+: > mutmut-run.log
+mutate
+if ((${#retry[@]})); then mutate "${retry[@]}"; fi
 wall=$(($(date +%s) - start))
 "$root/.venv/bin/mutmut" results --all true \
     | "$root/.venv/bin/python" "$root/mutation/summary.py" "$name" "$wall" "$root/mutation/EQUIVALENT.md" \
