@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from palm_serve.engine.messages import EngineCoreOutput, EngineCoreRequest
 from palm_serve.engine.output_processor import OutputProcessor
+from palm_serve.engine.outputs import TokenLogprob
 from palm_serve.engine.stop_checker import StopChecker
-from palm_serve.model.tokenizer import IncrementalDetokenizer
+from palm_serve.model.tokenizer import ByteTokenizer, IncrementalDetokenizer
 
 import engine_helpers
 from engine_helpers import (
@@ -218,3 +219,52 @@ def test_the_front_reports_the_requests_it_stopped_and_skips_late_tokens() -> No
     # A request the core itself finished is not reported back to it.
     done = processor.process([EngineCoreOutput("b", [7], finish_reason="length")])
     assert done.stopped == [] and done.outputs[0].finish_reason == "length"
+
+
+def _byte_processor(stop: list[str]) -> OutputProcessor:
+    processor = OutputProcessor(ByteTokenizer(257))  # 256 is EOS
+    processor.add_request(EngineCoreRequest("r", [1], greedy(9, stop=stop, logprobs=0), 0.0))
+    return processor
+
+
+def _logprobs(ids: list[int]) -> list[TokenLogprob]:
+    return [TokenLogprob(token_id=t, logprob=-float(k)) for k, t in enumerate(ids)]
+
+
+def test_a_stop_string_inside_a_multi_token_output_cuts_tokens_and_logprobs() -> None:
+    """Several tokens in one step (verified drafts): the stop string completes at the
+    second token, so the output ends there, its logprobs too."""
+    processor = _byte_processor(["bc"])
+    ids = [ord(c) for c in "abcde"]
+    [out] = processor.process([EngineCoreOutput("r", ids, logprobs=_logprobs(ids))]).outputs
+    assert (out.new_token_ids, out.new_text) == (ids[:3], "a")
+    assert (out.finish_reason, out.stop_reason) == ("stop", "bc")
+    assert out.logprobs == _logprobs(ids)[:3]
+
+
+@pytest.mark.parametrize("reason", ["length", "stop"])
+def test_a_stop_string_completed_by_the_final_flush_ends_with_stop(reason: str) -> None:
+    """An incomplete character held back to the end comes out as U+FFFD: a stop string
+    it completes is found, whether the request ended by length or by EOS."""
+    processor = _byte_processor(["\ufffd"])
+    ids = [0x61, 0xC3] + ([256] if reason == "stop" else [])
+    [out] = processor.process([EngineCoreOutput("r", ids, finish_reason=reason)]).outputs
+    assert (out.finish_reason, out.stop_reason) == ("stop", "\ufffd")
+    assert out.new_text == "a"
+
+
+def test_eos_ends_a_multi_token_output_without_text_of_its_own() -> None:
+    processor = _byte_processor([])
+    ids = [ord(c) for c in "xyz"] + [256]
+    [out] = processor.process([EngineCoreOutput("r", ids, finish_reason="stop")]).outputs
+    assert (out.new_text, out.new_token_ids, out.stop_reason) == ("xyz", ids, None)
+
+
+def test_the_first_token_time_is_that_of_the_first_output_with_a_token() -> None:
+    processor = _byte_processor([])
+    [empty] = processor.process([EngineCoreOutput("r", [])]).outputs
+    assert empty.first_token_time is None and isinstance(empty.time, float)
+    [first] = processor.process([EngineCoreOutput("r", [0x61])]).outputs
+    assert first.first_token_time == first.time
+    [later] = processor.process([EngineCoreOutput("r", [0x62])]).outputs
+    assert later.first_token_time == first.time < later.time
