@@ -34,6 +34,10 @@ STARTUP_SECONDS = 60
 # PALM_TEST_TENSOR_PARALLEL_SIZE=2: every test server (with an engine process) splits its
 # model over 2 ranks, to run the whole HTTP suite against tensor parallelism.
 TEST_TENSOR_PARALLEL_SIZE = int(os.environ.get("PALM_TEST_TENSOR_PARALLEL_SIZE", "1"))
+# PALM_TEST_ENGINE_PROCESS=0: test servers run their engine core in a thread instead of a
+# process of its own (a test that asks for one still gets it). For the front's mutation runs
+# (mutation/server.cfg): a server then starts in a fraction of a second, not seconds.
+TEST_ENGINE_PROCESS = os.environ.get("PALM_TEST_ENGINE_PROCESS", "1") != "0"
 
 
 def write_model_dir(path: Path, max_positions: int = 512, seed: int = 0) -> Path:
@@ -57,6 +61,9 @@ def settings_for(model_dir: Path, **overrides) -> Settings:
         engine_threads=1,
         engine_cpus=",".join(map(str, available_cpus())),
     )
+    if not TEST_ENGINE_PROCESS:
+        values["engine_process"] = False
+        del values["engine_cpus"]  # a placement of the core's process: there is none
     if TEST_TENSOR_PARALLEL_SIZE > 1 and overrides.get("engine_process", True):
         values["tensor_parallel_size"] = TEST_TENSOR_PARALLEL_SIZE
     values.update(overrides)
