@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from palm_serve.model import PaLM, PaLMConfig  # noqa: E402
 
+pytest_plugins = ["mutation_order"]
+
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
