@@ -54,7 +54,6 @@ class EngineCore:
             prompt_token_ids=list(request.prompt_token_ids),
             params=params,
             generator=torch.Generator().manual_seed(seed),
-            arrival_time=request.arrival_time,
         )
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None]

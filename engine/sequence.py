@@ -30,7 +30,6 @@ class Sequence:
     params: SamplingParams
     # The request's own random stream: its samples do not depend on its neighbours.
     generator: torch.Generator
-    arrival_time: float = 0.0
     # Prompt followed by the generated tokens.
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
