@@ -374,3 +374,41 @@ def test_stats_count_the_running_and_the_waiting(model) -> None:
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting) == (2, 3)
     assert 0 < stats.kv_cache_usage < 1
+
+
+def test_the_core_counts_steps_prompt_tokens_and_failures(model) -> None:
+    engine = make_engine(model, max_model_len=64)
+    engine.add_request("too long", list(range(64)), greedy(1))
+    assert engine.core.has_unfinished()  # a refused request still owes its last output
+    engine.add_request("also too long", list(range(70)), greedy(1))
+    engine.add_request("a", [1, 2, 3], greedy(2))
+    engine.add_request("b", [4, 5], greedy(2))
+    outputs = run(engine, {})
+    stats = engine.stats()
+    assert (stats.num_steps, stats.prompt_tokens, stats.num_failed) == (2, 5, 2)
+    assert outputs["too long"][-1].error == (
+        "prompt has 64 tokens; the context length (max_model_len) is 64, so at most 63 fit"
+    )
+
+
+def test_outputs_carry_when_the_core_first_scheduled_the_request(model) -> None:
+    engine = make_engine(model)
+    engine.add_request("a", [1, 2, 3], greedy(3), arrival_time=time.monotonic())
+    outs = run(engine, {})["a"]
+    first = outs[0].first_scheduled_time
+    assert first is not None and outs[0].arrival_time <= first <= outs[-1].time
+    assert all(o.first_scheduled_time == first for o in outs)
+
+
+def test_prompt_logprobs_come_once_with_the_first_output(model) -> None:
+    engine = make_engine(model)
+    engine.add_request("a", [1, 2, 3, 4], greedy(4, prompt_logprobs=1))
+    engine.add_request("b", [5, 6], greedy(3))
+    core_outputs: dict[str, list] = {"a": [], "b": []}
+    while engine.core.has_unfinished():
+        for out in engine.core.step():
+            core_outputs[out.request_id].append(out.prompt_logprobs)
+    first, *rest = core_outputs["a"]
+    assert first is not None and len(first) == 4 and first[0] is None
+    assert rest and all(p is None for p in rest)
+    assert all(p is None for p in core_outputs["b"])

@@ -268,3 +268,25 @@ def test_the_first_token_time_is_that_of_the_first_output_with_a_token() -> None
     assert first.first_token_time == first.time
     [later] = processor.process([EngineCoreOutput("r", [0x62])]).outputs
     assert later.first_token_time == first.time < later.time
+
+
+class SpacedPieces:
+    """A decoder that drops the space that starts a text (as sentencepiece's does): a
+    token's text depends on what came before it."""
+
+    eos_token_id, bos_token_id = None, None
+    pieces = ["x", " y", " z"]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.pieces[i] for i in ids).removeprefix(" ")
+
+
+def test_the_first_tokens_text_is_decoded_in_the_context_of_the_prompt() -> None:
+    processor = OutputProcessor(SpacedPieces())  # type: ignore[arg-type]
+    processor.add_request(EngineCoreRequest("r", [0], greedy(4), 12.5))
+    [out] = processor.process([EngineCoreOutput("r", [1, 2])]).outputs
+    assert out.new_text == " y z"  # after the prompt "x": its space is kept
+    assert (out.arrival_time, out.prompt_token_ids, out.num_prompt_tokens) == (12.5, [0], 1)
