@@ -18,6 +18,7 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from palm_serve.engine.errors import InvalidRequestError
 from palm_serve.engine.outputs import RequestOutput
 from palm_serve.server.errors import APIError
 from palm_serve.server.generation import collect, engine_failure, failure_event
@@ -273,6 +274,7 @@ def test_collect_stops_a_request_whose_client_left_with_a_499():
         gone = collect(_outputs(started, closed, then_wait=True), FakeRequest(gone=True))
         asyncio.run(asyncio.wait_for(gone, 10))
     assert (raised.value.status, raised.value.code) == (499, "client_closed")
+    assert raised.value.message == "client closed the request"  # what the access log shows
     assert closed == [True]  # closing the engine's stream is what aborts the request
 
 
@@ -496,7 +498,9 @@ def test_sampling_params_refused_are_a_400_naming_the_field():
     assert make_params(max_tokens=3, temperature=0.5).temperature == 0.5
 
 
-def _served(outs: list[RequestOutput], stop_after: int | None = None, stalled=False):
+def _served(
+    outs: list[RequestOutput], stop_after: int | None = None, stalled=False, log_requests=True
+):
     """outputs() over an engine that yields `outs`; the consumer stops after `stop_after`."""
     from palm_serve.engine.messages import EngineCoreRequest
     from palm_serve.engine.sampling_params import SamplingParams
@@ -515,7 +519,7 @@ def _served(outs: list[RequestOutput], stop_after: int | None = None, stalled=Fa
             closed.append(True)
 
     metrics = Metrics(EngineStats, lambda: 0)
-    settings = SimpleNamespace(log_requests=True)
+    settings = SimpleNamespace(log_requests=log_requests)
     state = SimpleNamespace(
         metrics=metrics, engine=SimpleNamespace(generate=generate), settings=settings
     )
@@ -578,3 +582,54 @@ def test_a_finished_output_without_a_reason_counts_as_stop():
     outs = [RequestOutput("r", [5], "a", finished=True)]
     *_, context, _, finished = _served(outs)
     assert context.finish_reasons == ["stop"] and finished["stop"] == 1
+
+
+def test_without_log_requests_no_output_text_is_logged(caplog):
+    outs = [RequestOutput("r", [5], "secret text", finished=True, finish_reason="length")]
+    with caplog.at_level(logging.DEBUG, logger="palm_serve.requests"):
+        got, *_ = _served(outs, log_requests=False)
+    assert got == outs and caplog.records == []
+
+
+def _tokenizing_state(log_requests: bool, refuse: bool = False):
+    asked: list[tuple] = []
+
+    def tokenize(prompt, param):
+        asked.append((prompt, param))
+        if refuse:
+            raise InvalidRequestError(f"{param}: lone surrogate", param)
+        return [1, 2, 3]
+
+    settings = SimpleNamespace(log_requests=log_requests)
+    return SimpleNamespace(settings=settings, engine=SimpleNamespace(tokenize=tokenize)), asked
+
+
+def test_tokenize_counts_every_prompt_token_and_logs_the_prompt_only_when_asked(caplog):
+    from palm_serve.server.generation import tokenize
+    from palm_serve.server.request_context import RequestContext, serving
+
+    state, asked = _tokenizing_state(log_requests=True)
+    with (
+        serving(RequestContext("rid")) as context,
+        caplog.at_level(logging.INFO, logger="palm_serve.requests"),
+    ):
+        assert tokenize(state, "hi") == [1, 2, 3]
+        assert tokenize(state, [7, 8], "input") == [1, 2, 3]
+    assert asked == [("hi", "prompt"), ([7, 8], "input")]
+    assert context.prompt_tokens == 6
+    assert [r.getMessage() for r in caplog.records] == ["prompt: 'hi'", "input: [7, 8]"]
+    caplog.clear()
+    quiet, _ = _tokenizing_state(log_requests=False)
+    with caplog.at_level(logging.DEBUG, logger="palm_serve.requests"):
+        tokenize(quiet, "hi")
+    assert caplog.records == []
+
+
+def test_a_prompt_the_engine_refuses_is_a_400_naming_its_field():
+    from palm_serve.server.generation import tokenize
+
+    state, _ = _tokenizing_state(log_requests=False, refuse=True)
+    with pytest.raises(APIError) as refused:
+        tokenize(state, "x", "messages")
+    e = refused.value
+    assert (e.status, e.param, e.message) == (400, "messages", "messages: lone surrogate")

@@ -468,3 +468,15 @@ def test_a_missing_body_key_is_an_empty_chunk() -> None:
     assert run.app_received == [chunk(b"{}")]
     status, error = BodyReaderRun([{"type": "http.request"}]).run().error()
     assert (status, error["code"]) == (400, "invalid_json")  # nothing is not a JSON document
+
+
+def test_an_integer_of_at_most_the_digit_limit_is_read_and_one_digit_more_is_a_400() -> None:
+    from palm_serve.server.request_body import MAX_INT_DIGITS, BodyError, check_json
+
+    check_json(b'{"n": -' + b"9" * MAX_INT_DIGITS + b"}")  # the sign is not a digit
+    with pytest.raises(BodyError) as refused:
+        check_json(b'{"n": ' + b"9" * (MAX_INT_DIGITS + 1) + b"}")
+    assert refused.value.message == (
+        f"body: invalid JSON: integer of {MAX_INT_DIGITS + 1} digits (at most {MAX_INT_DIGITS})"
+        " at character 6"
+    )

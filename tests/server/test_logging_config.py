@@ -223,3 +223,19 @@ def test_what_is_not_http_passes_through_untouched() -> None:
     with pytest.raises(ValueError, match="lifespan"):
         asyncio.run(UnhandledErrorMiddleware(app)(scope, "receive", "send"))
     assert seen == [(scope, "receive", "send")]
+
+
+def test_by_default_the_500_path_logs_no_message(caplog) -> None:
+    async def failing_app(scope, receive, send) -> None:
+        raise ValueError(SECRET)
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "headers": []}
+    with caplog.at_level(logging.ERROR, logger="palm_serve.server"):
+        asyncio.run(UnhandledErrorMiddleware(failing_app)(scope, None, send))
+    assert sent[0]["status"] == 500 and "ValueError" in caplog.text
+    assert SECRET not in caplog.text
