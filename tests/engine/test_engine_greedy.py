@@ -412,3 +412,11 @@ def test_prompt_logprobs_come_once_with_the_first_output(model) -> None:
     assert first is not None and len(first) == 4 and first[0] is None
     assert rest and all(p is None for p in rest)
     assert all(p is None for p in core_outputs["b"])
+
+
+def test_finishing_a_request_without_a_reason_is_an_abort(model) -> None:
+    engine = make_engine(model)
+    engine.add_request("a", [1, 2, 3], greedy(50))
+    engine.step()
+    engine.core.finish_requests(["a"])
+    assert engine.stats().num_aborted == 1

@@ -290,3 +290,12 @@ def test_the_first_tokens_text_is_decoded_in_the_context_of_the_prompt() -> None
     [out] = processor.process([EngineCoreOutput("r", [1, 2])]).outputs
     assert out.new_text == " y z"  # after the prompt "x": its space is kept
     assert (out.arrival_time, out.prompt_token_ids, out.num_prompt_tokens) == (12.5, [0], 1)
+
+
+def test_text_held_back_for_a_stop_string_comes_out_when_the_request_ends() -> None:
+    processor = OutputProcessor(PieceTokenizer(97))
+    processor.add_request(EngineCoreRequest("r", [1], greedy(2, stop=["bc"]), 0.0))
+    [held] = processor.process([EngineCoreOutput("r", [0, 1])]).outputs
+    assert held.new_text == "a"  # "b" may start "bc": held back
+    [last] = processor.process([EngineCoreOutput("r", [], finish_reason="length")]).outputs
+    assert (last.new_text, last.finish_reason) == ("b", "length")
