@@ -337,6 +337,10 @@ def test_a_request_is_labelled_with_the_template_of_the_route_it_aims_at(method,
     assert route_template(scope, _routes()) == (template or "unmatched")
     # Once routed, the router's own choice is the label.
     assert route_template({**scope, "route": SimpleNamespace(path="/chosen")}, []) == "/chosen"
+    # A routed endpoint without a path template (a mount's app): the aim, as before routing.
+    assert route_template({**scope, "route": SimpleNamespace()}, _routes()) == (
+        template or "unmatched"
+    )
 
 
 def _metered(app) -> tuple[Metrics, Callable[[dict], Awaitable[None]]]:
@@ -378,12 +382,17 @@ def test_every_request_is_counted_and_timed_once_with_its_status(behaviour, stat
 
     metrics, call = _metered(app)
     scope = {"type": "http", "method": "GET", "path": "/v1/models/tiny", "root_path": ""}
+    before = time.monotonic()
     if behaviour == "fails":
         with pytest.raises(ValueError):  # reported (and answered) by the error middleware
             asyncio.run(call(scope))
     else:
         asyncio.run(call(scope))
+    elapsed = time.monotonic() - before
     assert _counted(metrics, "GET", "/v1/models/{model_id}", status) == (1.0, 1.0)
+    labels = {"method": "GET", "route": "/v1/models/{model_id}", "status": status}
+    observed = metrics.registry.get_sample_value("palm_http_request_duration_seconds_sum", labels)
+    assert observed is not None and 0 <= observed <= elapsed  # the request's own duration
     others = [s for s in ("200", "201", "499", "500") if s != status]
     assert all(_counted(metrics, "GET", "/v1/models/{model_id}", s) == (0, 0) for s in others)
 
@@ -446,6 +455,9 @@ def test_a_request_that_can_never_fit_is_a_400_naming_n_and_why():
     state, _ = _admission()
     assert len(admit(state, 6)) == 6  # exactly the capacity fits when nothing runs
     state, _ = _admission()
+    with pytest.raises(APIError) as alone:  # one prompt: nothing to say about a fan-out
+        admit(state, 7)
+    assert alone.value.message.startswith("n: this request needs 7 sequences; this server")
     with pytest.raises(APIError) as never:
         admit(state, 7, " (2 prompts x n=4)")
     e = never.value
