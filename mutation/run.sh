@@ -7,7 +7,8 @@
 # mutants/, puts that first on sys.path (ahead of the editable install's finder), runs the
 # selected tests once to learn which tests reach which function, then forks one child per
 # mutant from a server that has already imported torch and the tests, and runs only the
-# tests that reach the mutated function, fastest first, stopping at the first failure.
+# tests that reach the mutated function, stopping at the first failure (in no particular
+# order: tests/mutation_order.py puts the server tests that start no server first).
 set -euo pipefail
 name=$1
 root=$(cd "$(dirname "$0")/.." && pwd)
