@@ -64,7 +64,8 @@ def settings_for(model_dir: Path, **overrides) -> Settings:
     if not TEST_ENGINE_PROCESS:
         values["engine_process"] = False
         del values["engine_cpus"]  # a placement of the core's process: there is none
-    if TEST_TENSOR_PARALLEL_SIZE > 1 and overrides.get("engine_process", True):
+    engine_process = overrides.get("engine_process", values.get("engine_process", True))
+    if TEST_TENSOR_PARALLEL_SIZE > 1 and engine_process:
         values["tensor_parallel_size"] = TEST_TENSOR_PARALLEL_SIZE
     values.update(overrides)
     return Settings(**values)
