@@ -103,6 +103,21 @@ async def kill_core_under_load(
     return done[:-1], done[-1], ended
 
 
+def assert_failed_by_the_engine(streams: list[list], plain: httpx.Response) -> list[dict]:
+    """Every stream of kill_core_under_load ended with a last output of finish_reason
+    "error", then an engine_error event and [DONE]; the JSON request got a 503. Returns the
+    error events."""
+    errors = []
+    for events in streams:
+        assert events[-1] == "[DONE]"
+        *_, last, error = events[:-1]
+        assert last["finish_reason"] == "error"
+        assert error["error"]["code"] == "engine_error"
+        errors.append(error["error"])
+    assert plain.status_code == 503, plain.text
+    return errors
+
+
 def test_a_killed_core_fails_its_requests_at_once_then_is_restarted(restarting):
     s = restarting
     url = f"{s.url}/v1/generate"
@@ -114,13 +129,8 @@ def test_a_killed_core_fails_its_requests_at_once_then_is_restarted(restarting):
 
     streams, plain, _ = asyncio.run(kill_core_under_load(s))
 
-    for events in streams:
-        assert events[-1] == "[DONE]"
-        *_, last, error = events[:-1]
-        assert last["finish_reason"] == "error"
-        assert error["error"]["code"] == "engine_error"
-        assert "SIGKILL" in error["error"]["message"]
-    assert plain.status_code == 503, plain.text
+    for error in assert_failed_by_the_engine(streams, plain):
+        assert "SIGKILL" in error["message"]
     assert "SIGKILL" in plain.json()["error"]["message"]
     # Within the backoff: not ready, and new requests are refused with Retry-After.
     assert ready_status(s) == 503

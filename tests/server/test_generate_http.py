@@ -164,18 +164,27 @@ def test_a_refused_request_releases_its_admission(server):
     assert server.state.lifecycle.inflight == before
 
 
-def test_every_choice_of_a_multi_choice_stream_finishes(server):
-    body = {"prompt": ["one", "two"], "n": 2, "max_tokens": 5, "temperature": 0, "stream": True}
-    finished, texts = {}, {}
+def stream_choices(server, route: str, body: dict) -> tuple[dict[int, str], dict[int, str]]:
+    """A streamed completion or chat reassembled per choice index: (texts, finish reasons)."""
+    chat = route.endswith("chat/completions")
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
     with httpx.Client(timeout=60) as client:
-        with connect_sse(client, "POST", f"{server.url}/v1/completions", json=body) as src:
+        with connect_sse(client, "POST", f"{server.url}{route}", json=body) as src:
             for event in src.iter_sse():
                 if event.data == "[DONE]":
                     break
                 for choice in event.json()["choices"]:
-                    texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+                    piece = choice["delta"].get("content") if chat else choice["text"]
+                    texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
                     if choice["finish_reason"]:
                         finished[choice["index"]] = choice["finish_reason"]
+    return texts, finished
+
+
+def test_every_choice_of_a_multi_choice_stream_finishes(server):
+    body = {"prompt": ["one", "two"], "n": 2, "max_tokens": 5, "temperature": 0, "stream": True}
+    texts, finished = stream_choices(server, "/v1/completions", body)
     whole = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, timeout=60)
     assert sorted(finished) == [0, 1, 2, 3]
     assert [texts[k] for k in range(4)] == [c["text"] for c in whole.json()["choices"]]
@@ -189,18 +198,7 @@ def test_a_one_or_two_choice_stream_equals_its_whole_answer(server, route, n):
     chat = route.endswith("chat/completions")
     body = {"n": n, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
     body |= {"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"}
-    texts: dict[int, str] = {}
-    finished: dict[int, str] = {}
-    with httpx.Client(timeout=60) as client:
-        with connect_sse(client, "POST", f"{server.url}{route}", json=body) as src:
-            for event in src.iter_sse():
-                if event.data == "[DONE]":
-                    break
-                for choice in event.json()["choices"]:
-                    piece = choice["delta"].get("content") if chat else choice["text"]
-                    texts[choice["index"]] = texts.get(choice["index"], "") + (piece or "")
-                    if choice["finish_reason"]:
-                        finished[choice["index"]] = choice["finish_reason"]
+    texts, finished = stream_choices(server, route, body)
     r = httpx.post(f"{server.url}{route}", json={**body, "stream": False}, timeout=60)
     whole = [c["message"]["content"] if chat else c["text"] for c in r.json()["choices"]]
     assert sorted(texts) == sorted(finished) == list(range(n))

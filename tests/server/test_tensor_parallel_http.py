@@ -20,7 +20,13 @@ from subprocess import Popen
 import httpx
 import pytest
 from test_concurrency import test_disconnected_clients_are_aborted_and_free_their_blocks  # noqa: F401
-from test_core_faults import kill_core_under_load, ready_status, start_serve, wait_until
+from test_core_faults import (
+    assert_failed_by_the_engine,
+    kill_core_under_load,
+    ready_status,
+    start_serve,
+    wait_until,
+)
 from test_generate_http import (  # noqa: F401
     test_greedy_tokens_equal_the_dense_oracle,
     test_logprobs_equal_the_dense_log_softmax,
@@ -87,12 +93,7 @@ def test_a_killed_worker_fails_the_requests_then_the_core_restarts(server, oracl
         )
     )
     assert ended < TP_TIMEOUT
-    for events in streams:
-        assert events[-1] == "[DONE]"
-        *_, last, error = events[:-1]
-        assert last["finish_reason"] == "error"
-        assert error["error"]["code"] == "engine_error"
-    assert plain.status_code == 503, plain.text
+    assert_failed_by_the_engine(streams, plain)
     assert ready_status(server) == 503  # within the restart's backoff
     wait_until(lambda: ready_status(server) == 200, 120, "/ready 200 after the restart")
     assert not process_alive(server.core_pid) and not process_alive(worker)

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_core_faults import kill_core_under_load, ready_status, start_serve, wait_until
+from test_core_faults import (
+    assert_failed_by_the_engine,
+    kill_core_under_load,
+    ready_status,
+    start_serve,
+    wait_until,
+)
 from test_generate_http import (  # noqa: F401
     test_greedy_tokens_equal_the_dense_oracle,
     test_stream_reassembles_to_the_non_streaming_text,
@@ -144,12 +150,7 @@ def test_a_killed_external_worker_fails_the_requests_then_its_restart_serves(ser
         kill_core_under_load(server, kill=worker.kill, within=TP_TIMEOUT)
     )
     assert ended < TP_TIMEOUT
-    for events in streams:
-        assert events[-1] == "[DONE]"
-        *_, last, error = events[:-1]
-        assert last["finish_reason"] == "error"
-        assert error["error"]["code"] == "engine_error"
-    assert plain.status_code == 503, plain.text
+    assert_failed_by_the_engine(streams, plain)
     # The core failed and its successor waits at the rendezvous: not ready until rank 1 is.
     assert ready_status(server) == 503
     wait_until(lambda: not process_alive(server.core_pid), 30, "the failed core to exit")
