@@ -13,6 +13,17 @@ from palm_serve.model import PaLM, PaLMConfig  # noqa: E402
 pytest_plugins = ["mutation_order"]
 
 
+@pytest.fixture(scope="session")
+def cpu_kernels_built() -> None:
+    """For the tests of the C++ CPU kernels: a build that failed fails them, never skips
+    them (the set-up installs the compiler they need)."""
+    from palm_serve.kernels.cpu import build_error
+
+    error = build_error()
+    if error is not None:
+        pytest.fail(f"the CPU kernels did not build: {error}")
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

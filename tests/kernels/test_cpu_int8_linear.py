@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from palm_serve.kernels.cpu import build_error, cpu_int8_matmul
+from palm_serve.kernels.cpu import cpu_int8_matmul
 from palm_serve.kernels.int8_linear import int8_linear as twin_int8_linear
 
 # The twin rounds (x @ (q * s).T), the kernel (x @ q.T) * s: a few fp32 ulps of |y|.
@@ -19,11 +19,8 @@ SHAPES = [(1, 1, 1), (1, 7, 15), (1, 512, 768), (2, 3, 17), (3, 17, 33), (5, 513
           (9, 1408, 31), (33, 64, 700), (256, 96, 48)]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built() -> None:
-    error = build_error()
-    if error is not None:
-        pytest.fail(f"the CPU kernels did not build: {error}")
+# Fails, never skips, where the C++ kernels did not build (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def _case(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,7 +24,6 @@ import pytest
 import torch
 
 from palm_serve.kernels import paged_attention as twin_paged_attention
-from palm_serve.kernels.cpu import build_error
 from palm_serve.kernels.cpu import paged_attention as cpu_paged_attention
 
 from triton_cases import PagedBatch, assert_matches, make_paged_batch
@@ -32,11 +31,8 @@ from triton_cases import PagedBatch, assert_matches, make_paged_batch
 FP32_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built() -> None:
-    error = build_error()
-    if error is not None:
-        pytest.fail(f"the CPU kernels did not build: {error}")
+# Fails, never skips, where the C++ kernels did not build (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def _many_sequences(n: int, seed: int = 0) -> tuple[list[int], list[int]]:

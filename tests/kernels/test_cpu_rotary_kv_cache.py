@@ -24,11 +24,8 @@ SLOTS = [3 * 16 + 0, -1, 0, 15, 16, 17, 5 * 16 + 15, -1, 2 * 16 + 7]
 POSITIONS = [0, 1, 2, 15, 16, 17, 300, MAX_POS - 1, 7]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built() -> None:
-    error = cpu.build_error()
-    if error is not None:
-        pytest.fail(f"the CPU kernels did not build: {error}")
+# Fails, never skips, where the C++ kernels did not build (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def _exact(actual: torch.Tensor, expected: torch.Tensor) -> None:

@@ -21,7 +21,6 @@ import torch
 
 from palm_serve.engine.factory import load_served_model
 from palm_serve.kernels import cpu_backend
-from palm_serve.kernels.cpu import build_error
 from palm_serve.model import AttentionMetadata, KVCache, Llama, LlamaConfig, save_model_dir
 from palm_serve.model.compiled import CompiledForward, cache_directory, compile_model
 from palm_serve.model.cpu_linear import prepack_linears
@@ -49,11 +48,8 @@ STEPS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built() -> None:
-    error = build_error()
-    if error is not None:
-        pytest.fail(f"the CPU kernels did not build: {error}")
+# Fails, never skips, where the C++ kernels did not build (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def as_served(model: DecoderModel) -> DecoderModel:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from palm_serve.kernels import cpu_backend, torch_backend
-from palm_serve.kernels.cpu import build_error
 from palm_serve.model import Llama, LlamaConfig
 from palm_serve.model.decoder import DecoderModel
 from palm_serve.model.quantization import (
@@ -54,11 +53,8 @@ MODELS = {"palm": lambda: make_model(make_config(depth=2)), "llama": make_llama}
 BACKENDS = {"torch": torch_backend, "cpu": cpu_backend}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _built() -> None:
-    error = build_error()
-    if error is not None:
-        pytest.fail(f"the CPU kernels did not build: {error}")
+# Fails, never skips, where the C++ kernels did not build (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("cpu_kernels_built")
 
 
 def dequantized_copy(model: DecoderModel) -> DecoderModel:
