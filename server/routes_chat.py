@@ -47,7 +47,7 @@ from .routes_common import (
     sampling_kwargs,
     usage,
 )
-from .sse import DONE, SSEResponse, sse_event
+from .sse import DONE, SSEResponse, TextEvents, sse_event
 from .state import ServerState
 from .structured_output import structured_output
 
@@ -147,20 +147,24 @@ class _ChatView:
     ) -> None:
         self.state, self.body, self.started = state, body, started
         self.id, self.created = started[0].response_id, int(time.time())
+        self.content_events = TextEvents(
+            lambda k, text: self.payload([ChatChunkChoice(index=k, delta=ChatDelta(content=text))])
+        )
 
     def usage(self, completion_tokens: int) -> Usage:
         return usage(len(self.started[0].prompt_ids), completion_tokens)
 
     def chunk(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
-        return sse_event(
-            ChatCompletionChunk(
-                id=self.id,
-                created=self.created,
-                model=self.state.model_name,
-                choices=choices,
-                usage=usage,
-            ).model_dump(exclude_none=False)
-        )
+        return sse_event(self.payload(choices, usage))
+
+    def payload(self, choices: list[ChatChunkChoice], usage: Usage | None = None) -> dict:
+        return ChatCompletionChunk(
+            id=self.id,
+            created=self.created,
+            model=self.state.model_name,
+            choices=choices,
+            usage=usage,
+        ).model_dump(exclude_none=False)
 
     async def events(self) -> AsyncIterator[bytes]:
         body, generated, tok = self.body, 0, self.state.engine.tokenizer
@@ -171,7 +175,9 @@ class _ChatView:
             async for k, out in merge([s.stream for s in self.started]):
                 generated += len(out.new_token_ids)
                 lp = chat_logprobs(tok, out.logprobs or []) if body.logprobs else None
-                if out.new_text or out.new_token_ids:
+                if lp is None and (out.new_text or out.new_token_ids):
+                    yield self.content_events.event(k, out.new_text)
+                elif out.new_text or out.new_token_ids:
                     delta = ChatDelta(content=out.new_text)
                     yield self.chunk([ChatChunkChoice(index=k, delta=delta, logprobs=lp)])
                 if out.finished:

@@ -41,7 +41,7 @@ from .routes_common import (
     sampling_kwargs,
     usage,
 )
-from .sse import DONE, SSEResponse, sse_event
+from .sse import DONE, SSEResponse, TextEvents, sse_event
 from .state import ServerState
 from .structured_output import structured_output
 
@@ -132,6 +132,9 @@ class _View:
         self.prompt_texts = [
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)
         ]
+        self.text_events = TextEvents(
+            lambda k, text: self.chunk([CompletionChoice(index=k, text=text)])
+        )
 
     def usage(self, completion_tokens: int) -> Usage:
         prompt_tokens = sum(len(s.prompt_ids) for s in self.started[:: self.body.n])
@@ -195,7 +198,10 @@ class _View:
                         offsets[k] += sum(len(t) for t in new.tokens)
                         lp = lp or CompletionLogprobs()
                         _extend(lp, new)
-                if text or lp or out.finished:
+                if lp is None and not out.finished:
+                    if text:  # the common event: a text delta alone
+                        yield self.text_events.event(k, text)
+                elif text or lp or out.finished:
                     choice = CompletionChoice(
                         index=k,
                         text=text,
