@@ -62,7 +62,7 @@ def _chat(response_id: str, model: str):
     "response_id, model",
     [
         ("cmpl-abc", "tiny-llama"),
-        ("id with \"quotes\" and é", "model/with\\slashes"),
+        ('id with "quotes" and é', "model/with\\slashes"),
         # The marker inside the id: the template cannot be split, pydantic builds the events.
         (f"x{TextEvents.MARKER}y", "m"),
         (TextEvents.MARKER, TextEvents.MARKER),
