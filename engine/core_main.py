@@ -28,6 +28,7 @@ from .config import EngineConfig
 from .core import EngineCore
 from .core_client import apply_message
 from .core_codec import CoreCodec, CoreFailed, CoreReady, Shutdown, ToCore
+from .heap import freeze_startup_heap
 from .messages import EngineCoreOutputs
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def run_core_process(spec: CoreSpec, link: CoreLink) -> None:
     code = 0
     try:
         core = build_engine_core(spec)
+        freeze_startup_heap()
         outbox.send_multipart(codec.encode(ready_message(core)))
         code = CoreLoop(core, inbox, outbox, codec, link.parent_pid).run()
     except Exception as exc:  # noqa: BLE001 - whatever it was, the front must hear why

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..engine.async_engine import AsyncEngine
+from ..engine.heap import freeze_startup_heap
 from . import (
     routes_chat,
     routes_completions,
@@ -32,13 +33,20 @@ from .state import ServerState
 
 
 def create_app(
-    settings: Settings, engine: AsyncEngine, lifecycle: Lifecycle | None = None
+    settings: Settings,
+    engine: AsyncEngine,
+    lifecycle: Lifecycle | None = None,
+    freeze_heap: bool = False,
 ) -> FastAPI:
-    """`engine` is an AsyncEngine, not yet started: the app's lifespan starts and stops it."""
+    """`engine` is an AsyncEngine, not yet started: the app's lifespan starts and stops it.
+    freeze_heap: once the engine serves, freeze the process's heap (engine/heap.py); for a
+    process that does nothing but serve, not for one that embeds the app (tests)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        if freeze_heap:
+            freeze_startup_heap()
         try:
             yield
         finally:

@@ -268,7 +268,7 @@ def run_server(settings: Settings, engine: AsyncEngine) -> int:
     from .lifecycle import DrainingServer, Lifecycle
 
     lifecycle = Lifecycle()
-    app = create_app(settings, engine, lifecycle)
+    app = create_app(settings, engine, lifecycle, freeze_heap=True)
     config = uvicorn_config(
         app,
         settings.header_read_timeout,
