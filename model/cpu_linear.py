@@ -6,7 +6,8 @@ a 32000-word vocabulary at batch 16: 17 ms with F.linear, 7 ms prepacked). vLLM'
 backend prepacks for the same reason. The ops are torch's own (inductor uses them when it
 freezes CPU models) but private, so everything falls back to nn.Linear without them.
 
-Under torch.compile the multiply is the opaque op torch.ops.palm_serve.prepacked_linear:
+Under torch.compile the multiply is the opaque op torch.ops.palm_cpu.prepacked_linear (C++,
+kernels/cpu/prepacked_linear.cpp; the compiled step runs only with those kernels built):
 inductor cannot lower mkldnn._linear_pointwise on a weight that is a graph input (its
 lowering wants a frozen constant), and letting it freeze and prepack the weights itself
 measured no faster while it bypasses inductor's cache on every start
@@ -33,17 +34,6 @@ def prepacking_available() -> bool:
     )
 
 
-@torch.library.custom_op("palm_serve::prepacked_linear", mutates_args=())
-def prepacked_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [N, in] @ weight.T -> [N, out] with the weight as _reorder_linear_weight packed it."""
-    return _linear(x, packed)
-
-
-@prepacked_linear.register_fake
-def _(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
 def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
@@ -59,8 +49,8 @@ class PrepackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if torch.compiler.is_compiling():  # an opaque op in the graph (see the module doc)
-            y = prepacked_linear(flat, self.packed, self.out_features)
-        else:  # eager: the op itself, without the custom op's Python dispatch
+            y = torch.ops.palm_cpu.prepacked_linear(flat, self.packed, self.out_features)
+        else:  # eager: oneDNN's op itself
             y = _linear(flat, self.packed)
         return y.view(*x.shape[:-1], self.out_features)
 

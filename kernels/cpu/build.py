@@ -23,7 +23,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 NAME = "palm_cpu_kernels"
-SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp", "int8_linear.cpp")
+SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp", "int8_linear.cpp", "prepacked_linear.cpp")
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
 # The flags of the build this process loaded: its ops and fakes are registered once.
@@ -153,6 +153,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("palm_cpu::int8_linear")
     def _(x: Tensor, packed: Tensor, scales: Tensor, out_features: int) -> Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("palm_cpu::prepacked_linear")
+    def _(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("palm_cpu::rotary_embedding")

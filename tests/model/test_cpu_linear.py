@@ -63,3 +63,17 @@ def test_prepacked_llama_untied_head() -> None:
     tokens = torch.randint(0, 101, (29,)).tolist()
     expected = _paged_logits(plain, tokens)
     assert (_paged_logits(packed, tokens) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+@pytest.mark.usefixtures("cpu_kernels_built")
+@pytest.mark.parametrize("rows, in_features, out_features", [(1, 64, 5), (7, 13, 33), (33, 96, 48)])
+def test_the_compiled_steps_op_equals_onednns_own(rows, in_features, out_features) -> None:
+    """torch.ops.palm_cpu.prepacked_linear (the compiled step's call) is oneDNN's linear,
+    bit for bit, and refuses a weight that does not give out_features outputs."""
+    torch.manual_seed(rows)
+    linear = PrepackedLinear(torch.randn(out_features, in_features))
+    x = torch.randn(rows, in_features)
+    got = torch.ops.palm_cpu.prepacked_linear(x, linear.packed, out_features)
+    assert torch.equal(got, linear(x))
+    with pytest.raises(RuntimeError, match="outputs per row"):
+        torch.ops.palm_cpu.prepacked_linear(x, linear.packed, out_features + 1)
