@@ -37,6 +37,11 @@ from .kv_cache import KVCache
 logger = logging.getLogger(__name__)
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own
+# Threads read at run time (omp_get_max_threads), not fixed at compile time: the runner may
+# run decode steps on fewer threads than prompt steps. The graph's wrapper in C++ rather
+# than Python, and without its checks of every op's output sizes: the step's ~50 kernel and
+# op calls then cost no Python per call.
+INDUCTOR_OPTIONS = {"cpp.dynamic_threads": True, "cpp_wrapper": True, "size_asserts": False}
 # The scratch batches of the warm-up, (new tokens, context) per sequence: a prefill chunk
 # among decodes with all sizes distinct, then a single decode (T = S = 1).
 WARM_UP_BATCHES = (((5, 1, 3), (21, 9, 40)), ((1,), (3,)))
@@ -128,11 +133,7 @@ class CompiledForward:
         self.compilations += 1
         if self.on_compile is not None:
             self.on_compile("compiling")
-        # Threads read at run time (omp_get_max_threads), not fixed at compile time: the
-        # runner may run decode steps on fewer threads than prompt steps.
-        compiled = compile_fx(
-            graph, list(example_inputs), config_patches={"cpp.dynamic_threads": True}
-        )
+        compiled = compile_fx(graph, list(example_inputs), config_patches=INDUCTOR_OPTIONS)
         if self.on_compile is not None:
             self.on_compile("compiled")
         return compiled
