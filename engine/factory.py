@@ -137,7 +137,8 @@ def build_core(
     eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
     drafts = DraftPolicy(config, max_model_len) if config.speculative_ngram else None
     scheduler = Scheduler(config, block_manager, max_model_len, eos, drafts)
-    runner = ModelRunner(model, kv_cache, config.block_size, Sampler(), config.decode_threads)
+    sampler = Sampler(model.kernels.argmax_rows)
+    runner = ModelRunner(model, kv_cache, config.block_size, sampler, config.decode_threads)
     structured = StructuredOutputManager(tokenizer, mc.vocab_size, torch.get_num_threads())
     return EngineCore(scheduler, runner, seed=seed, structured=structured)
 

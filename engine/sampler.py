@@ -10,10 +10,12 @@ over the tokens the grammar allows when there is one (as vLLM, which masks first
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..kernels.argmax import argmax_rows as twin_argmax_rows
 from .outputs import TokenLogprob
 from .sampling_params import SamplingParams
 from .sequence import Sequence
@@ -30,6 +32,14 @@ class SamplerOutput:
 
 
 class Sampler:
+    """argmax_rows: the greedy choice over [N, V] logits (the kernel backend's; the torch
+    twin by default)."""
+
+    def __init__(
+        self, argmax_rows: Callable[[torch.Tensor], torch.Tensor] = twin_argmax_rows
+    ) -> None:
+        self.argmax_rows = argmax_rows
+
     def __call__(
         self, logits: torch.Tensor, seqs: list[Sequence], bitmask: torch.Tensor | None = None
     ) -> SamplerOutput:
@@ -43,14 +53,14 @@ class Sampler:
         if any(is_penalized(p) for p in params):
             logits = apply_penalties(logits.clone(), seqs)
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax_rows(logits)
         else:
             tokens = self._mixed(logits, seqs)
         token_list = tokens.tolist()
         return SamplerOutput(token_list, chosen_logprobs(raw, tokens, params))
 
     def _mixed(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        tokens = logits.argmax(dim=-1)
+        tokens = self.argmax_rows(logits)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         drawn = sample_rows(
             logits[rows], [seqs[i].params for i in rows], [seqs[i].generator for i in rows]

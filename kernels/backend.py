@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from .argmax import argmax_rows as twin_argmax_rows
 from .int8_linear import Int8Matmul, twin_int8_matmul
 
 logger = logging.getLogger(__name__)
@@ -20,7 +21,8 @@ BackendName = Literal["auto", "torch", "triton", "cpu"]
 class KernelBackend:
     """The three kernels the model calls, all with the torch twins' signatures, the
     per-step plan paged_attention takes (plan_paged_attention's signature; None where the
-    implementation needs none), and the weight-only int8 linear of a quantized model."""
+    implementation needs none), the weight-only int8 linear of a quantized model, and the
+    row argmax the sampler's greedy choice runs."""
 
     name: str
     rotary_embedding: Callable[..., None]
@@ -28,6 +30,7 @@ class KernelBackend:
     paged_attention: Callable[..., torch.Tensor]
     plan_paged_attention: Callable[..., object | None]
     int8_matmul: Int8Matmul
+    argmax_rows: Callable[[torch.Tensor], torch.Tensor] = twin_argmax_rows
 
 
 def torch_backend() -> KernelBackend:
@@ -64,6 +67,7 @@ def cpu_backend() -> KernelBackend:
         cpu.paged_attention,
         _no_plan,
         cpu.cpu_int8_matmul(),
+        cpu.argmax_rows,
     )
 
 

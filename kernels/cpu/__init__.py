@@ -1,10 +1,12 @@
 """Compiled CPU kernels (C++, OpenMP, AVX2) with the torch twins' signatures: paged attention,
-rotary embedding and the KV-cache write (also fused), and the weight-only int8 linear,
+rotary embedding and the KV-cache write (also fused), the weight-only int8 linear and
+the row argmax of greedy decoding,
 built on first use.
 
 available() says whether they built here; where they did not (no C++ compiler, a failed
 build), unavailable_reason() says why in one line and the backend keeps the twins."""
 
+from .argmax import argmax_rows
 from .build import build_error, summary
 from .int8_linear import cpu_int8_matmul
 from .paged_attention import paged_attention
@@ -21,6 +23,7 @@ def unavailable_reason() -> str | None:
 
 
 __all__ = [
+    "argmax_rows",
     "available",
     "build_error",
     "cpu_int8_matmul",

@@ -23,7 +23,13 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 NAME = "palm_cpu_kernels"
-SOURCES = ("paged_attention.cpp", "rotary_kv_cache.cpp", "int8_linear.cpp", "prepacked_linear.cpp")
+SOURCES = (
+    "paged_attention.cpp",
+    "rotary_kv_cache.cpp",
+    "int8_linear.cpp",
+    "prepacked_linear.cpp",
+    "argmax.cpp",
+)
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
 # The flags of the build this process loaded: its ops and fakes are registered once.
