@@ -328,6 +328,23 @@ class Running:
             time.sleep(1)
         raise RuntimeError(f"not ready after {self.server.startup_timeout:.0f} s: {self.tail()}")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time so far of every live process of the server's session (its
+        front, core, workers), from /proc (Linux). What serving costs the machine per token,
+        the client's share left out."""
+        ticks = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            # After the name: state, ppid, pgrp, session, ..., utime (11), stime (12).
+            if int(fields[3]) == self.proc.pid:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def tail(self, n: int = 3) -> str:
         lines = self.log.read_text(errors="replace").strip().splitlines()
         return " | ".join(lines[-n:])[-400:]

@@ -58,7 +58,13 @@ WORKLOADS = {
         ],
     ),
 }
-METRICS = ("output_throughput", "total_token_throughput", "request_throughput", "output_tokens")
+METRICS = (
+    "output_throughput",
+    "total_token_throughput",
+    "request_throughput",
+    "output_tokens",
+    "server_cpu_ms_per_output_token",
+)
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms")
 
 
@@ -100,7 +106,7 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
         result["startup_s"] = running.wait_ready()
         warm_up(running.url, server)
         for index, load in enumerate(spec["loads"]):
-            result[load.name] = run_one_load(server, running.url, load, index, spec, args, rates)
+            result[load.name] = run_one_load(server, running, load, index, spec, args, rates)
     except Exception as exc:  # noqa: BLE001
         result["skipped"] = f"{type(exc).__name__}: {exc}"[:400]
     finally:
@@ -109,14 +115,14 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
 
 
 def run_one_load(
-    server: Server, url: str, load: Load, index: int, spec: dict, args, rates: dict
+    server: Server, running: Running, load: Load, index: int, spec: dict, args, rates: dict
 ) -> dict:
     """spec["runs"] runs of one load. Every run draws new prompts (seed 1000 * index + run,
     the same for every server): repeating a run's prompts would let the servers with a
     prefix cache (all but transformers) skip the prefill from the second run on."""
     rate = rates.get(load.name, float("inf")) if load.rate == "auto" else float(load.rate)
     cfg = LoadConfig(
-        base_url=url,
+        base_url=running.url,
         model=server.model_field,
         rate=rate,
         max_concurrency=spec["concurrency"],
@@ -133,8 +139,10 @@ def run_one_load(
             MODEL_DIR / "tokenizer.json",
             1000 * index + run,
         )
-        before = load_average()
+        before, cpu = load_average(), running.cpu_seconds()
         report = asyncio.run(run_load(requests, cfg))
+        cpu_ms = 1e3 * (running.cpu_seconds() - cpu)
+        report["server_cpu_ms_per_output_token"] = cpu_ms / max(1, report["output_tokens"])
         report["load_average"] = before
         results = report.pop("results")
         reports.append(report)
@@ -155,14 +163,14 @@ def table(results: list[dict], loads: list[Load]) -> str:
         )
         lines.append(
             "| server | out tok/s | total tok/s | req/s | TTFT p50 ms | TTFT p99 ms "
-            "| TPOT p50 ms | ITL p50 ms | out tokens | errors | palm/peer out tok/s "
-            "| palm/peer TTFT p50 | palm/peer TTFT p99 |"
+            "| TPOT p50 ms | ITL p50 ms | out tokens | errors | server CPU ms / out tok "
+            "| palm/peer out tok/s | palm/peer TTFT p50 | palm/peer TTFT p99 |"
         )
-        lines.append("|" + "---|" * 13)
+        lines.append("|" + "---|" * 14)
         for r in results:
             if load.name not in r:
                 why = r.get("skipped", "not in this run")
-                lines.append(f"| {r['server']} | not run: {why} |" + " |" * 11)
+                lines.append(f"| {r['server']} | not run: {why} |" + " |" * 12)
                 continue
             m, b = r[load.name], (base or {}).get(load.name)
             ratios = ["-", "-", "-"]
@@ -177,7 +185,8 @@ def table(results: list[dict], loads: list[Load]) -> str:
                 f"{m['total_token_throughput']:.0f} | {m['request_throughput']:.2f} | "
                 f"{m['ttft_ms']['p50']:.0f} | {m['ttft_ms']['p99']:.0f} | "
                 f"{m['tpot_ms']['p50']:.1f} | {m['itl_ms']['p50']:.1f} | "
-                f"{m['output_tokens']:.0f} | {m['errors']} | " + " | ".join(ratios) + " |"
+                f"{m['output_tokens']:.0f} | {m['errors']} | "
+                f"{m['server_cpu_ms_per_output_token']:.2f} | " + " | ".join(ratios) + " |"
             )
     return "\n".join(lines)
 
