@@ -1,7 +1,7 @@
 """Run as a script: builds the CPU kernels without AVX2 (the scalar loops vec.h falls back
-to where the CPU lacks it) and prints, as JSON, their largest differences from the twins (attention: relative to the
-largest output, against the twin in fp64).
-A process of its own, since both builds register the same torch.ops.palm_cpu names."""
+to where the CPU lacks it) and prints, as JSON, their largest differences from the twins
+(attention: relative to the largest output, against the twin in fp64). A process of its
+own, since both builds register the same torch.ops.palm_cpu names."""
 
 from __future__ import annotations
 
