@@ -133,7 +133,7 @@ class _View:
             p if isinstance(p, str) else self.tok.decode(p) for p in prompts for _ in range(body.n)
         ]
         self.text_events = TextEvents(
-            lambda k, text: self.chunk([CompletionChoice(index=k, text=text)])
+            lambda k, text: self.payload([CompletionChoice(index=k, text=text)])
         )
 
     def usage(self, completion_tokens: int) -> Usage:
@@ -208,17 +208,17 @@ class _View:
                         logprobs=lp,
                         finish_reason=out.finish_reason if out.finished else None,
                     )
-                    yield sse_event(self.chunk([choice]))
+                    yield sse_event(self.payload([choice]))
                 if out.finished and (failed := failure_event(out)) is not None:
                     yield failed
             if body.stream_options and body.stream_options.include_usage:
-                yield sse_event(self.chunk([], self.usage(generated)))
+                yield sse_event(self.payload([], self.usage(generated)))
         except Exception as exc:  # headers are sent: the error travels as an event
             err = from_engine_error(exc)
             yield sse_event(error_body(err.message, err.type, err.code))
         yield DONE
 
-    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
+    def payload(self, choices: list[CompletionChoice], usage: Usage | None = None) -> dict:
         return CompletionResponse(
             id=self.id,
             created=self.created,
