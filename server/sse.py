@@ -77,7 +77,8 @@ class StallWatchdog:
         except asyncio.CancelledError:
             if not self.fired or self._task is None:
                 raise
-            self._task.uncancel()
+            if hasattr(self._task, "uncancel"):  # Python 3.11+ counts cancellations
+                self._task.uncancel()
             raise ClientStalled from None
         finally:
             self._started = None
