@@ -112,7 +112,9 @@ def test_a_write_that_waits_past_the_timeout_raises_client_stalled():
             await _sends(watchdog, [0.0, 0.01, 5.0, 0.0])
         assert watchdog.fired
         task = asyncio.current_task()
-        assert task is not None and task.cancelling() == 0  # no cancellation left pending
+        assert task is not None
+        if hasattr(task, "cancelling"):  # Python 3.11+: no cancellation left pending
+            assert task.cancelling() == 0
 
     asyncio.run(main())
 
