@@ -201,7 +201,7 @@ class _View:
                 if lp is None and not out.finished:
                     if text:  # the common event: a text delta alone
                         yield self.text_events.event(k, text)
-                elif text or lp or out.finished:
+                else:
                     choice = CompletionChoice(
                         index=k,
                         text=text,
