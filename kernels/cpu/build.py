@@ -29,6 +29,7 @@ SOURCES = (
     "int8_linear.cpp",
     "prepacked_linear.cpp",
     "argmax.cpp",
+    "panel_linear.cpp",
 )
 HEADERS = ("vec.h",)
 SOURCE_DIR = Path(__file__).parent
@@ -163,6 +164,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("palm_cpu::prepacked_linear")
     def _(x: Tensor, packed: Tensor, out_features: int) -> Tensor:
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("palm_cpu::panel_linear")
+    def _(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("palm_cpu::rotary_embedding")

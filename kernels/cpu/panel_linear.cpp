@@ -1,0 +1,179 @@
+// The fp32 linear of the CPU path where the CPU has AVX-512: y [M, N] = x [M, K] @ w [N, K].T,
+// with the weight packed once, at load, in panels of 16 output channels. Its oracle is
+// torch's x @ w.T (tests/kernels/test_cpu_panel_linear.py).
+//
+// Why not oneDNN's prepacked linear (model/cpu_linear.py keeps it where this kernel does not
+// run): at decode batch sizes a linear streams its whole weight from memory for a few rows
+// of x, and oneDNN reached 13-22 GB/s there while this kernel, which reads each weight
+// panel once for all the rows and keeps them in registers, reaches 19-40 GB/s on the same
+// machine (docs/BENCHMARKS.md). At prefill sizes the two are level.
+//
+// Packed layout (pack_panels): [ceil(N / 16), K, 16] fp32, N padded with zero channels, so
+// one k step of a panel is one 64-byte line, one zmm register. The micro-kernel is a tile of
+// up to kRows = 6 rows of x by kGroup = 4 panels (64 channels): 24 accumulators, and per k
+// four weight loads and six broadcasts feed 24 FMAs. Threads split the groups of panels.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define PALM_PANEL_AVX512 1
+#else
+#define PALM_PANEL_AVX512 0
+#endif
+
+namespace palm_cpu {
+namespace {
+
+constexpr int64_t kPanel = 16;  // output channels per panel: one zmm of fp32
+constexpr int kRows = 6;        // rows of x per tile
+constexpr int kGroup = 4;       // panels per tile
+
+bool cpu_has_avx512() {
+#if PALM_PANEL_AVX512
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
+
+#if PALM_PANEL_AVX512
+// Only these functions use AVX-512; the rest of the library is built for AVX2, and they run
+// only once cpu_has_avx512() said yes.
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+// Unrolled so that the accumulator array lives in registers.
+#define PALM_UNROLL _Pragma("GCC unroll 24")
+
+// ROWS rows of x (row stride ldx) against PANELS consecutive panels (panel stride ps):
+// out[r][0, 16 * PANELS) = x[r] . panels, the last panel's store cut to last_cols.
+template <int ROWS, int PANELS>
+void tile(const float* x, int64_t ldx, const float* panel, int64_t ps, int64_t K, float* out,
+          int64_t ldo, int last_cols) {
+  __m512 acc[ROWS][PANELS];
+  PALM_UNROLL for (int r = 0; r < ROWS; ++r)
+    PALM_UNROLL for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[PANELS];
+    PALM_UNROLL for (int j = 0; j < PANELS; ++j) w[j] = _mm512_loadu_ps(panel + j * ps + k * kPanel);
+    PALM_UNROLL for (int r = 0; r < ROWS; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + k]);
+      PALM_UNROLL for (int j = 0; j < PANELS; ++j) acc[r][j] = _mm512_fmadd_ps(xv, w[j], acc[r][j]);
+    }
+  }
+  const __mmask16 last = static_cast<__mmask16>((1u << last_cols) - 1);
+  PALM_UNROLL for (int r = 0; r < ROWS; ++r)
+    PALM_UNROLL for (int j = 0; j < PANELS; ++j)
+      _mm512_mask_storeu_ps(out + r * ldo + j * kPanel, j == PANELS - 1 ? last : __mmask16(0xFFFF),
+                            acc[r][j]);
+}
+
+template <int PANELS>
+void tile_rows(int rows, const float* x, int64_t ldx, const float* panel, int64_t ps, int64_t K,
+               float* out, int64_t ldo, int last_cols) {
+  switch (rows) {
+    case 6: return tile<6, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+    case 5: return tile<5, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+    case 4: return tile<4, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+    case 3: return tile<3, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+    case 2: return tile<2, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+    default: return tile<1, PANELS>(x, ldx, panel, ps, K, out, ldo, last_cols);
+  }
+}
+
+// Every row tile of x [M, K] against the group of panels starting at `panel`.
+void group_rows(int panels, const float* x, int64_t ldx, int64_t M, const float* panel,
+                int64_t K, float* out, int64_t ldo, int last_cols) {
+  const int64_t ps = K * kPanel;
+  for (int64_t m = 0; m < M; m += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, M - m));
+    const float* xs = x + m * ldx;
+    float* o = out + m * ldo;
+    switch (panels) {
+      case 4: tile_rows<4>(rows, xs, ldx, panel, ps, K, o, ldo, last_cols); break;
+      case 3: tile_rows<3>(rows, xs, ldx, panel, ps, K, o, ldo, last_cols); break;
+      case 2: tile_rows<2>(rows, xs, ldx, panel, ps, K, o, ldo, last_cols); break;
+      default: tile_rows<1>(rows, xs, ldx, panel, ps, K, o, ldo, last_cols);
+    }
+  }
+}
+
+#undef PALM_UNROLL
+#pragma GCC pop_options
+#endif  // PALM_PANEL_AVX512
+
+// weight [N, K] fp32 -> [ceil(N / 16), K, 16] fp32, padded channels zero.
+at::Tensor pack_panels(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
+              "weight must be a [N, K] float32 CPU tensor, got ", weight.sizes(), " ",
+              weight.scalar_type());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::Tensor packed = at::zeros({panels, K, kPanel}, weight.options());
+  at::Tensor w = weight.contiguous();
+  const float* src = w.const_data_ptr<float>();
+  float* dst = packed.mutable_data_ptr<float>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < kPanel && p * kPanel + c < N; ++c)
+        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kPanel + c] = src[(p * kPanel + c) * K + k];
+  });
+  return packed;
+}
+
+// x [M, K] fp32, panels [P, K, 16] fp32 from pack_panels -> [M, N].
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
+  TORCH_CHECK(cpu_has_avx512(), "panel_linear needs a CPU with AVX-512F; this one has none");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "x must be a [M, K] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat &&
+                  panels.size(2) == kPanel && panels.is_contiguous(),
+              "panels must be contiguous [P, K, 16] float32 (pack_panels)");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features, P = panels.size(0);
+  TORCH_CHECK(panels.size(1) == K, "x has K = ", K, ", the weight ", panels.size(1));
+  TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "out_features ", N, " does not match ", P,
+              " panels");
+  at::Tensor out = at::empty({M, N}, x.options());
+#if PALM_PANEL_AVX512
+  if (M == 0) return out;
+  const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided
+  const float* xp = rows.const_data_ptr<float>();
+  const float* wp = panels.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const int64_t ldx = rows.stride(0), groups = (P + kGroup - 1) / kGroup;
+  // Static halves of the groups: every thread streams its share of the weight once.
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t p = g * kGroup;
+      const int count = static_cast<int>(std::min<int64_t>(kGroup, P - p));
+      const int last_cols = static_cast<int>(N - (p + count - 1) * kPanel);
+      group_rows(count, xp, ldx, M, wp + p * K * kPanel, K, op + p * kPanel, N,
+                 std::min<int>(last_cols, kPanel));
+    }
+  });
+#endif
+  return out;
+}
+
+bool panel_linear_supported() { return cpu_has_avx512(); }
+
+}  // namespace
+}  // namespace palm_cpu
+
+TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {
+  m.def("pack_panels(Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor panels, int out_features) -> Tensor");
+  m.def("panel_linear_supported() -> bool", &palm_cpu::panel_linear_supported);  // no tensors
+}
+
+TORCH_LIBRARY_IMPL(palm_cpu, CPU, m) {
+  m.impl("pack_panels", &palm_cpu::pack_panels);
+  m.impl("panel_linear", &palm_cpu::panel_linear);
+}
