@@ -1,5 +1,5 @@
 """The fp32 panel linear (kernels/cpu/panel_linear.cpp) equals x @ w.T computed in fp64, to
-fp32 rounding: on rows around its 6-row tiles, channels around its 16-channel panels and
+fp32 rounding: on rows around its 6-row tiles and 96-row blocks, channels around its 16-channel panels and
 4-panel groups (a last panel that is partly padding), odd K, strided rows of x, one thread
 and two; NaN and infinity reach exactly the outputs they touch; bad inputs are refused
 with a message naming what is wrong. PrepackedLinear and prepack_linears use it where it
@@ -57,6 +57,13 @@ def test_equals_the_product_in_fp64(rows: int, threads: int) -> None:
                 _check(torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g))
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("rows", [95, 96, 97, 191, 289])
+def test_rows_across_the_blocks_of_rows(rows: int) -> None:
+    g = torch.Generator().manual_seed(100 + rows)
+    for n in (17, 130):
+        _check(torch.randn(rows, 45, generator=g), torch.randn(n, 45, generator=g))
 
 
 def test_model_shapes_and_a_vocabulary_head() -> None:
