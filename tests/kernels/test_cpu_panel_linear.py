@@ -1,9 +1,10 @@
 """The fp32 panel linear (kernels/cpu/panel_linear.cpp) equals x @ w.T computed in fp64, to
-fp32 rounding: on rows around its 6-row tiles and 96-row blocks, channels around its 16-channel panels and
-4-panel groups (a last panel that is partly padding), odd K, strided rows of x, one thread
-and two; NaN and infinity reach exactly the outputs they touch; bad inputs are refused
-with a message naming what is wrong. PrepackedLinear and prepack_linears use it where it
-runs (the model's kernels are the compiled ones and the CPU has AVX-512).
+fp32 rounding: on rows around its 6-row tiles and 96-row blocks, channels around its
+16-channel panels and 4-panel groups (a last panel that is partly padding), odd K, strided
+rows of x, one thread and two; NaN and infinity reach exactly the outputs they touch; bad
+inputs are refused with a message naming what is wrong. PrepackedLinear and
+prepack_linears use it where it runs (the model's kernels are the compiled ones and the CPU
+has AVX-512).
 
 The extension must build here (a failed build fails these tests). The kernel itself needs
 AVX-512F: on a CPU without it the kernel's tests skip, saying so, and the model keeps
