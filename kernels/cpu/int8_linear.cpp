@@ -27,12 +27,12 @@
 
 #include <vector>
 
+#include "panels.h"
 #include "vec.h"
 
 namespace palm_cpu {
 namespace {
 
-constexpr int64_t kPanel = 16;  // output channels per packed panel
 constexpr int kRows = 6;        // rows of x per micro-kernel tile
 constexpr int64_t kWidenOnceRows = 12;
 constexpr int64_t kRowBlock = 48;  // rows of x per pass over the panels (a multiple of 6)
@@ -134,16 +134,7 @@ void panel_rows(const float* x, int64_t ldx, int64_t M, const W* panel, int64_t 
 at::Tensor pack_int8_weight(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar,
               "weight must be [N, K] int8, got ", weight.sizes(), " ", weight.scalar_type());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::Tensor packed = at::zeros({panels, K, kPanel}, weight.options());
-  at::Tensor w = weight.contiguous();
-  const int8_t* src = w.data_ptr<int8_t>();
-  int8_t* dst = packed.data_ptr<int8_t>();
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t k = 0; k < K; ++k)
-      dst[((n / kPanel) * K + k) * kPanel + n % kPanel] = src[n * K + k];
-  return packed;
+  return pack_in_panels<int8_t>(weight);
 }
 
 // x [M, K] fp32 (last dimension contiguous), packed [P, K, 16] int8, scales [P * 16] fp32

@@ -15,10 +15,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+
+#include "panels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -30,7 +31,6 @@
 namespace palm_cpu {
 namespace {
 
-constexpr int64_t kPanel = 16;  // output channels per panel: one zmm of fp32
 constexpr int kRows = 6;        // rows of x per tile
 constexpr int kGroup = 4;       // panels per tile
 // Rows of x per pass over a thread's panels (a multiple of kRows): a block of x stays in L2
@@ -118,18 +118,7 @@ at::Tensor pack_panels(const at::Tensor& weight) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
               "weight must be a [N, K] float32 CPU tensor, got ", weight.sizes(), " ",
               weight.scalar_type());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::Tensor packed = at::zeros({panels, K, kPanel}, weight.options());
-  at::Tensor w = weight.contiguous();
-  const float* src = w.const_data_ptr<float>();
-  float* dst = packed.mutable_data_ptr<float>();
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t c = 0; c < kPanel && p * kPanel + c < N; ++c)
-        for (int64_t k = 0; k < K; ++k) dst[(p * K + k) * kPanel + c] = src[(p * kPanel + c) * K + k];
-  });
-  return packed;
+  return pack_in_panels<float>(weight);
 }
 
 // x [M, K] fp32, panels [P, K, 16] fp32 from pack_panels -> [M, N].
