@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.attention_metadata import AttentionMetadata
+from ..model.attention_metadata import AttentionMetadata, int_tensor
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
 from .outputs import TokenLogprob
@@ -66,16 +66,20 @@ class ModelRunner:
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
         result = StepResult([[] for _ in items], [[] for _ in items])
-        last_rows = meta.last_token_indices()  # (S,)
+        query_start = meta.query_start_loc.tolist()
         due = [i for i, it in enumerate(items) if it.sample and not it.draft]
         if due:
-            logits = self.model.compute_logits(hidden[last_rows[due]]).float()  # (due, V)
+            if len(due) == hidden.shape[0]:  # decodes only: every row is a last row
+                rows = hidden
+            else:
+                last_rows = [query_start[i + 1] - 1 for i in due]
+                rows = hidden.index_select(0, int_tensor(last_rows, torch.long, hidden.device))
+            logits = self.model.compute_logits(rows).float()  # (due, V)
             out = self.sampler(logits, [items[i].seq for i in due], bitmask)
             for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
                 result.sampled[i] = [token]
                 result.logprobs[i] = [lp] if lp is not None else []
         drafted = [i for i, it in enumerate(items) if it.draft]
-        query_start = meta.query_start_loc.tolist()
         if drafted:
             self._verify(items, drafted, hidden, query_start, result)
         prompt_rows, prompt_jobs = self._prompt_rows(items, query_start)
@@ -109,32 +113,26 @@ class ModelRunner:
     def prepare(
         self, items: list[ScheduledSeq]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The flat batch, built from a few Python lists and vectorized tensor ops."""
+        """The flat batch, from Python lists: at decode sizes each separate tensor op here
+        would cost more than the list work it replaces."""
         ids: list[int] = []
+        positions: list[int] = []
         for it in items:
             ids.extend(it.seq.token_ids[it.start : it.start + it.num_known_tokens])
             ids.extend(it.draft)
-        q_lens = torch.tensor([it.num_new_tokens for it in items], dtype=torch.long)
-        starts = torch.tensor([it.start for it in items], dtype=torch.long)
-        width = max(len(it.seq.block_table) for it in items)
-        tables = torch.tensor(
-            [it.seq.block_table + [0] * (width - len(it.seq.block_table)) for it in items],
-            dtype=torch.int32,
-        )  # (S, max_blocks)
-        query_start = torch.zeros(len(items) + 1, dtype=torch.long)
-        torch.cumsum(q_lens, 0, out=query_start[1:])
-        owner = torch.repeat_interleave(torch.arange(len(items)), q_lens)  # (T,) row -> seq
-        positions = torch.arange(len(ids)) - query_start[owner] + starts[owner]
-        bs = self.block_size
-        slots = tables[owner, positions // bs].long() * bs + positions % bs
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(self.device),
-            block_tables=tables.to(self.device),
-            query_start_loc=query_start.to(torch.int32).to(self.device),
-            context_lens=(starts + q_lens).to(torch.int32).to(self.device),
+            positions.extend(range(it.start, it.start + it.num_new_tokens))
+        meta = AttentionMetadata.build(
+            [it.seq.block_table for it in items],
+            [it.num_new_tokens for it in items],
+            [it.start + it.num_new_tokens for it in items],
+            self.block_size,
+            self.device,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return input_ids, positions.to(self.device), meta
+        return (
+            int_tensor(ids, torch.long, self.device),
+            int_tensor(positions, torch.long, self.device),
+            meta,
+        )
 
     def _prompt_rows(
         self, items: list[ScheduledSeq], query_start: list[int]

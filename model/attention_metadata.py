@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -40,19 +41,39 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
-        """From Python lists: the new tokens of sequence s are its last query_lens[s]."""
+        """From Python lists: the new tokens of sequence s are its last query_lens[s]. The
+        engine builds one every step, so the lists become tensors through typed arrays
+        (torch.tensor on a list costs ~0.1 us per element)."""
         slots: list[int] = []
         for table, q_len, ctx in zip(block_tables, query_lens, context_lens, strict=True):
             for pos in range(ctx - q_len, ctx):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
         width = max((len(t) for t in block_tables), default=0) or 1
-        padded = [t + [0] * (width - len(t)) for t in block_tables]
+        padded = array("i", bytes(4 * width * len(block_tables)))  # zeros
+        for s, table in enumerate(block_tables):
+            padded[s * width : s * width + len(table)] = array("i", table)
         starts = [0]
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
         return cls(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            slot_mapping=int_tensor(slots, torch.long, device),
+            block_tables=int_tensor(padded, torch.int32, device).view(len(block_tables), width),
+            query_start_loc=int_tensor(starts, torch.int32, device),
+            context_lens=int_tensor(context_lens, torch.int32, device),
         )
+
+
+_TYPECODES = {torch.int32: "i", torch.long: "q"}
+
+
+def int_tensor(
+    values: list[int] | array, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """A 1-D int32 or int64 tensor of values, through a typed array (several times faster
+    than torch.tensor on a list)."""
+    code = _TYPECODES[dtype]
+    if not isinstance(values, array) or values.typecode != code:
+        values = array(code, values)
+    if not values:
+        return torch.empty(0, dtype=dtype, device=device)
+    return torch.frombuffer(values, dtype=dtype).to(device)
