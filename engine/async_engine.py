@@ -46,6 +46,8 @@ class EngineInfo:
     core_pid: int | None = None
     num_threads: int | None = None
     cpus: tuple[int, ...] = ()
+    # Its torch threads for a step of decodes only (None: num_threads).
+    decode_threads: int | None = None
     # Bytes of the model's weights in the core's memory (0: not known, e.g. under TP).
     weight_bytes: int = 0
 

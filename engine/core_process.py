@@ -402,6 +402,7 @@ def build_process_engine(spec: CoreSpec, options: CoreProcessOptions | None = No
         core_pid=ready.pid,
         num_threads=ready.num_threads,
         cpus=tuple(ready.cpus),
+        decode_threads=spec.engine_config.decode_threads,
         weight_bytes=ready.weight_bytes,
     )
     return AsyncEngine(client, tokenizer, info)

@@ -11,7 +11,12 @@ machine" and "The engine core in its own process"):
   smoke burst at equal or higher throughput than one pinned core thread and answered first
   sooner (prompt work is what a second thread speeds up); a worker that spun without bound
   on a CPU shared with the front could stall the step (up to ten times slower under load);
-- one: everything shares it and the workers sleep (PASSIVE)."""
+- one: everything shares it and the workers sleep (PASSIVE).
+
+Where the front shares the core's CPUs, a small model (weights under SMALL_MODEL_BYTES)
+decodes on one thread: its decode step is so short that the front's work on one of the
+step's CPUs, which every parallel region of the step then waits for, costs more than the
+second thread saves. Steps with prompt work keep every thread."""
 
 from __future__ import annotations
 
@@ -24,6 +29,11 @@ OMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 # Spin iterations before a shared core's idle worker sleeps: tens of microseconds, about
 # the gap between two parallel regions of a step, far less than the front's work.
 SHARED_SPIN_COUNT = "20000"
+# Checkpoint bytes under which a core that shares its CPUs with the front decodes on one
+# thread. Measured at two sizes (docs/BENCHMARKS.md, "Decode threads by model size"): the
+# 19 MB default PaLM served the smoke burst at 1.9-2.0x the output tok/s on one thread, the
+# 221 MB tiny Llama at 0.87x; the bound sits between them.
+SMALL_MODEL_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,8 @@ class Placement:
     front_cpus: tuple[int, ...] | None
     # Set in the core's environment; empty when the user's environment decides.
     core_environment: dict[str, str]
+    # Torch threads for a step of decodes only; None: engine_threads.
+    decode_threads: int | None = None
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -67,8 +79,11 @@ def plan_placement(
     engine_threads: int | None = None,
     front_cpus: tuple[int, ...] | None = None,
     environ: Mapping[str, str] | None = None,
+    decode_threads: int | None = None,
+    weight_bytes: int | None = None,
 ) -> Placement:
-    """What is given, and the default for the rest (module doc). ValueError for a CPU this
+    """What is given, and the default for the rest (module doc); weight_bytes, the model's
+    checkpoint size where known, decides the decode threads. ValueError for a CPU this
     process may not use."""
     have = tuple(sorted(available))
     for name, cpus in (("engine_cpus", engine_cpus), ("front_cpus", front_cpus)):
@@ -91,4 +106,8 @@ def plan_placement(
             env["GOMP_SPINCOUNT"] = SHARED_SPIN_COUNT
         else:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
-    return Placement(tuple(engine_cpus), threads, front_cpus, env)
+    shared = front_cpus is None or bool(set(front_cpus) & set(engine_cpus))
+    small = weight_bytes is not None and weight_bytes < SMALL_MODEL_BYTES
+    if decode_threads is None and shared and small and threads > 1:
+        decode_threads = 1
+    return Placement(tuple(engine_cpus), threads, front_cpus, env, decode_threads)

@@ -91,7 +91,16 @@ def placement_for(settings: Settings) -> Placement:
         engine_cpus=engine_cpus,
         engine_threads=threads,
         front_cpus=parse_cpus(settings.front_cpus) if settings.front_cpus else None,
+        decode_threads=settings.engine_decode_threads,
+        weight_bytes=checkpoint_bytes(settings.model_dir()),
     )
+
+
+def checkpoint_bytes(model_dir: Path) -> int | None:
+    """Bytes of the model's safetensors files; None where there are none (not a model
+    directory yet: model_problem() reports that)."""
+    files = list(Path(model_dir).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None
 
 
 def model_problem(settings: Settings) -> str | None:
@@ -134,6 +143,8 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
     The placement defaults to the settings' (the front's own affinity is serve()'s job)."""
     from ..engine.config import EngineConfig
 
+    if settings.engine_process:
+        placement = placement or placement_for(settings)
     config = EngineConfig(
         block_size=settings.block_size,
         num_blocks=settings.num_kv_blocks,
@@ -147,10 +158,10 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         ngram_min=settings.ngram_min,
         ngram_max=settings.ngram_max,
         speculative_max_running=settings.speculative_max_running,
-        decode_threads=settings.engine_decode_threads,
+        decode_threads=placement.decode_threads if placement else settings.engine_decode_threads,
     )
-    if settings.engine_process:
-        return _process_engine(settings, config, placement or placement_for(settings))
+    if placement is not None:
+        return _process_engine(settings, config, placement)
     return _thread_engine(settings, config)
 
 
@@ -239,7 +250,12 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
         f"{mc.depth} layers, dim {mc.dim}, vocab {mc.vocab_size}",
         f"  context  {engine.max_model_len} tokens",
         f"  backend  {info.backend_name} ({settings.dtype}, {device}, {threads} CPU thread"
-        + ("s)" if threads != 1 else ")"),
+        + ("s" if threads != 1 else "")
+        + (
+            f"; decode steps on {info.decode_threads})"
+            if info.decode_threads not in (None, threads)
+            else ")"
+        ),
         f"  engine   {_where(engine)}",
         *(
             [

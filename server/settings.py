@@ -85,7 +85,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="torch threads of the engine core for a step of decodes only (no prompt "
-        "work); default: the core's threads",
+        "work); default: the core's threads, or one for a model under 64 MiB whose core "
+        "shares its CPUs with the front",
     )
     engine_cpus: str | None = Field(
         None,

@@ -13,6 +13,8 @@ import time
 
 import httpx
 
+from palm_serve.server.placement import available_cpus, plan_placement
+
 from server_helpers import children, free_port, process_alive, write_model_dir
 
 MAX_TOKENS = 400  # ~2 s of streaming: far longer than the 503 checks made meanwhile
@@ -115,6 +117,12 @@ def test_sigterm_drains_then_exits_0_and_leaves_no_child(tmp_path):
     assert f"listening on {url}" in out
     assert "KV pool  512 blocks x 16 tokens = 8192 tokens" in out and "backend  torch" in out
     assert any(f"engine   core process {pid} " in out for pid in kids)
+    # A checkpoint of kilobytes: where the core shares the front's CPUs, decodes on one thread.
+    shared = plan_placement(available_cpus(), environ={}).front_cpus is None
+    if shared and len(available_cpus()) > 1:
+        assert "; decode steps on 1)" in out
+    else:
+        assert "decode steps" not in out
 
 
 def test_drain_timeout_aborts_what_still_runs_and_exits_0(tmp_path):

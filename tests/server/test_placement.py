@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from palm_serve.server.placement import Placement, parse_cpus, plan_placement
+from palm_serve.server.placement import SMALL_MODEL_BYTES, Placement, parse_cpus, plan_placement
 
 
 @pytest.mark.parametrize(
@@ -46,3 +46,26 @@ def test_given_values_and_the_users_environment_win():
         assert plan_placement([0, 1], environ=env).core_environment == {}
     with pytest.raises(ValueError, match="not available"):
         plan_placement([0, 1], engine_cpus=(2,), environ={})
+
+
+def test_small_models_decode_on_one_thread_where_the_front_shares_the_cpus():
+    small, large = SMALL_MODEL_BYTES - 1, SMALL_MODEL_BYTES
+    # Two CPUs shared with the front: one decode thread for a small model only.
+    assert plan_placement([0, 1], environ={}, weight_bytes=small).decode_threads == 1
+    assert plan_placement([0, 1], environ={}, weight_bytes=large).decode_threads is None
+    assert plan_placement([0, 1], environ={}).decode_threads is None  # size unknown
+    # The front on a CPU of its own: nothing waits for it, every thread decodes.
+    alone = plan_placement([0, 1, 2], environ={}, weight_bytes=small)
+    assert alone.front_cpus == (0,) and alone.decode_threads is None
+    # A front pinned onto a CPU of the core shares it.
+    overlap = plan_placement(
+        [0, 1, 2], engine_cpus=(1, 2), front_cpus=(1,), environ={}, weight_bytes=small
+    )
+    assert overlap.decode_threads == 1
+    # One core thread: nothing to drop.
+    assert plan_placement([5], environ={}, weight_bytes=small).decode_threads is None
+    # The user's count wins either way.
+    given = plan_placement([0, 1], environ={}, decode_threads=2, weight_bytes=small)
+    assert given.decode_threads == 2
+    given = plan_placement([0, 1, 2], environ={}, decode_threads=1, weight_bytes=large)
+    assert given.decode_threads == 1
