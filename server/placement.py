@@ -32,7 +32,7 @@ SHARED_SPIN_COUNT = "20000"
 # Checkpoint bytes under which a core that shares its CPUs with the front decodes on one
 # thread. Measured at two sizes (docs/BENCHMARKS.md, "Decode threads by model size"): the
 # 19 MB default PaLM served the smoke burst at 1.9-2.0x the output tok/s on one thread, the
-# 221 MB tiny Llama at 0.87x; the bound sits between them.
+# 221 MB tiny Llama at 0.87-1.01x; the bound sits between them.
 SMALL_MODEL_BYTES = 64 * 2**20
 
 
