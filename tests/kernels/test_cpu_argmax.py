@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 from palm_serve.kernels import select_backend
 from palm_serve.kernels.cpu import argmax_rows
@@ -28,14 +29,10 @@ def _check(x: torch.Tensor) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("width", WIDTHS)
 def test_random_rows(width: int, threads: int) -> None:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         g = torch.Generator().manual_seed(width)
         for rows in (1, 3, 17):
             _check(torch.randn(rows, width, generator=g))
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("width", WIDTHS)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 from palm_serve.kernels.cpu import cpu_int8_matmul
 from palm_serve.kernels.int8_linear import int8_linear as twin_int8_linear
@@ -37,12 +38,8 @@ def test_int8_linear_equals_twin(m: int, k: int, n: int, threads: int) -> None:
     x, weight, scales = _case(m, k, n, seed=m * 1000 + k + n)
     matmul = cpu_int8_matmul()
     packed, packed_scales = matmul.pack(weight, scales)
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         actual = matmul.linear(x, packed, packed_scales, n)
-    finally:
-        torch.set_num_threads(saved)
     expected = twin_int8_linear(x, weight, scales)
     assert actual.shape == (m, n) and actual.dtype == torch.float32
     limit = RTOL * expected.abs().max().item() * max(1.0, k**0.5)

@@ -12,16 +12,15 @@ The extension must build here: a failed build fails these tests, it never skips 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from torch_threads import torch_threads
 
 from palm_serve.kernels import paged_attention as twin_paged_attention
 from palm_serve.kernels.cpu import paged_attention as cpu_paged_attention
@@ -60,16 +59,6 @@ CASES = {
 }
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def _batch(name: str, dtype: torch.dtype = torch.float32) -> PagedBatch:
     q_lens, ctx, heads, kv_heads, head_dim, block_size = CASES[name]
     return make_paged_batch(q_lens, ctx, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
@@ -87,7 +76,7 @@ def _compare(batch: PagedBatch, atol: float = FP32_ATOL) -> float:
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("name", list(CASES))
 def test_equals_twin_fp32(name: str, threads: int) -> None:
-    with _threads(threads):
+    with torch_threads(threads):
         diff = _compare(_batch(name))
     print(f"{name} threads={threads}: max abs diff {diff:.3g}")
 
@@ -133,7 +122,7 @@ def test_long_inputs_equal_fp64(name: str, threads: int) -> None:
     batch = make_paged_batch(q_lens, ctx, heads=8, kv_heads=2, head_dim=64, block_size=BS,
                              dtype=torch.float32)  # fmt: skip
     out = torch.full_like(batch.q, float("nan"))
-    with _threads(threads):
+    with torch_threads(threads):
         cpu_paged_attention(*batch.args(batch.k_cache, batch.v_cache), out=out)
     assert not out.isnan().any()
     diff = (out.double() - _exact(batch)).abs().max().item()

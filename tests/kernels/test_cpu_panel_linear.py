@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch_threads import torch_threads
 
 from palm_serve.model.cpu_linear import PrepackedLinear, panels_available
 
@@ -49,15 +50,11 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows", ROWS)
 def test_equals_the_product_in_fp64(rows: int, threads: int) -> None:
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         g = torch.Generator().manual_seed(rows)
         for n in CHANNELS:
             for k in (1, 3, 64, 131):
                 _check(torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g))
-    finally:
-        torch.set_num_threads(saved)
 
 
 @pytest.mark.parametrize("rows", [95, 96, 97, 191, 289])
