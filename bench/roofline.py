@@ -160,9 +160,10 @@ class Timer:
 
 
 def time_engine_step(
-    model, tokenizer, batch: int, steps: int, prompt_len: int = PROMPT_LEN
+    model, tokenizer, batch: int, steps: int, prompt_len: int = PROMPT_LEN, setup=None
 ) -> dict[str, float]:
-    """Median decode-step time with `batch` running sequences (prompts of prompt_len)."""
+    """Median decode-step time with `batch` running sequences (prompts of prompt_len);
+    setup(engine), if given, is called on the engine before its first request."""
     blocks_per_seq = (prompt_len + steps + 8) // 16 + 2
     config = EngineConfig(
         num_blocks=batch * blocks_per_seq + 8,
@@ -170,6 +171,8 @@ def time_engine_step(
         max_num_batched_tokens=max(2048, prompt_len),
     )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
+    if setup is not None:
+        setup(engine)
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):

@@ -4,8 +4,9 @@ one process on one model (same weights, same compiled step), alternating.
 The revision's engine/model_runner.py is loaded beside the working tree's and its
 `prepare` and `execute` are bound onto a runner of the working tree's engine, so only the
 runner differs. Each round builds a fresh engine per side, fills it with --batch sequences
-of 32-token prompts and times --steps greedy decode steps; the sides alternate in order
-from round to round. Prints the median ms per step of each side and each round's ratio.
+of 32-token prompts and times --steps greedy decode steps (roofline.time_engine_step); the
+sides alternate in order from round to round. Prints the median ms per step of each side
+and each round's ratio.
 
     .venv/bin/python bench/runner_ab.py --model palm --batch 32 [--rev HEAD] [--rounds 6]
         [--steps 60] [--threads 2]
@@ -18,16 +19,11 @@ import importlib.util
 import statistics
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
 import torch
-from roofline import _load
-
-from palm_serve.engine.config import EngineConfig
-from palm_serve.engine.factory import build_llm_engine
-from palm_serve.engine.sampling_params import SamplingParams
+from roofline import _load, time_engine_step
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"palm": REPO / "model" / "default", "llama": REPO / "bench/.venvs/models/tiny-llama"}
@@ -48,30 +44,15 @@ def load_revision_runner(rev: str) -> types.ModuleType:
     return module
 
 
-def time_steps(model, tokenizer, batch: int, steps: int, revision=None) -> float:
-    config = EngineConfig(
-        num_blocks=batch * ((32 + steps + 8) // 16 + 2) + 8,
-        max_num_seqs=batch,
-        max_num_batched_tokens=2048,
-    )
-    engine = build_llm_engine(model, tokenizer, config, seed=0)
-    if revision is not None:
+def with_runner(revision: types.ModuleType):
+    """An engine set-up that binds the revision's prepare and execute onto its runner."""
+
+    def setup(engine) -> None:
         runner = engine.core.runner
         runner.prepare = types.MethodType(revision.ModelRunner.prepare, runner)
         runner.execute = types.MethodType(revision.ModelRunner.execute, runner)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(batch):
-        prompt = torch.randint(3, model.config.vocab_size, (32,), generator=gen)
-        engine.add_request(f"r{i}", prompt.tolist(), params)
-    for _ in range(3):  # the prefill, and the first decodes
-        engine.step()
-    samples = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+
+    return setup
 
 
 def main() -> None:
@@ -94,8 +75,9 @@ def main() -> None:
     times: dict[str, list[float]] = {"revision": [], "tree": []}
     for r in range(args.rounds):
         for side in ("revision", "tree") if r % 2 == 0 else ("tree", "revision"):
-            runner = revision if side == "revision" else None
-            times[side].append(time_steps(model, tokenizer, args.batch, args.steps, runner))
+            setup = with_runner(revision) if side == "revision" else None
+            step = time_engine_step(model, tokenizer, args.batch, args.steps, 32, setup)
+            times[side].append(step["step"])
     before, after = (statistics.median(times[s]) for s in ("revision", "tree"))
     ratios = [round(t / b, 3) for b, t in zip(times["revision"], times["tree"], strict=True)]
     print(
