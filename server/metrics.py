@@ -32,6 +32,8 @@ _ENGINE_SERIES = (
     ("palm_kv_cache_usage_ratio", "Used fraction of KV blocks"),
     ("palm_num_preemptions", "Sequences preempted"),
     ("palm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
+    ("palm_engine_steps", "Model steps the engine core ran"),
+    ("palm_engine_step_tokens", "Tokens those steps computed (prompt chunks and decodes)"),
     ("palm_spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding)"),
     ("palm_spec_decode_num_accepted_tokens", "Draft tokens accepted (speculative decoding)"),
     (
@@ -69,6 +71,8 @@ class EngineCollector(Collector):
             s.kv_cache_usage,
             s.num_preemptions,
             s.prefix_cache_hit_tokens,
+            s.num_steps,
+            s.num_batched_tokens,
             s.num_draft_tokens,
             s.num_accepted_draft_tokens,
             s.draft_acceptance_rate,

@@ -32,6 +32,8 @@ SERIES = [
     "palm_requests_finished_total",
     "palm_num_preemptions_total",
     "palm_prefix_cache_hit_tokens_total",
+    "palm_engine_steps_total",
+    "palm_engine_step_tokens_total",
     "palm_http_requests_total",
     "palm_http_request_duration_seconds",
 ]
@@ -77,7 +79,13 @@ def test_series_present_and_counts_agree(loaded):
     bad = dict(method="POST", route="/v1/generate", status="400")
     assert metric(m, "palm_http_requests_total", **bad) == 1
     # The second SHARED request reuses the first one's full blocks (prefix caching).
-    assert metric(m, "palm_prefix_cache_hit_tokens_total") >= 32
+    hits = metric(m, "palm_prefix_cache_hit_tokens_total")
+    assert hits >= 32
+    # One request at a time: each step makes one token of one request, and computes its
+    # prompt (less the cached part) or one decode.
+    assert metric(m, "palm_engine_steps_total") == generated
+    decodes = generated - n_requests
+    assert metric(m, "palm_engine_step_tokens_total") == prompt_tokens - hits + decodes
     assert metric(m, "palm_num_preemptions_total") == 0
     assert metric(m, "palm_num_requests_running") == metric(m, "palm_num_requests_waiting") == 0
     assert metric(m, "palm_kv_cache_usage_ratio") == 0
