@@ -7,21 +7,26 @@
 // each chunk serves every query row of the tile and all G = H / Hkv query heads that share
 // the K/V head while it is in L1. A long context is split when there are too few items to
 // keep the threads busy; the split that finishes a task last merges its partial results.
+// With an fp32 cache on a CPU with AVX-512, a chunk step of all G heads at once replaces the
+// per-head one (attention_avx512.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
+#include "attention_avx512.h"
+#include "isa.h"
 #include "vec.h"
 
 namespace palm_cpu {
 namespace {
 
 constexpr int kRowTile = 8;         // query rows per item of a prefill chunk
-constexpr int kKeyChunk = 32;       // keys (a multiple of 8) scored per softmax update
+constexpr int kKeyChunk = 32;       // keys (a multiple of 16) scored per softmax update
 constexpr int kMinSplitKeys = 128;  // no context split shorter than this
 constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
 
@@ -158,15 +163,36 @@ template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
   RowWalker<T> walker(p, t, k_cache, v_cache, begin);
-  const T* k[kKeyChunk];
-  const T* v[kKeyChunk];
+  // [chunk parity][k, v][key]: a chunk's rows are found one chunk ahead, so that the
+  // AVX-512 path can ask memory for them while it works on the chunk before.
+  const T* rows[2][2][kKeyChunk];
   alignas(32) float w[kKeyChunk];
-  for (int32_t j0 = begin; j0 < end; j0 += kKeyChunk) {
-    const int n = std::min(kKeyChunk, end - j0);
-    walker.next(n, k, v);
+  // An fp32 cache on a CPU with AVX-512: the heads of a row take each chunk together.
+  bool wide = false;
+#if PALM_ATTENTION_AVX512
+  if constexpr (std::is_same_v<T, float>) wide = avx512_enabled();
+#endif
+  int n = std::min(kKeyChunk, end - begin);
+  walker.next(n, rows[0][0], rows[0][1]);
+  for (int32_t j0 = begin, c = 0; j0 < end; j0 += kKeyChunk, c ^= 1) {
+    const T* const* k = rows[c][0];
+    const T* const* v = rows[c][1];
+    const int next = std::max(0, std::min(kKeyChunk, end - j0 - kKeyChunk));
+    if (next > 0) walker.next(next, rows[c ^ 1][0], rows[c ^ 1][1]);
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
+#if PALM_ATTENTION_AVX512
+      if constexpr (std::is_same_v<T, float>) {
+        const int64_t q0 = int64_t(r) * p.group;
+        if (wide && attend_chunk_row<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim,
+                                                p.scale, k, v, visible, st.m.data() + q0,
+                                                st.l.data() + q0, st.acc.data() + q0 * p.dim,
+                                                rows[c ^ 1][0], rows[c ^ 1][1],
+                                                r == 0 ? next : 0))
+          continue;
+      }
+#endif
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;
         dot_keys(st.q.data() + qi * p.dim, k, visible, int(p.dim), p.scale, w);
@@ -174,6 +200,7 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
         scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, v, visible, int(p.dim));
       }
     }
+    n = next;
   }
 }
 

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 
+#include "isa.h"
 #include "panels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -38,18 +39,10 @@ constexpr int kGroup = 4;       // panels per tile
 // prefill sizes that traffic outweighed reading the panels once per block).
 constexpr int64_t kRowBlock = 96;
 
-bool cpu_has_avx512() {
-#if PALM_PANEL_AVX512
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
-#else
-  return false;
-#endif
-}
 
 #if PALM_PANEL_AVX512
 // Only these functions use AVX-512; the rest of the library is built for AVX2, and they run
-// only once cpu_has_avx512() said yes.
+// only once avx512_enabled() said yes.
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 
@@ -123,7 +116,7 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 
 // x [M, K] fp32, panels [P, K, 16] fp32 from pack_panels -> [M, N].
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
-  TORCH_CHECK(cpu_has_avx512(), "panel_linear needs a CPU with AVX-512F; this one has none");
+  TORCH_CHECK(avx512_enabled(), "panel_linear needs a CPU with AVX-512F, and PALM_CPU_AVX512 not 0");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x must be a [M, K] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat &&
@@ -159,7 +152,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
   return out;
 }
 
-bool panel_linear_supported() { return cpu_has_avx512(); }
+bool panel_linear_supported() { return avx512_enabled(); }
 
 }  // namespace
 }  // namespace palm_cpu

@@ -192,3 +192,29 @@ def test_scalar_fallback_builds_and_equals_twin() -> None:
     print(diffs)
     assert diffs["mixed"] < FP32_ATOL and diffs["head_dim_44"] < FP32_ATOL
     assert diffs["rotary"] == 0.0
+
+
+@pytest.mark.skipif(
+    not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+    reason="this CPU has no AVX-512, so the tests above already ran the AVX2 paths",
+)
+def test_avx2_paths_equal_twin_where_the_cpu_has_avx512() -> None:
+    """PALM_CPU_AVX512=0 keeps the kernels to their AVX2 paths (those of the CPUs without
+    AVX-512): in a process of its own, the fp32 cases above pass on them too, and the panel
+    linear says it cannot run."""
+    import os
+
+    script = (
+        "import os, sys, pytest, torch\n"
+        "from palm_serve.kernels import cpu\n"
+        "assert cpu.available(), cpu.unavailable_reason()\n"
+        "assert not torch.ops.palm_cpu.panel_linear_supported()\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'equals_twin_fp32 or "
+        f"equal_fp64', {__file__!r}]))\n"
+    )
+    env = {**os.environ, "PALM_CPU_AVX512": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ran = 2 * (len(CASES) + len(EXACT_CASES))  # at 1 and 4 threads
+    assert f"{ran} passed" in done.stdout, done.stdout[-2000:]

@@ -1,0 +1,135 @@
+// The chunk step of the CPU paged attention in AVX-512, for an fp32 cache and head_dim 32,
+// 64 or 128: the G query heads of one query row that share a K/V head take a chunk of keys
+// together. The scores of 16 keys come out of one transposing reduction (no horizontal sum
+// per key), and the value sum loads each V row once for a group of heads whose accumulators
+// stay in registers. The softmax update is vec.h's. Compiled only here, for AVX-512F, and
+// run only where isa.h's avx512_enabled() says so.
+#pragma once
+
+#include "vec.h"
+
+#if PALM_CPU_AVX2 && defined(__x86_64__) && defined(__GNUC__)
+#define PALM_ATTENTION_AVX512 1
+#include <immintrin.h>
+
+namespace palm_cpu {
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#define PALM_UNROLL _Pragma("GCC unroll 16")
+
+// Lane i of the result is the sum of the 16 lanes of v[i].
+__attribute__((always_inline)) inline __m512 hsum16x16(const __m512* v) {
+  __m512 pairs[8], quads[4], halves[2];
+  PALM_UNROLL for (int j = 0; j < 8; ++j)  // per 128-bit lane: sums of lanes 0+2, 1+3
+    pairs[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]),
+                             _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
+  PALM_UNROLL for (int j = 0; j < 4; ++j)  // per 128-bit lane: its sum, for 4 vectors
+    quads[j] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], 0x44),
+                             _mm512_shuffle_ps(pairs[2 * j], pairs[2 * j + 1], 0xEE));
+  PALM_UNROLL for (int j = 0; j < 2; ++j)  // across the 128-bit lanes, in two steps
+    halves[j] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0x88),
+                              _mm512_shuffle_f32x4(quads[2 * j], quads[2 * j + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], 0x88),
+                       _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
+}
+
+// GROUP heads (queries q, GROUP x dim; running m, l; accumulators acc, GROUP x dim) against
+// keys k[0, n) and values v[0, n), n <= chunk. k holds round_up(n, 16) rows that may be
+// read (the caller pads it); only the first n are weighted. While it sums the values it asks
+// for the rows of the chunk after (next_k, next_v: next_n of them): the blocks lie anywhere
+// in the pool, so the hardware's prefetcher does not find them.
+template <int D16, int GROUP, int CHUNK>
+void attend_chunk_heads(const float* q, float scale, const float* const* k,
+                        const float* const* v, int n, float* m, float* l, float* acc,
+                        const float* const* next_k, const float* const* next_v, int next_n) {
+  constexpr int dim = 16 * D16;
+  alignas(64) float w[GROUP][CHUNK];
+  // The value rows into L1 while the scores are computed: the value sum below waits on
+  // their loads otherwise (one miss per key, from L2 at best).
+  for (int i = 0; i < n; ++i)
+    PALM_UNROLL for (int j = 0; j < D16; ++j)
+      _mm_prefetch(reinterpret_cast<const char*>(v[i] + 16 * j), _MM_HINT_T0);
+  for (int g = 0; g < GROUP; ++g) {
+    __m512 qv[D16];
+    PALM_UNROLL for (int j = 0; j < D16; ++j) qv[j] = _mm512_loadu_ps(q + g * dim + 16 * j);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      __m512 dots[16];
+      PALM_UNROLL for (int i = 0; i < 16; ++i) {
+        const float* key = k[i0 + i];
+        __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(key));
+        PALM_UNROLL for (int j = 1; j < D16; ++j)
+          s = _mm512_fmadd_ps(qv[j], _mm512_loadu_ps(key + 16 * j), s);
+        dots[i] = s;
+      }
+      _mm512_store_ps(w[g] + i0, _mm512_mul_ps(hsum16x16(dots), _mm512_set1_ps(scale)));
+    }
+  }
+  float alpha[GROUP];
+  for (int g = 0; g < GROUP; ++g) alpha[g] = softmax_chunk(w[g], n, m[g], l[g]);
+  // As scale_accumulate: the chunk's sum from zero in registers, joined to acc once.
+  __m512 sum[GROUP][D16];
+  PALM_UNROLL for (int g = 0; g < GROUP; ++g)
+    PALM_UNROLL for (int j = 0; j < D16; ++j) sum[g][j] = _mm512_setzero_ps();
+  for (int i = 0; i < n; ++i) {
+    if (i < next_n)
+      PALM_UNROLL for (int j = 0; j < D16; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next_k[i] + 16 * j), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next_v[i] + 16 * j), _MM_HINT_T1);
+      }
+    __m512 row[D16];
+    PALM_UNROLL for (int j = 0; j < D16; ++j) row[j] = _mm512_loadu_ps(v[i] + 16 * j);
+    PALM_UNROLL for (int g = 0; g < GROUP; ++g) {
+      const __m512 weight = _mm512_set1_ps(w[g][i]);
+      PALM_UNROLL for (int j = 0; j < D16; ++j)
+        sum[g][j] = _mm512_fmadd_ps(weight, row[j], sum[g][j]);
+    }
+  }
+  PALM_UNROLL for (int g = 0; g < GROUP; ++g)
+    PALM_UNROLL for (int j = 0; j < D16; ++j) {
+      float* a = acc + g * dim + 16 * j;
+      _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_set1_ps(alpha[g]),
+                                          sum[g][j]));
+    }
+}
+
+// Every head of one query row (queries, m, l, acc for heads [0, heads)), in groups whose
+// value accumulators fit in 16 registers (the first group prefetches the next chunk). False,
+// doing nothing, for a head_dim it lacks.
+template <int CHUNK>
+bool attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
+                      const float* const* k, const float* const* v, int n, float* m, float* l,
+                      float* acc, const float* const* next_k, const float* const* next_v,
+                      int next_n) {
+  if (dim != 32 && dim != 64 && dim != 128) return false;
+  for (int64_t g = 0; g < heads;) {
+    const int64_t left = heads - g;
+    const int64_t most = 16 / (dim / 16);  // 8, 4 or 2 heads
+    const int64_t group = left >= 8 && most >= 8   ? 8
+                          : left >= 4 && most >= 4 ? 4
+                          : left >= 2              ? 2
+                                                   : 1;
+    const float* qg = q + g * dim;
+    float* ag = acc + g * dim;
+#define PALM_CASE(D16, G)                                                         \
+  if (dim == 16 * D16 && group == G) {                                            \
+    attend_chunk_heads<D16, G, CHUNK>(qg, scale, k, v, n, m + g, l + g, ag, next_k, \
+                                      next_v, g == 0 ? next_n : 0);               \
+  } else
+    PALM_CASE(2, 8) PALM_CASE(2, 4) PALM_CASE(2, 2) PALM_CASE(2, 1)
+    PALM_CASE(4, 4) PALM_CASE(4, 2) PALM_CASE(4, 1)
+    PALM_CASE(8, 2) PALM_CASE(8, 1) {}
+#undef PALM_CASE
+    g += group;
+  }
+  return true;
+}
+
+#undef PALM_UNROLL
+#pragma GCC pop_options
+
+}  // namespace palm_cpu
+
+#else
+#define PALM_ATTENTION_AVX512 0
+#endif
