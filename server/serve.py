@@ -143,8 +143,8 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
     The placement defaults to the settings' (the front's own affinity is serve()'s job)."""
     from ..engine.config import EngineConfig
 
-    if settings.engine_process:
-        placement = placement or placement_for(settings)
+    # The placement is the core process's; an engine in this process has none.
+    placement = (placement or placement_for(settings)) if settings.engine_process else None
     config = EngineConfig(
         block_size=settings.block_size,
         num_blocks=settings.num_kv_blocks,

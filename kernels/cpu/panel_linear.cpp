@@ -39,7 +39,6 @@ constexpr int kGroup = 4;       // panels per tile
 // prefill sizes that traffic outweighed reading the panels once per block).
 constexpr int64_t kRowBlock = 96;
 
-
 #if PALM_PANEL_AVX512
 // Only these functions use AVX-512; the rest of the library is built for AVX2, and they run
 // only once avx512_enabled() said yes.
@@ -116,7 +115,8 @@ at::Tensor pack_panels(const at::Tensor& weight) {
 
 // x [M, K] fp32, panels [P, K, 16] fp32 from pack_panels -> [M, N].
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
-  TORCH_CHECK(avx512_enabled(), "panel_linear needs a CPU with AVX-512F, and PALM_CPU_AVX512 not 0");
+  TORCH_CHECK(avx512_enabled(),
+              "panel_linear needs a CPU with AVX-512F, and PALM_CPU_AVX512 not 0");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x must be a [M, K] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat &&

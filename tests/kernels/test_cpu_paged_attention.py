@@ -13,6 +13,7 @@ The extension must build here: a failed build fails these tests, it never skips 
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -202,10 +203,8 @@ def test_avx2_paths_equal_twin_where_the_cpu_has_avx512() -> None:
     """PALM_CPU_AVX512=0 keeps the kernels to their AVX2 paths (those of the CPUs without
     AVX-512): in a process of its own, the fp32 cases above pass on them too, and the panel
     linear says it cannot run."""
-    import os
-
     script = (
-        "import os, sys, pytest, torch\n"
+        "import sys, pytest, torch\n"
         "from palm_serve.kernels import cpu\n"
         "assert cpu.available(), cpu.unavailable_reason()\n"
         "assert not torch.ops.palm_cpu.panel_linear_supported()\n"
