@@ -8,7 +8,8 @@
 // the K/V head while it is in L1. A long context is split when there are too few items to
 // keep the threads busy; the split that finishes a task last merges its partial results.
 // With an fp32 cache on a CPU with AVX-512, a chunk step of all G heads at once replaces the
-// per-head one (attention_avx512.h).
+// per-head one (attention_avx512.h), and the items of prompt rows run as tiles with their
+// queries in the vector lanes (attention_tile_avx512.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "attention_avx512.h"
+#include "attention_tile_avx512.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -29,6 +31,7 @@ constexpr int kRowTile = 8;         // query rows per item of a prefill chunk
 constexpr int kKeyChunk = 32;       // keys (a multiple of 16) scored per softmax update
 constexpr int kMinSplitKeys = 128;  // no context split shorter than this
 constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
+constexpr int kMinTileQueries = 8;  // the AVX-512 tile path's smallest tile (queries)
 
 struct Task {
   int32_t seq, kv_head;
@@ -163,6 +166,16 @@ template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
   RowWalker<T> walker(p, t, k_cache, v_cache, begin);
+#if PALM_ATTENTION_TILE_AVX512
+  // A tile of 8 queries or more (prompt rows, or the 8+ heads of a decode's K/V head): all
+  // of them in the lanes. Fewer fill too few lanes to beat the per-row step.
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.rows * p.group >= kMinTileQueries && avx512_enabled() &&
+        attend_tile<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0, p.scale,
+                               walker, begin, end, st.m.data(), st.l.data(), st.acc.data()))
+      return;
+  }
+#endif
   // [chunk parity][k, v][key]: a chunk's rows are found one chunk ahead, so that the
   // AVX-512 path can ask memory for them while it works on the chunk before.
   const T* rows[2][2][kKeyChunk];
