@@ -56,11 +56,15 @@ struct TileLanes {
 
 // Keys k[0, n) (rows of D16 x 16 floats) against the transposed queries qt ([dim][16 NQ]):
 // scores[i][lane] = scale * q . k[i] where the lane sees key j0 + i, else -inf; returns the
-// lanes' maxima. KB keys at a time share each row of qt.
+// lanes' maxima. KB keys at a time share each row of qt. With key i it asks for row i of the
+// next chunk (next_k, next_v: next_n rows) into L2: the blocks lie anywhere in the pool, so
+// the hardware's prefetcher does not find them.
 template <int D16, int NQ, int KB>
 __attribute__((always_inline)) inline void tile_scores(const float* qt, float scale,
                                                        const float* const* k, int n, int j0,
                                                        const TileLanes<NQ>& lanes,
+                                                       const float* const* next_k,
+                                                       const float* const* next_v, int next_n,
                                                        float* scores, __m512* max) {
   constexpr int dim = 16 * D16, width = 16 * NQ;
   PALM_UNROLL for (int j = 0; j < NQ; ++j) max[j] = _mm512_set1_ps(kNegInf);
@@ -75,6 +79,12 @@ __attribute__((always_inline)) inline void tile_scores(const float* qt, float sc
   // to the total: a serial chain of dim terms would lose ~dim/16 times more to rounding.
   auto block = [&](auto kb, int i0) {
     constexpr int B = decltype(kb)::value;
+    PALM_UNROLL for (int b = 0; b < B; ++b)
+      if (i0 + b < next_n)
+        PALM_UNROLL for (int j = 0; j < D16; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b] + 16 * j), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b] + 16 * j), _MM_HINT_T1);
+        }
     __m512 total[B][NQ];
     PALM_UNROLL for (int b = 0; b < B; ++b)
       PALM_UNROLL for (int j = 0; j < NQ; ++j) total[b][j] = _mm512_setzero_ps();
@@ -160,14 +170,17 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
       lanes.limit[j] = _mm512_load_si512(limit + 16 * j);
     }
   }
-  const Rows* k[CHUNK];
-  const Rows* v[CHUNK];
+  // [chunk parity][key]: a chunk's rows are found one chunk ahead, to be prefetched.
+  const Rows* k[2][CHUNK];
+  const Rows* v[2][CHUNK];
   const __m512 neg_inf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps();
-  for (int j0 = begin; j0 < end; j0 += CHUNK) {
-    const int n = std::min(CHUNK, end - j0);
-    walker.next(n, k, v);
+  int n = std::min(CHUNK, end - begin);
+  walker.next(n, k[0], v[0]);
+  for (int j0 = begin, c = 0; j0 < end; j0 += CHUNK, c ^= 1) {
+    const int next = std::max(0, std::min(CHUNK, end - j0 - CHUNK));
+    if (next > 0) walker.next(next, k[c ^ 1], v[c ^ 1]);
     __m512 max[NQ];
-    tile_scores<D16, NQ, KB>(qt, scale, k, n, j0, lanes, p, max);
+    tile_scores<D16, NQ, KB>(qt, scale, k[c], n, j0, lanes, k[c ^ 1], v[c ^ 1], next, p, max);
     // The online softmax, lane-wise. A lane that has seen no key yet keeps m = -inf: its
     // weights and alpha are then taken against 0, which makes them exactly 0.
     __m512 shift[NQ];
@@ -193,8 +206,9 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
     PALM_UNROLL for (int j = 0; j < NQ; ++j)
       lanes.l[j] = _mm512_fmadd_ps(lanes.l[j], _mm512_load_ps(alpha + 16 * j), sum[j]);
     int q0 = 0;
-    for (; q0 + QB <= queries; q0 += QB) tile_values<D16, QB>(p, width, q0, alpha, v, n, acc);
-    for (; q0 < queries; ++q0) tile_values<D16, 1>(p, width, q0, alpha, v, n, acc);
+    for (; q0 + QB <= queries; q0 += QB) tile_values<D16, QB>(p, width, q0, alpha, v[c], n, acc);
+    for (; q0 < queries; ++q0) tile_values<D16, 1>(p, width, q0, alpha, v[c], n, acc);
+    n = next;
   }
   alignas(64) float m1[width], l1[width];
   PALM_UNROLL for (int j = 0; j < NQ; ++j) {
