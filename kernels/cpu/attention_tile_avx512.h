@@ -102,7 +102,8 @@ __attribute__((always_inline)) inline void tile_scores(const float* qt, float sc
         }
       }
       PALM_UNROLL for (int b = 0; b < B; ++b)
-        PALM_UNROLL for (int j = 0; j < NQ; ++j) total[b][j] = _mm512_add_ps(total[b][j], acc[b][j]);
+        PALM_UNROLL for (int j = 0; j < NQ; ++j)
+          total[b][j] = _mm512_add_ps(total[b][j], acc[b][j]);
     }
     PALM_UNROLL for (int b = 0; b < B; ++b)
       PALM_UNROLL for (int j = 0; j < NQ; ++j) finish(i0 + b, j, total[b][j]);
@@ -198,8 +199,10 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
     for (int i = 0; i < n; ++i)
       PALM_UNROLL for (int j = 0; j < NQ; ++j) {
         float* s = p + i * width + 16 * j;
-        const __mmask16 seen = _mm512_cmplt_epi32_mask(_mm512_set1_epi32(j0 + i), lanes.limit[j]);
-        const __m512 w = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(_mm512_load_ps(s), shift[j])));
+        const __mmask16 seen =
+            _mm512_cmplt_epi32_mask(_mm512_set1_epi32(j0 + i), lanes.limit[j]);
+        const __m512 w =
+            _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(_mm512_load_ps(s), shift[j])));
         _mm512_store_ps(s, w);
         sum[j] = _mm512_add_ps(sum[j], w);
       }

@@ -8,8 +8,9 @@
 // the K/V head while it is in L1. A long context is split when there are too few items to
 // keep the threads busy; the split that finishes a task last merges its partial results.
 // With an fp32 cache on a CPU with AVX-512, a chunk step of all G heads at once replaces the
-// per-head one (attention_avx512.h), and the items of prompt rows run as tiles with their
-// queries in the vector lanes (attention_tile_avx512.h).
+// per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows; decodes
+// with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
+// (attention_tile_avx512.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
