@@ -143,14 +143,14 @@ __attribute__((always_inline)) inline void tile_values(const float* p, int width
 
 // One item's split as a tile: queries q ([queries][dim] floats, index r * group + g, row r at
 // position pos0 + r), keys [begin, end) from walker.next(n, k, v) (the RowWalker of
-// paged_attention.cpp), results into m, l ([queries]) and acc ([queries][dim]), which hold
-// the state before (m -inf, l and acc 0 for a fresh item).
-template <int D16, int NQ, int CHUNK, typename Walker, typename Rows>
+// paged_attention.cpp, which pads k to CHUNK rows), results into m, l ([queries]) and acc
+// ([queries][dim]), which hold the state before (m -inf, l and acc 0 for a fresh item).
+template <int D16, int NQ, int CHUNK, typename Walker>
 void attend_tile_split(const float* q, int queries, int group, int pos0, float scale,
                        Walker& walker, int begin, int end, float* m, float* l, float* acc) {
   constexpr int dim = 16 * D16, width = 16 * NQ;
   constexpr int QB = 16 / D16;                // queries per value sum: 16 accumulators
-  constexpr int KB = NQ >= 4 ? 2 : 8 / NQ;    // keys per score block: 8 FMA chains or more
+  constexpr int KB = NQ >= 4 ? 2 : 8 / NQ;    // keys per score block: 6-8 FMA chains
   alignas(64) float qt[dim * width];
   alignas(64) float p[CHUNK * width];
   alignas(64) float alpha[width];
@@ -172,8 +172,8 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
     }
   }
   // [chunk parity][key]: a chunk's rows are found one chunk ahead, to be prefetched.
-  const Rows* k[2][CHUNK];
-  const Rows* v[2][CHUNK];
+  const float* k[2][CHUNK];
+  const float* v[2][CHUNK];
   const __m512 neg_inf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps();
   int n = std::min(CHUNK, end - begin);
   walker.next(n, k[0], v[0]);
@@ -232,8 +232,8 @@ bool attend_tile(const float* q, int64_t queries, int64_t group, int64_t dim, in
   if ((dim != 32 && dim != 64 && dim != 128) || nq > 4) return false;
 #define PALM_CASE(D16, NQ)                                                                    \
   if (dim == 16 * D16 && nq == NQ) {                                                          \
-    attend_tile_split<D16, NQ, CHUNK, Walker, float>(q, int(queries), int(group), pos0, scale, \
-                                                      walker, begin, end, m, l, acc);          \
+    attend_tile_split<D16, NQ, CHUNK, Walker>(q, int(queries), int(group), pos0, scale,      \
+                                               walker, begin, end, m, l, acc);                 \
     return true;                                                                              \
   }
   PALM_CASE(2, 1) PALM_CASE(2, 2) PALM_CASE(2, 3) PALM_CASE(2, 4)
