@@ -25,21 +25,17 @@ namespace palm_cpu {
 #pragma GCC target("avx512f")
 #define PALM_UNROLL _Pragma("GCC unroll 16")
 
-// exp8 (vec.h) sixteen lanes wide: the same polynomial, the same clamp.
+// exp8 (vec.h) sixteen lanes wide: its constants, the same steps.
 __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.3762626647949f)),
-                    _mm512_set1_ps(88.3762626647949f));
+  using namespace expf_cephes;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-kMaxArg)), _mm512_set1_ps(kMaxArg));
   __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _mm512_fmadd_ps(x, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
       _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), x);
+  x = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Low), x);
+  __m512 y = _mm512_set1_ps(kPoly[0]);
+  PALM_UNROLL for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(kPoly[i]));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
   __m512i pow2n = _mm512_slli_epi32(
       _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
@@ -142,12 +138,13 @@ __attribute__((always_inline)) inline void tile_values(const float* p, int width
 }
 
 // One item's split as a tile: queries q ([queries][dim] floats, index r * group + g, row r at
-// position pos0 + r), keys [begin, end) from walker.next(n, k, v) (the RowWalker of
-// paged_attention.cpp, which pads k to CHUNK rows), results into m, l ([queries]) and acc
-// ([queries][dim]), which hold the state before (m -inf, l and acc 0 for a fresh item).
-template <int D16, int NQ, int CHUNK, typename Walker>
+// position pos0 + r), the split's keys from chunks (the ChunkWalker of paged_attention.cpp:
+// first(), n(), k(), v() of each chunk, padded to CHUNK rows, and those of the next),
+// results into m, l ([queries]) and acc ([queries][dim]), which hold the state before (m
+// -inf, l and acc 0 for a fresh item).
+template <int D16, int NQ, int CHUNK, typename Chunks>
 void attend_tile_split(const float* q, int queries, int group, int pos0, float scale,
-                       Walker& walker, int begin, int end, float* m, float* l, float* acc) {
+                       Chunks& chunks, float* m, float* l, float* acc) {
   constexpr int dim = 16 * D16, width = 16 * NQ;
   constexpr int QB = 16 / D16;                // queries per value sum: 16 accumulators
   constexpr int KB = NQ >= 4 ? 2 : 8 / NQ;    // keys per score block: 6-8 FMA chains
@@ -171,17 +168,12 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
       lanes.limit[j] = _mm512_load_si512(limit + 16 * j);
     }
   }
-  // [chunk parity][key]: a chunk's rows are found one chunk ahead, to be prefetched.
-  const float* k[2][CHUNK];
-  const float* v[2][CHUNK];
   const __m512 neg_inf = _mm512_set1_ps(kNegInf), zero = _mm512_setzero_ps();
-  int n = std::min(CHUNK, end - begin);
-  walker.next(n, k[0], v[0]);
-  for (int j0 = begin, c = 0; j0 < end; j0 += CHUNK, c ^= 1) {
-    const int next = std::max(0, std::min(CHUNK, end - j0 - CHUNK));
-    if (next > 0) walker.next(next, k[c ^ 1], v[c ^ 1]);
+  for (; !chunks.done(); chunks.advance()) {
+    const int j0 = chunks.first(), n = chunks.n();
     __m512 max[NQ];
-    tile_scores<D16, NQ, KB>(qt, scale, k[c], n, j0, lanes, k[c ^ 1], v[c ^ 1], next, p, max);
+    tile_scores<D16, NQ, KB>(qt, scale, chunks.k(), n, j0, lanes, chunks.next_k(),
+                             chunks.next_v(), chunks.next_n(), p, max);
     // The online softmax, lane-wise. A lane that has seen no key yet keeps m = -inf: its
     // weights and alpha are then taken against 0, which makes them exactly 0.
     __m512 shift[NQ];
@@ -209,9 +201,9 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
     PALM_UNROLL for (int j = 0; j < NQ; ++j)
       lanes.l[j] = _mm512_fmadd_ps(lanes.l[j], _mm512_load_ps(alpha + 16 * j), sum[j]);
     int q0 = 0;
-    for (; q0 + QB <= queries; q0 += QB) tile_values<D16, QB>(p, width, q0, alpha, v[c], n, acc);
-    for (; q0 < queries; ++q0) tile_values<D16, 1>(p, width, q0, alpha, v[c], n, acc);
-    n = next;
+    const float* const* v = chunks.v();
+    for (; q0 + QB <= queries; q0 += QB) tile_values<D16, QB>(p, width, q0, alpha, v, n, acc);
+    for (; q0 < queries; ++q0) tile_values<D16, 1>(p, width, q0, alpha, v, n, acc);
   }
   alignas(64) float m1[width], l1[width];
   PALM_UNROLL for (int j = 0; j < NQ; ++j) {
@@ -224,16 +216,15 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
 
 // The tile path for a split, if there is one for this head_dim and tile (at most 64
 // queries); false, doing nothing, otherwise.
-template <int CHUNK, typename Walker>
+template <int CHUNK, typename Chunks>
 bool attend_tile(const float* q, int64_t queries, int64_t group, int64_t dim, int pos0,
-                 float scale, Walker& walker, int begin, int end, float* m, float* l,
-                 float* acc) {
+                 float scale, Chunks& chunks, float* m, float* l, float* acc) {
   const int nq = int((queries + 15) / 16);
   if ((dim != 32 && dim != 64 && dim != 128) || nq > 4) return false;
 #define PALM_CASE(D16, NQ)                                                                    \
   if (dim == 16 * D16 && nq == NQ) {                                                          \
-    attend_tile_split<D16, NQ, CHUNK, Walker>(q, int(queries), int(group), pos0, scale,      \
-                                               walker, begin, end, m, l, acc);                 \
+    attend_tile_split<D16, NQ, CHUNK, Chunks>(q, int(queries), int(group), pos0, scale,      \
+                                               chunks, m, l, acc);                             \
     return true;                                                                              \
   }
   PALM_CASE(2, 1) PALM_CASE(2, 2) PALM_CASE(2, 3) PALM_CASE(2, 4)

@@ -124,24 +124,56 @@ void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
     }
 }
 
-// The K and V rows of a split's keys, a chunk at a time, through the block table. A
-// running (block, offset) rather than a division per key, which would cost more than the
-// key's dot product at small head_dim.
+// The K and V rows of a split's keys [begin, end), a chunk of kKeyChunk at a time, through
+// the block table. A running (block, offset) rather than a division per key, which would
+// cost more than the key's dot product at small head_dim. Each chunk's rows are found one
+// chunk ahead (next_k, next_v), so that the AVX-512 paths can ask memory for them while
+// they work on the chunk before: the blocks lie anywhere in the pool, and the hardware's
+// prefetcher does not find them.
 template <typename T>
-class RowWalker {
+class ChunkWalker {
  public:
-  RowWalker(const Problem& p, const Task& t, const T* k_cache, const T* v_cache, int32_t begin)
+  ChunkWalker(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
+              int32_t begin, int32_t end)
       : table_(p.tables + int64_t(t.seq) * p.table_width),
         block_size_(p.block_size),
         row_stride_(p.kv_heads * p.dim),
         block_(begin / p.block_size),
         offset_(begin % p.block_size),
         k_(k_cache + t.kv_head * p.dim),
-        v_(v_cache + t.kv_head * p.dim) {}
+        v_(v_cache + t.kv_head * p.dim),
+        first_(begin),
+        end_(end),
+        n_(std::min(kKeyChunk, end - begin)) {
+    find(n_, rows_[0][0], rows_[0][1]);
+    look_ahead();
+  }
+
+  bool done() const { return first_ >= end_; }
+  int32_t first() const { return first_; }  // the chunk's first key
+  int n() const { return n_; }               // its keys; k() is padded to kKeyChunk rows
+  const T* const* k() const { return rows_[c_][0]; }
+  const T* const* v() const { return rows_[c_][1]; }
+  int next_n() const { return next_n_; }  // the chunk after: 0 where this one is the last
+  const T* const* next_k() const { return rows_[c_ ^ 1][0]; }
+  const T* const* next_v() const { return rows_[c_ ^ 1][1]; }
+
+  void advance() {
+    first_ += kKeyChunk;
+    c_ ^= 1;
+    n_ = next_n_;
+    look_ahead();
+  }
+
+ private:
+  void look_ahead() {
+    next_n_ = std::max(0, std::min(kKeyChunk, end_ - first_ - kKeyChunk));
+    if (next_n_ > 0) find(next_n_, rows_[c_ ^ 1][0], rows_[c_ ^ 1][1]);
+  }
 
   // The next n keys' rows into k[0, n) and v[0, n); k is padded to kKeyChunk with a row
   // that may be read but is never weighted (dot_keys works in eights).
-  void next(int n, const T** k, const T** v) {
+  void find(int n, const T** k, const T** v) {
     for (int i = 0; i < n; ++i) {
       const int64_t row = (int64_t(table_[block_]) * block_size_ + offset_) * row_stride_;
       k[i] = k_ + row;
@@ -154,11 +186,13 @@ class RowWalker {
     for (int i = n; i < kKeyChunk; ++i) k[i] = k[0];
   }
 
- private:
   const int32_t* table_;
   int64_t block_size_, row_stride_, block_, offset_;
   const T* k_;
   const T* v_;
+  int32_t first_, end_;
+  int n_, next_n_ = 0, c_ = 0;
+  const T* rows_[2][2][kKeyChunk];  // [chunk parity][k, v][key]
 };
 
 // Keys [begin, end) of one split for every query of the task, chunk by chunk; each chunk's
@@ -166,33 +200,28 @@ class RowWalker {
 template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
-  RowWalker<T> walker(p, t, k_cache, v_cache, begin);
+  ChunkWalker<T> chunks(p, t, k_cache, v_cache, begin, end);
 #if PALM_ATTENTION_TILE_AVX512
   // A tile of 8 queries or more (prompt rows, or the 8+ heads of a decode's K/V head): all
   // of them in the lanes. Fewer fill too few lanes to beat the per-row step.
   if constexpr (std::is_same_v<T, float>) {
     if (t.rows * p.group >= kMinTileQueries && avx512_enabled() &&
         attend_tile<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0, p.scale,
-                               walker, begin, end, st.m.data(), st.l.data(), st.acc.data()))
+                               chunks, st.m.data(), st.l.data(), st.acc.data()))
       return;
   }
 #endif
-  // [chunk parity][k, v][key]: a chunk's rows are found one chunk ahead, so that the
-  // AVX-512 path can ask memory for them while it works on the chunk before.
-  const T* rows[2][2][kKeyChunk];
   alignas(32) float w[kKeyChunk];
   // An fp32 cache on a CPU with AVX-512: the heads of a row take each chunk together.
   bool wide = false;
 #if PALM_ATTENTION_AVX512
   if constexpr (std::is_same_v<T, float>) wide = avx512_enabled();
 #endif
-  int n = std::min(kKeyChunk, end - begin);
-  walker.next(n, rows[0][0], rows[0][1]);
-  for (int32_t j0 = begin, c = 0; j0 < end; j0 += kKeyChunk, c ^= 1) {
-    const T* const* k = rows[c][0];
-    const T* const* v = rows[c][1];
-    const int next = std::max(0, std::min(kKeyChunk, end - j0 - kKeyChunk));
-    if (next > 0) walker.next(next, rows[c ^ 1][0], rows[c ^ 1][1]);
+  for (; !chunks.done(); chunks.advance()) {
+    const int32_t j0 = chunks.first();
+    const int n = chunks.n();
+    const T* const* k = chunks.k();
+    const T* const* v = chunks.v();
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
@@ -202,8 +231,8 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
         if (wide && attend_chunk_row<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim,
                                                 p.scale, k, v, visible, st.m.data() + q0,
                                                 st.l.data() + q0, st.acc.data() + q0 * p.dim,
-                                                rows[c ^ 1][0], rows[c ^ 1][1],
-                                                r == 0 ? next : 0))
+                                                chunks.next_k(), chunks.next_v(),
+                                                r == 0 ? chunks.next_n() : 0))
           continue;
       }
 #endif
@@ -214,7 +243,6 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
         scale_accumulate(st.acc.data() + qi * p.dim, alpha, w, v, visible, int(p.dim));
       }
     }
-    n = next;
   }
 }
 
