@@ -25,6 +25,19 @@ import torch.nn.functional as F
 # figures are in docs/BENCHMARKS.md).
 SPLIT_COST = 2048
 MAX_DECODE_GROUPS = 4
+CACHE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_cache_dtypes(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The dtypes every sibling of the twin reads: caches of q's dtype, or under an fp32 q
+    a 16-bit cache (the server's --kv-cache-dtype). The softmax and sums run in fp32."""
+    if q.dtype not in CACHE_DTYPES or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"q and the caches must each be one of {CACHE_DTYPES}, the caches alike")
+    if k_cache.dtype != q.dtype and q.dtype != torch.float32:
+        raise ValueError(
+            f"the caches must have q's dtype ({q.dtype}), or be 16-bit under an fp32 q: "
+            f"got {k_cache.dtype}"
+        )
 
 
 @dataclass

@@ -1,5 +1,5 @@
-// The chunk step of the CPU paged attention in AVX-512, for an fp32 cache and head_dim 32,
-// 64 or 128: the G query heads of one query row that share a K/V head take a chunk of keys
+// The chunk step of the CPU paged attention in AVX-512, over fp32 rows (an fp32 cache's own,
+// or a 16-bit cache's widened by widen_rows) and head_dim 32, 64 or 128: the G query heads of one query row that share a K/V head take a chunk of keys
 // together. The scores of 16 keys come out of one transposing reduction (no horizontal sum
 // per key), and the value sum loads each V row once for a group of heads whose accumulators
 // stay in registers. The softmax update is vec.h's. Compiled only here, for AVX-512F, and
@@ -13,6 +13,8 @@
 #include <immintrin.h>
 
 namespace palm_cpu {
+
+inline bool avx512_head_dim(int64_t dim) { return dim == 32 || dim == 64 || dim == 128; }
 
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -34,15 +36,37 @@ __attribute__((always_inline)) inline __m512 hsum16x16(const __m512* v) {
                        _mm512_shuffle_f32x4(halves[0], halves[1], 0xDD));
 }
 
+// Sixteen elements of a cache row in fp32 (exact for every storage type).
+__attribute__((always_inline)) inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((always_inline)) inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
+  // bf16 is the top half of an fp32: widen each lane and shift it into place.
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// rows[0, n), dim elements each (a multiple of 16), into out ([n][dim] fp32).
+template <typename T>
+void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
+  for (int i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(out + i * dim + d, load16(rows[i] + d));
+}
+
+// The 64-byte lines of a cache row of D16 x 16 elements of P.
+template <int D16, typename P>
+constexpr int kRowLines = D16 * int(sizeof(P)) / 4;
+
 // GROUP heads (queries q, GROUP x dim; running m, l; accumulators acc, GROUP x dim) against
 // keys k[0, n) and values v[0, n), n <= chunk. k holds round_up(n, 16) rows that may be
 // read (the caller pads it); only the first n are weighted. While it sums the values it asks
-// for the rows of the chunk after (next_k, next_v: next_n of them): the blocks lie anywhere
-// in the pool, so the hardware's prefetcher does not find them.
-template <int D16, int GROUP, int CHUNK>
+// for the rows of the chunk after (next_k, next_v: next_n of them, in the cache's own type
+// P): the blocks lie anywhere in the pool, so the hardware's prefetcher does not find them.
+template <int D16, int GROUP, int CHUNK, typename P>
 void attend_chunk_heads(const float* q, float scale, const float* const* k,
                         const float* const* v, int n, float* m, float* l, float* acc,
-                        const float* const* next_k, const float* const* next_v, int next_n) {
+                        const P* const* next_k, const P* const* next_v, int next_n) {
   constexpr int dim = 16 * D16;
   alignas(64) float w[GROUP][CHUNK];
   // The value rows into L1 while the scores are computed: the value sum below waits on
@@ -73,9 +97,9 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
     PALM_UNROLL for (int j = 0; j < D16; ++j) sum[g][j] = _mm512_setzero_ps();
   for (int i = 0; i < n; ++i) {
     if (i < next_n)
-      PALM_UNROLL for (int j = 0; j < D16; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(next_k[i] + 16 * j), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(next_v[i] + 16 * j), _MM_HINT_T1);
+      PALM_UNROLL for (int j = 0; j < kRowLines<D16, P>; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(next_k[i]) + 64 * j, _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(next_v[i]) + 64 * j, _MM_HINT_T1);
       }
     __m512 row[D16];
     PALM_UNROLL for (int j = 0; j < D16; ++j) row[j] = _mm512_loadu_ps(v[i] + 16 * j);
@@ -94,14 +118,12 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
 }
 
 // Every head of one query row (queries, m, l, acc for heads [0, heads)), in groups whose
-// value accumulators fit in 16 registers (the first group prefetches the next chunk). False,
-// doing nothing, for a head_dim it lacks.
-template <int CHUNK>
-bool attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
+// value accumulators fit in 16 registers (the first group prefetches the next chunk). For
+// head_dim 32, 64 or 128 only (avx512_head_dim).
+template <int CHUNK, typename P>
+void attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
                       const float* const* k, const float* const* v, int n, float* m, float* l,
-                      float* acc, const float* const* next_k, const float* const* next_v,
-                      int next_n) {
-  if (dim != 32 && dim != 64 && dim != 128) return false;
+                      float* acc, const P* const* next_k, const P* const* next_v, int next_n) {
   for (int64_t g = 0; g < heads;) {
     const int64_t left = heads - g;
     const int64_t most = 16 / (dim / 16);  // 8, 4 or 2 heads
@@ -113,8 +135,8 @@ bool attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
     float* ag = acc + g * dim;
 #define PALM_CASE(D16, G)                                                         \
   if (dim == 16 * D16 && group == G) {                                            \
-    attend_chunk_heads<D16, G, CHUNK>(qg, scale, k, v, n, m + g, l + g, ag, next_k, \
-                                      next_v, g == 0 ? next_n : 0);               \
+    attend_chunk_heads<D16, G, CHUNK, P>(qg, scale, k, v, n, m + g, l + g, ag, next_k, \
+                                         next_v, g == 0 ? next_n : 0);            \
   } else
     PALM_CASE(2, 8) PALM_CASE(2, 4) PALM_CASE(2, 2) PALM_CASE(2, 1)
     PALM_CASE(4, 4) PALM_CASE(4, 2) PALM_CASE(4, 1)
@@ -122,7 +144,6 @@ bool attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
 #undef PALM_CASE
     g += group;
   }
-  return true;
 }
 
 #undef PALM_UNROLL

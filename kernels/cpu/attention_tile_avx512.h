@@ -1,18 +1,19 @@
-// Tiles of the CPU paged attention in AVX-512, for an fp32 cache and head_dim 32, 64 or 128:
-// all R x G queries of a task (R rows, G query heads to its K/V head) go through a split's
-// keys together, with the queries in the vector lanes. The scores of 16 queries against a key
-// are then a sum over the key's elements broadcast against the transposed queries (built
-// once per item), so a chunk needs no transposition and no horizontal sum; the online
-// softmax runs lane by lane, each lane with its own causal limit; and the value sum
-// broadcasts each weight against the value row, 16 accumulators to a group of queries.
-// paged_attention.cpp sends it the tasks of 8 queries or more (prompt rows; a decode with
-// 8 heads or more to a K/V head); a decode of fewer heads, which would leave most lanes
-// empty, keeps the per-row step (attention_avx512.h). Compiled only here, for AVX-512F, and
-// run only where isa.h's avx512_enabled() says so.
+// Tiles of the CPU paged attention in AVX-512, over fp32 rows (as attention_avx512.h) and
+// head_dim 32, 64 or 128: all R x G queries of a task (R rows, G query heads to its K/V
+// head) go through a split's keys together, with the queries in the vector lanes. The
+// scores of 16 queries against a key are then a sum over the key's elements broadcast
+// against the transposed queries (built once per item), so a chunk needs no transposition
+// and no horizontal sum; the online softmax runs lane by lane, each lane with its own causal
+// limit; and the value sum broadcasts each weight against the value row, 16 accumulators to
+// a group of queries. paged_attention.cpp sends it the tasks of 8 queries or more (prompt
+// rows; a decode with 8 heads or more to a K/V head); a decode of fewer heads, which would
+// leave most lanes empty, keeps the per-row step (attention_avx512.h). Compiled only here,
+// for AVX-512F, and run only where isa.h's avx512_enabled() says so.
 #pragma once
 
 #include <type_traits>
 
+#include "attention_avx512.h"
 #include "vec.h"
 
 #if PALM_CPU_AVX2 && defined(__x86_64__) && defined(__GNUC__)
@@ -53,14 +54,14 @@ struct TileLanes {
 // Keys k[0, n) (rows of D16 x 16 floats) against the transposed queries qt ([dim][16 NQ]):
 // scores[i][lane] = scale * q . k[i] where the lane sees key j0 + i, else -inf; returns the
 // lanes' maxima. KB keys at a time share each row of qt. With key i it asks for row i of the
-// next chunk (next_k, next_v: next_n rows) into L2: the blocks lie anywhere in the pool, so
+// next chunk (next_k, next_v: next_n rows of the cache's own type P) into L2: the blocks lie anywhere in the pool, so
 // the hardware's prefetcher does not find them.
-template <int D16, int NQ, int KB>
+template <int D16, int NQ, int KB, typename P>
 __attribute__((always_inline)) inline void tile_scores(const float* qt, float scale,
                                                        const float* const* k, int n, int j0,
                                                        const TileLanes<NQ>& lanes,
-                                                       const float* const* next_k,
-                                                       const float* const* next_v, int next_n,
+                                                       const P* const* next_k,
+                                                       const P* const* next_v, int next_n,
                                                        float* scores, __m512* max) {
   constexpr int dim = 16 * D16, width = 16 * NQ;
   PALM_UNROLL for (int j = 0; j < NQ; ++j) max[j] = _mm512_set1_ps(kNegInf);
@@ -77,9 +78,9 @@ __attribute__((always_inline)) inline void tile_scores(const float* qt, float sc
     constexpr int B = decltype(kb)::value;
     PALM_UNROLL for (int b = 0; b < B; ++b)
       if (i0 + b < next_n)
-        PALM_UNROLL for (int j = 0; j < D16; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b] + 16 * j), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b] + 16 * j), _MM_HINT_T1);
+        PALM_UNROLL for (int j = 0; j < kRowLines<D16, P>; ++j) {
+          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b]) + 64 * j, _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b]) + 64 * j, _MM_HINT_T1);
         }
     __m512 total[B][NQ];
     PALM_UNROLL for (int b = 0; b < B; ++b)
@@ -138,8 +139,9 @@ __attribute__((always_inline)) inline void tile_values(const float* p, int width
 }
 
 // One item's split as a tile: queries q ([queries][dim] floats, index r * group + g, row r at
-// position pos0 + r), the split's keys from chunks (the ChunkWalker of paged_attention.cpp:
-// first(), n(), k(), v() of each chunk, padded to CHUNK rows, and those of the next),
+// position pos0 + r), the split's keys from chunks (paged_attention.cpp's ChunkWalker of an
+// fp32 cache or Fp32Chunks of a 16-bit one: first(), n(), and fp32 rows k(), v() of each
+// chunk, padded to CHUNK rows; next_n(), next_k(), next_v() of the next, in the cache's type),
 // results into m, l ([queries]) and acc ([queries][dim]), which hold the state before (m
 // -inf, l and acc 0 for a fresh item).
 template <int D16, int NQ, int CHUNK, typename Chunks>

@@ -7,10 +7,11 @@
 // each chunk serves every query row of the tile and all G = H / Hkv query heads that share
 // the K/V head while it is in L1. A long context is split when there are too few items to
 // keep the threads busy; the split that finishes a task last merges its partial results.
-// With an fp32 cache on a CPU with AVX-512, a chunk step of all G heads at once replaces the
-// per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows; decodes
-// with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
-// (attention_tile_avx512.h).
+// On a CPU with AVX-512 (head_dim 32, 64 or 128), a chunk step of all G heads at once replaces
+// the per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows;
+// decodes with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
+// (attention_tile_avx512.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
+// server's --kv-cache-dtype); the AVX-512 paths read a 16-bit cache's chunks widened to fp32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
@@ -102,14 +103,17 @@ std::vector<Item> split_tasks(std::vector<Task>& tasks, int64_t group, int threa
 }
 
 // One item's running state: per query (row r, head g of the group, index r * G + g) the
-// fp32 query, the softmax max m and sum l, and the unnormalised output.
+// fp32 query, the softmax max m and sum l, and the unnormalised output; and room for a
+// chunk's K and V rows in fp32 (Fp32Chunks).
 struct State {
-  std::vector<float> q, m, l, acc;
+  std::vector<float> q, m, l, acc, k_rows, v_rows;
   void reset(int64_t queries, int64_t dim) {
     q.resize(queries * dim);
     m.assign(queries, kNegInf);
     l.assign(queries, 0.f);
     acc.assign(queries * dim, 0.f);
+    k_rows.resize(kKeyChunk * dim);
+    v_rows.resize(kKeyChunk * dim);
   }
 };
 
@@ -195,28 +199,96 @@ class ChunkWalker {
   const T* rows_[2][2][kKeyChunk];  // [chunk parity][k, v][key]
 };
 
+#if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
+// The chunks of a 16-bit cache as fp32 rows, for the AVX-512 paths: each chunk's K and V
+// rows, widened once into the thread's State as the chunk comes up, serve every query of the
+// task from L1. The next chunk's rows stay the cache's own, for the prefetch.
+template <typename T>
+class Fp32Chunks {
+ public:
+  Fp32Chunks(ChunkWalker<T>& rows, int64_t dim, State& st)
+      : rows_(rows), dim_(dim), k_data_(st.k_rows.data()), v_data_(st.v_rows.data()) {
+    if (!done()) widen();
+  }
+
+  bool done() const { return rows_.done(); }
+  int32_t first() const { return rows_.first(); }
+  int n() const { return rows_.n(); }
+  const float* const* k() const { return k_; }
+  const float* const* v() const { return v_; }
+  int next_n() const { return rows_.next_n(); }
+  const T* const* next_k() const { return rows_.next_k(); }
+  const T* const* next_v() const { return rows_.next_v(); }
+
+  void advance() {
+    rows_.advance();
+    if (!done()) widen();
+  }
+
+ private:
+  // k() is padded as the walker pads it: with the first row, which is read, never weighted.
+  void widen() {
+    const int n = rows_.n();
+    widen_rows(rows_.k(), n, dim_, k_data_);
+    widen_rows(rows_.v(), n, dim_, v_data_);
+    for (int i = 0; i < kKeyChunk; ++i) {
+      k_[i] = k_data_ + (i < n ? i : 0) * dim_;
+      v_[i] = v_data_ + (i < n ? i : 0) * dim_;
+    }
+  }
+
+  ChunkWalker<T>& rows_;
+  int64_t dim_;
+  float* k_data_;
+  float* v_data_;
+  const float* k_[kKeyChunk];
+  const float* v_[kKeyChunk];
+};
+
+// A split in AVX-512 over fp32 chunks (a ChunkWalker<float> or an Fp32Chunks): as a tile
+// when the task has 8 queries or more (fewer fill too few lanes to beat the per-row step),
+// else row by row with the G heads of a row together. head_dim: avx512_head_dim.
+template <typename Chunks>
+void attend_split_avx512(const Problem& p, const Task& t, Chunks& chunks, State& st) {
+  if (t.rows * p.group >= kMinTileQueries &&
+      attend_tile<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0, p.scale,
+                             chunks, st.m.data(), st.l.data(), st.acc.data()))
+    return;
+  for (; !chunks.done(); chunks.advance()) {
+    const int32_t j0 = chunks.first();
+    const int n = chunks.n();
+    for (int32_t r = 0; r < t.rows; ++r) {
+      const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
+      if (visible <= 0) continue;
+      const int64_t q0 = int64_t(r) * p.group;
+      attend_chunk_row<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim, p.scale,
+                                  chunks.k(), chunks.v(), visible, st.m.data() + q0,
+                                  st.l.data() + q0, st.acc.data() + q0 * p.dim,
+                                  chunks.next_k(), chunks.next_v(),
+                                  r == 0 ? chunks.next_n() : 0);
+    }
+  }
+}
+#endif
+
 // Keys [begin, end) of one split for every query of the task, chunk by chunk; each chunk's
 // rows, loaded once, serve all the task's query rows and the G query heads of its K/V head.
 template <typename T>
 void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_cache,
                   int32_t begin, int32_t end, State& st) {
   ChunkWalker<T> chunks(p, t, k_cache, v_cache, begin, end);
-#if PALM_ATTENTION_TILE_AVX512
-  // A tile of 8 queries or more (prompt rows, or the 8+ heads of a decode's K/V head): all
-  // of them in the lanes. Fewer fill too few lanes to beat the per-row step.
-  if constexpr (std::is_same_v<T, float>) {
-    if (t.rows * p.group >= kMinTileQueries && avx512_enabled() &&
-        attend_tile<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0, p.scale,
-                               chunks, st.m.data(), st.l.data(), st.acc.data()))
-      return;
+#if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
+  if (avx512_head_dim(p.dim) && avx512_enabled()) {
+    if constexpr (std::is_same_v<T, float>) {
+      attend_split_avx512(p, t, chunks, st);
+    } else {
+      Fp32Chunks<T> widened(chunks, p.dim, st);
+      attend_split_avx512(p, t, widened, st);
+    }
+    return;
   }
 #endif
   alignas(32) float w[kKeyChunk];
-  // An fp32 cache on a CPU with AVX-512: the heads of a row take each chunk together.
-  bool wide = false;
-#if PALM_ATTENTION_AVX512
-  if constexpr (std::is_same_v<T, float>) wide = avx512_enabled();
-#endif
   for (; !chunks.done(); chunks.advance()) {
     const int32_t j0 = chunks.first();
     const int n = chunks.n();
@@ -225,17 +297,6 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
-#if PALM_ATTENTION_AVX512
-      if constexpr (std::is_same_v<T, float>) {
-        const int64_t q0 = int64_t(r) * p.group;
-        if (wide && attend_chunk_row<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim,
-                                                p.scale, k, v, visible, st.m.data() + q0,
-                                                st.l.data() + q0, st.acc.data() + q0 * p.dim,
-                                                chunks.next_k(), chunks.next_v(),
-                                                r == 0 ? chunks.next_n() : 0))
-          continue;
-      }
-#endif
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;
         dot_keys(st.q.data() + qi * p.dim, k, visible, int(p.dim), p.scale, w);
@@ -274,9 +335,9 @@ void merge_splits(const Problem& p, const Task& t, const float* scratch, T* out)
   }
 }
 
-template <typename T>
-void run_item(const Problem& p, const Task& t, int32_t split, const T* q, const T* k_cache,
-              const T* v_cache, float* scratch, std::atomic<int32_t>& done, T* out) {
+template <typename TQ, typename TC>
+void run_item(const Problem& p, const Task& t, int32_t split, const TQ* q, const TC* k_cache,
+              const TC* v_cache, float* scratch, std::atomic<int32_t>& done, TQ* out) {
   thread_local State st;
   const int64_t queries = t.rows * p.group;
   st.reset(queries, p.dim);
@@ -301,7 +362,8 @@ void run_item(const Problem& p, const Task& t, int32_t split, const T* q, const 
     merge_splits(p, t, scratch + t.scratch, out);
 }
 
-template <typename T>
+// q and out of TQ, the caches of TC.
+template <typename TQ, typename TC>
 void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
          const at::Tensor& v_cache, const int32_t* starts, const int32_t* lens,
          int64_t num_seqs, const at::Tensor& out) {
@@ -311,10 +373,10 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   const std::vector<Item> items = split_tasks(tasks, p.group, threads, p.dim, &scratch_floats);
   std::vector<float> scratch(scratch_floats);
   std::vector<std::atomic<int32_t>> done(tasks.size());
-  const T* qp = q.const_data_ptr<T>();
-  const T* kp = k_cache.const_data_ptr<T>();
-  const T* vp = v_cache.const_data_ptr<T>();
-  T* op = out.mutable_data_ptr<T>();
+  const TQ* qp = q.const_data_ptr<TQ>();
+  const TC* kp = k_cache.const_data_ptr<TC>();
+  const TC* vp = v_cache.const_data_ptr<TC>();
+  TQ* op = out.mutable_data_ptr<TQ>();
   std::atomic<int64_t> next{0};
   // One item per grab, costliest first: contexts in a batch differ by 10x and more.
   at::parallel_for(0, std::min<int64_t>(threads, items.size()), 1, [&](int64_t, int64_t) {
@@ -330,8 +392,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
                   const at::Tensor& context_lens, const at::Tensor& out) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4, "q must be [T, H, D], caches [NB, BS, Hkv, D]");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache differ in shape");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and the caches must share one dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == q.scalar_type() || q.scalar_type() == at::kFloat),
+              "the caches must share one dtype: q's, or under an fp32 q a 16-bit one");
   TORCH_CHECK(q.size(2) == k_cache.size(3), "q and the caches differ in head_dim");
   TORCH_CHECK(k_cache.size(2) > 0 && q.size(1) % k_cache.size(2) == 0,
               "heads must be a multiple of the K/V heads");
@@ -385,16 +448,23 @@ void paged_attention_out(const at::Tensor& q, const at::Tensor& k_cache,
             float(scale), q.stride(0), q.stride(1)};
   check_sequences(starts, lens, p.tables, num_seqs, p.table_width, p.block_size,
                   k_cache.size(0), q.size(0));
-  switch (q.scalar_type()) {
+  // check_inputs leaves two cases: q of the cache's dtype, or an fp32 q.
+  auto with_cache = [&](auto cache_zero) {
+    using TC = decltype(cache_zero);
+    if (q.scalar_type() == k_cache.scalar_type())
+      return run<TC, TC>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+    return run<float, TC>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+  };
+  switch (k_cache.scalar_type()) {
     case at::kFloat:
-      return run<float>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+      return with_cache(float{});
     case at::kHalf:
-      return run<c10::Half>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+      return with_cache(c10::Half{});
     case at::kBFloat16:
-      return run<c10::BFloat16>(p, q, k_cache, v_cache, starts, lens, num_seqs, out);
+      return with_cache(c10::BFloat16{});
     default:
-      TORCH_CHECK(false, "paged_attention: q must be float32, float16 or bfloat16, not ",
-                  q.scalar_type());
+      TORCH_CHECK(false, "paged_attention: the caches must be float32, float16 or bfloat16, "
+                  "not ", k_cache.scalar_type());
   }
 }
 

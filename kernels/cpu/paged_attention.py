@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from ..paged_attention import check_cache_dtypes
 
 
 def paged_attention(
@@ -50,8 +50,7 @@ def _check(
     block ids within the cache) before it reads anything."""
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape[3] != q.shape[2]:
         raise ValueError(f"q [T, H, D] and caches [NB, BS, Hkv, D]: got {q.shape}, {k_cache.shape}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q and the caches must share one of {_DTYPES}")
+    check_cache_dtypes(q, k_cache, v_cache)
     if q.stride(-1) != 1 or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("q needs a contiguous last dimension, the caches must be contiguous")
     for name, t in (("block_tables", block_tables), ("query_start_loc", query_start_loc),

@@ -5,11 +5,14 @@
 // The twins compute out1 = x1 * cos - x2 * sin and out2 = x2 * cos + x1 * sin in fp32, each
 // product rounded, then scale by the xPos factor (k by 1 / factor); build.py compiles with
 // -ffp-contract=off so that the compiler does not fuse those products into FMAs either.
+// The caches have k's dtype, or under an fp32 k a 16-bit one (the server's
+// --kv-cache-dtype): k and v are then rounded to nearest even, as the twin's .to() does.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -57,20 +60,30 @@ struct Rows {
   T* row(int64_t t, int64_t h) const { return data + t * token_stride + h * head_stride; }
 };
 
-template <typename T>
-void write_token(const Rows<T>& k, const Rows<T>& v, T* k_cache, T* v_cache, int64_t t,
-                 int64_t slot, int64_t dim) {
-  const int64_t width = k.heads * dim;  // a slot's [Hkv, D], contiguous in the cache
-  for (int64_t h = 0; h < k.heads; ++h) {
-    std::copy_n(k.row(t, h), dim, k_cache + slot * width + h * dim);
-    std::copy_n(v.row(t, h), dim, v_cache + slot * width + h * dim);
+template <typename T, typename C>
+void copy_row(const T* src, int64_t n, C* dst) {
+  if constexpr (std::is_same_v<T, C>) {
+    std::copy_n(src, n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = from_float<C>(to_float(src[i]));
   }
 }
 
-// Either part may be absent: rotary without q (none), or the write without caches.
-template <typename T>
+template <typename T, typename C>
+void write_token(const Rows<T>& k, const Rows<T>& v, C* k_cache, C* v_cache, int64_t t,
+                 int64_t slot, int64_t dim) {
+  const int64_t width = k.heads * dim;  // a slot's [Hkv, D], contiguous in the cache
+  for (int64_t h = 0; h < k.heads; ++h) {
+    copy_row(k.row(t, h), dim, k_cache + slot * width + h * dim);
+    copy_row(v.row(t, h), dim, v_cache + slot * width + h * dim);
+  }
+}
+
+// Either part may be absent: rotary without q (none), or the write without caches. q, k and
+// v of T, the caches of C.
+template <typename T, typename C>
 void run(const std::optional<Rows<T>>& q, const Rows<T>& k, const std::optional<Rows<T>>& v,
-         T* k_cache, T* v_cache, const int64_t* slots, const std::optional<Rotary>& rotary,
+         C* k_cache, C* v_cache, const int64_t* slots, const std::optional<Rotary>& rotary,
          int64_t num_tokens, int64_t dim) {
   const int64_t per_token = (q ? q->heads : 0) * dim + 2 * k.heads * dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, per_token));
@@ -125,8 +138,9 @@ void check_cache(const at::Tensor& k, const at::Tensor& k_cache, const at::Tenso
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
                   k_cache.is_contiguous() && v_cache.is_contiguous(),
               "caches must be contiguous [NB, BS, Hkv, D] of one shape");
-  TORCH_CHECK(k_cache.scalar_type() == k.scalar_type() && v_cache.scalar_type() == k.scalar_type(),
-              "the caches must have k's dtype");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == k.scalar_type() || k.scalar_type() == at::kFloat),
+              "the caches must share one dtype: k's, or under an fp32 k a 16-bit one");
   TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
               "k's [Hkv, D] must match the caches'");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
@@ -139,8 +153,8 @@ void check_cache(const at::Tensor& k, const at::Tensor& k_cache, const at::Tenso
 }
 
 template <typename Fn>
-void dispatch(const at::Tensor& k, Fn&& fn) {
-  switch (k.scalar_type()) {
+void dispatch(const at::Tensor& x, Fn&& fn) {
+  switch (x.scalar_type()) {
     case at::kFloat:
       return fn(float{});
     case at::kHalf:
@@ -148,8 +162,17 @@ void dispatch(const at::Tensor& k, Fn&& fn) {
     case at::kBFloat16:
       return fn(c10::BFloat16{});
     default:
-      TORCH_CHECK(false, "k must be float32, float16 or bfloat16, not ", k.scalar_type());
+      TORCH_CHECK(false, "k and the caches must be float32, float16 or bfloat16, not ",
+                  x.scalar_type());
   }
+}
+
+// fn(k's type, the caches' type): the two cases check_cache leaves.
+template <typename Fn>
+void dispatch_write(const at::Tensor& k, const at::Tensor& k_cache, Fn&& fn) {
+  if (k.scalar_type() == k_cache.scalar_type())
+    return dispatch(k, [&](auto zero) { fn(zero, zero); });
+  dispatch(k_cache, [&](auto cache_zero) { fn(float{}, cache_zero); });
 }
 
 void rotary_write_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -163,10 +186,11 @@ void rotary_write_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
   TORCH_CHECK(v.size(1) == k.size(1), "v must have k's K/V heads");
   check_cache(k, k_cache, v_cache, slot_mapping);
   auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
-  dispatch(k, [&](auto zero) {
+  dispatch_write(k, k_cache, [&](auto zero, auto cache_zero) {
     using T = decltype(zero);
-    run<T>(Rows<T>(q), Rows<T>(k), Rows<T>(v), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-           slot_mapping.const_data_ptr<int64_t>(), rotary, k.size(0), k.size(2));
+    using C = decltype(cache_zero);
+    run<T, C>(Rows<T>(q), Rows<T>(k), Rows<T>(v), k_cache.data_ptr<C>(), v_cache.data_ptr<C>(),
+              slot_mapping.const_data_ptr<int64_t>(), rotary, k.size(0), k.size(2));
   });
 }
 
@@ -178,8 +202,8 @@ void rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
   dispatch(k, [&](auto zero) {
     using T = decltype(zero);
-    run<T>(Rows<T>(q), Rows<T>(k), std::nullopt, nullptr, nullptr, nullptr, rotary, k.size(0),
-           k.size(2));
+    run<T, T>(Rows<T>(q), Rows<T>(k), std::nullopt, nullptr, nullptr, nullptr, rotary,
+              k.size(0), k.size(2));
   });
 }
 
@@ -189,10 +213,12 @@ void write_kv_cache(const at::Tensor& k, const at::Tensor& v, const at::Tensor& 
   check_rows(v, k, "v");
   TORCH_CHECK(v.size(1) == k.size(1), "v must have k's K/V heads");
   check_cache(k, k_cache, v_cache, slot_mapping);
-  dispatch(k, [&](auto zero) {
+  dispatch_write(k, k_cache, [&](auto zero, auto cache_zero) {
     using T = decltype(zero);
-    run<T>(std::nullopt, Rows<T>(k), Rows<T>(v), k_cache.data_ptr<T>(), v_cache.data_ptr<T>(),
-           slot_mapping.const_data_ptr<int64_t>(), std::nullopt, k.size(0), k.size(2));
+    using C = decltype(cache_zero);
+    run<T, C>(std::nullopt, Rows<T>(k), Rows<T>(v), k_cache.data_ptr<C>(),
+              v_cache.data_ptr<C>(), slot_mapping.const_data_ptr<int64_t>(), std::nullopt,
+              k.size(0), k.size(2));
   });
 }
 

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..paged_attention import check_cache_dtypes
 from .launch import COMPILE_OPTIONS, for_device, is_interpreted
 from .split_policy import choose_num_splits, num_sms
 
@@ -77,6 +78,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # interpreter only: numpy cannot matmul bf16 (stored as uint16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no silent tf32), else ignored
+    WIDEN_CACHE: tl.constexpr,  # an fp32 q over a 16-bit cache: K, V and P in fp32
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -130,7 +132,7 @@ def _paged_attention_kernel(
             mask=n_ok[:, None] & d_ok[None, :],
             other=0.0,
         )  # (N, D)
-        if DOT_FP32:
+        if DOT_FP32 or WIDEN_CACHE:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # (M, N) fp32
@@ -141,9 +143,13 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_in = p.to(v_cache_ptr.dtype.element_ty)  # P at the cache's precision, as the MMA sees it
-        if DOT_FP32:
-            p_in = p_in.to(tl.float32)
+        if WIDEN_CACHE:
+            p_in = p  # as over an fp32 cache
+        else:
+            # P at the cache's precision, as the MMA sees it
+            p_in = p.to(v_cache_ptr.dtype.element_ty)
+            if DOT_FP32:
+                p_in = p_in.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p_in, v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -253,6 +259,7 @@ def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
         # (bf16 x bf16 products fit fp32; the tensor cores also accumulate in fp32).
         DOT_FP32=q.dtype == torch.bfloat16 and is_interpreted(_paged_attention_kernel),
         DOT_PRECISION="ieee" if fp32 else "tf32",  # tf32 is ignored for fp16 / bf16
+        WIDEN_CACHE=fp32 and k_cache.dtype != torch.float32,
     )
     options = FP32_LAUNCH_OPTIONS if fp32 else LAUNCH_OPTIONS
     return LaunchPlan((grid_tiles, n_kv, num_splits), constexprs, options)
@@ -337,8 +344,7 @@ def _check(
         raise ValueError(f"q [T, H, D] and caches [NB, BS, Hkv, D]: got {q.shape}, {k_cache.shape}")
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have the same shape and strides")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q and the caches must share one of {_DTYPES}")
+    check_cache_dtypes(q, k_cache, v_cache)
     if q.shape[1] % k_cache.shape[2]:
         raise ValueError(f"{q.shape[1]} query heads do not group over {k_cache.shape[2]} K/V heads")
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
@@ -349,6 +355,3 @@ def _check(
             raise ValueError(f"{name} must be int32 with a contiguous last dimension")
     if query_start_loc.shape[0] != context_lens.shape[0] + 1:
         raise ValueError("query_start_loc must have one more entry than context_lens")
-
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -12,6 +12,7 @@ The extension must build here: a failed build fails these tests, it never skips 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -121,6 +122,27 @@ EXACT_CASES = {
 
 
 @pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_fp64_fp32_q_over_16bit_cache(
+    name: str, cache_dtype: torch.dtype, threads: int
+) -> None:
+    """--kv-cache-dtype: fp32 queries over a 16-bit cache, held against the exact result over
+    the values the cache holds (the twin, itself ~1e-6 from exact, is too close to referee)."""
+    batch = _batch(name)
+    batch = dataclasses.replace(
+        batch, k_cache=batch.k_cache.to(cache_dtype), v_cache=batch.v_cache.to(cache_dtype)
+    )
+    out = torch.full_like(batch.q, float("nan"))
+    with torch_threads(threads):
+        cpu_paged_attention(*batch.args(batch.k_cache, batch.v_cache), out=out)
+    assert not out.isnan().any()
+    diff = (out.double() - _exact(batch)).abs().max().item()
+    assert diff < FP32_ATOL
+    print(f"{name} {cache_dtype} threads={threads}: max abs diff from exact {diff:.3g}")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("name", list(EXACT_CASES))
 def test_long_inputs_equal_fp64(name: str, threads: int) -> None:
     q_lens, ctx = EXACT_CASES[name]
@@ -162,8 +184,12 @@ def test_rejects_bad_inputs() -> None:
         cpu_paged_attention(*args[:2], v.transpose(0, 1).contiguous().transpose(0, 1), *args[3:])
     with pytest.raises(ValueError, match="int32"):
         cpu_paged_attention(*args[:3], batch.block_tables.long(), *args[4:])
-    with pytest.raises(ValueError, match="share one"):
+    with pytest.raises(ValueError, match="q's dtype"):
         cpu_paged_attention(batch.q.half(), *args[1:])
+    with pytest.raises(ValueError, match="q's dtype"):  # 16-bit caches only under fp32 q
+        cpu_paged_attention(batch.q.half(), k.bfloat16(), v.bfloat16(), *args[3:])
+    with pytest.raises(ValueError, match="the caches alike"):
+        cpu_paged_attention(batch.q, k.bfloat16(), v.half(), *args[3:])
     with pytest.raises(ValueError, match=r"\[T, H, D\]"):
         cpu_paged_attention(batch.q[..., :32].contiguous(), *args[1:])
     tables = batch.block_tables.clone()
@@ -213,11 +239,11 @@ def test_avx2_paths_equal_twin_where_the_cpu_has_avx512() -> None:
         "assert cpu.available(), cpu.unavailable_reason()\n"
         "assert not torch.ops.palm_cpu.panel_linear_supported()\n"
         "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'equals_twin_fp32 or "
-        f"equal_fp64', {__file__!r}]))\n"
+        f"equal_fp64 or equals_fp64', {__file__!r}]))\n"
     )
     env = {**os.environ, "PALM_CPU_AVX512": "0"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    ran = 2 * (len(CASES) + len(EXACT_CASES))  # at 1 and 4 threads
+    ran = 2 * (3 * len(CASES) + len(EXACT_CASES))  # at 1 and 4 threads; 2 16-bit caches
     assert f"{ran} passed" in done.stdout, done.stdout[-2000:]

@@ -18,6 +18,11 @@ from palm_serve.kernels import (
 from triton_cases import rotate_fused
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (k and v, the caches): the model's dtype, or 16-bit caches under fp32 (--kv-cache-dtype)
+WRITE_DTYPES = [(dtype, dtype) for dtype in DTYPES] + [
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+]
 MAX_POS = 512
 # Slots across shuffled blocks, block edges (15, 16, 17), the last slot, and padding (-1).
 SLOTS = [3 * 16 + 0, -1, 0, 15, 16, 17, 5 * 16 + 15, -1, 2 * 16 + 7]
@@ -66,25 +71,25 @@ def _caches(dtype, kv_heads, head_dim, num_blocks=6) -> tuple[torch.Tensor, torc
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, cache_dtype", WRITE_DTYPES)
 @pytest.mark.parametrize("head_dim, kv_heads", [(64, 1), (128, 2)])
-def test_write_kv_cache(dtype, head_dim, kv_heads) -> None:
+def test_write_kv_cache(dtype, cache_dtype, head_dim, kv_heads) -> None:
     k = torch.randn(len(SLOTS), kv_heads, head_dim).to(dtype)
     v = torch.randn(len(SLOTS), kv_heads, head_dim).to(dtype)
     slots = torch.tensor(SLOTS)
-    k_ref, v_ref = _caches(dtype, kv_heads, head_dim)
+    k_ref, v_ref = _caches(cache_dtype, kv_heads, head_dim)
     write_kv_cache(k, v, k_ref, v_ref, slots)
-    k_out, v_out = _caches(dtype, kv_heads, head_dim)
+    k_out, v_out = _caches(cache_dtype, kv_heads, head_dim)
     cpu.write_kv_cache(k, v, k_out, v_out, slots)
     _exact(k_out, k_ref)
     _exact(v_out, v_ref)
     assert int(k_out.isnan().any(dim=(2, 3)).logical_not().sum()) == 7  # 7 real slots written
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype, cache_dtype", WRITE_DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, xpos", [(8, 1, False), (6, 2, True)])
 @pytest.mark.parametrize("tokens", [len(SLOTS), 300])  # one thread's worth, and several
-def test_fused_equals_rotary_then_write(dtype, heads, kv_heads, xpos, tokens) -> None:
+def test_fused_equals_rotary_then_write(dtype, cache_dtype, heads, kv_heads, xpos, tokens) -> None:
     head_dim = 64
     fused = torch.randn(tokens, heads + 2 * kv_heads, head_dim).to(dtype)
     positions = torch.tensor((POSITIONS * tokens)[:tokens])
@@ -95,8 +100,8 @@ def test_fused_equals_rotary_then_write(dtype, heads, kv_heads, xpos, tokens) ->
         return x[:, :heads], x[:, heads : heads + kv_heads], x[:, heads + kv_heads :]
 
     expected, actual = fused.clone(), fused.clone()
-    k_ref, v_ref = _caches(dtype, kv_heads, head_dim, num_blocks=30)
-    k_out, v_out = _caches(dtype, kv_heads, head_dim, num_blocks=30)
+    k_ref, v_ref = _caches(cache_dtype, kv_heads, head_dim, num_blocks=30)
+    k_out, v_out = _caches(cache_dtype, kv_heads, head_dim, num_blocks=30)
     q, k, v = split(expected)
     rotary_embedding(q, k, positions, *tables)
     write_kv_cache(k, v, k_ref, v_ref, slots)
@@ -117,6 +122,11 @@ def test_rejects_bad_inputs() -> None:
     k_cache = torch.zeros(2, 4, 1, 16)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu.write_kv_cache(k, k, k_cache, k_cache.clone(), torch.tensor([0, 8, 1]))
+    half, bf16_cache = k.half(), k_cache.bfloat16()  # 16-bit caches only under fp32 k
+    with pytest.raises(RuntimeError, match="k's, or under an fp32 k"):
+        cpu.write_kv_cache(half, half, bf16_cache, bf16_cache.clone(), torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        cpu.write_kv_cache(k, k, bf16_cache, k_cache.half(), torch.tensor([0, 1, 2]))
 
 
 def test_traceable_without_graph_break() -> None:

@@ -85,11 +85,12 @@ def _report(name: str, cap: int, compiled) -> None:
     assert shared <= SHARED_LIMIT[cap], f"{name}: {shared} B of shared memory on sm_{cap}"
 
 
-def _attention_signature(dtype: str, split: bool) -> dict[str, str]:
+def _attention_signature(dtype: str, split: bool, cache: str | None = None) -> dict[str, str]:
+    cache = cache or dtype
     ints = ["num_seqs", "stride_qt", "stride_qh", "stride_cb", "stride_cs", "stride_ch",
             "stride_os", "stride_ot", "stride_oh", "stride_bt", "num_heads", "stride_ms",
             "stride_ml", "block_size"]  # fmt: skip
-    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+    sig = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}",
            "out_ptr": "*fp32" if split else f"*{dtype}", "ml_ptr": "*fp32",
            "block_tables_ptr": "*i32", "query_start_loc_ptr": "*i32",
            "context_lens_ptr": "*i32", "scale_log2": "fp32"}  # fmt: skip
@@ -98,12 +99,12 @@ def _attention_signature(dtype: str, split: bool) -> dict[str, str]:
 
 
 def _attention_constexprs(head_dim: int, group: int, decode: bool, splits: int,
-                          fp32: bool = False) -> dict:  # fmt: skip
+                          fp32: bool = False, widen_cache: bool = False) -> dict:  # fmt: skip
     block_m, block_q = paged_attention.tile_shape(1 if decode else 2, 1, group)
     block_n = paged_attention.FP32_BLOCK_N if fp32 else paged_attention.BLOCK_N
     return dict(GROUP=group, HEAD_DIM=head_dim, D_PAD=head_dim, BLOCK_M=block_m,
                 BLOCK_Q=block_q, BLOCK_N=block_n, NUM_SPLITS=splits, DOT_FP32=False,
-                DOT_PRECISION="ieee" if fp32 else "tf32")  # fmt: skip
+                DOT_PRECISION="ieee" if fp32 else "tf32", WIDEN_CACHE=widen_cache)  # fmt: skip
 
 
 # (label, group, decode tiles?, splits): the mixed-batch tile, and a split decode tile.
@@ -143,6 +144,20 @@ def test_paged_attention_compiles_in_fp32(cap: int) -> None:
         dict(paged_attention.FP32_LAUNCH_OPTIONS),
     )
     _report("paged_attention[mixed] fp32 D=128", cap, compiled)
+
+
+@pytest.mark.parametrize("cap", [80])
+@pytest.mark.parametrize("cache", ["bf16", "fp16"])
+def test_paged_attention_compiles_in_fp32_over_a_16bit_cache(cap: int, cache: str) -> None:
+    """--kv-cache-dtype with fp32 weights: the cache widened to fp32 as it is loaded."""
+    compiled = _compile(
+        paged_attention._paged_attention_kernel,
+        _attention_signature("fp32", split=False, cache=cache),
+        _attention_constexprs(128, 8, decode=False, splits=1, fp32=True, widen_cache=True),
+        cap,
+        dict(paged_attention.FP32_LAUNCH_OPTIONS),
+    )
+    _report(f"paged_attention[mixed] fp32 over {cache} D=128", cap, compiled)
 
 
 @pytest.mark.parametrize("cap", CAPS)

@@ -70,6 +70,21 @@ def test_mixed_prefill_and_decodes(dtype, head_dim, heads, kv_heads, splits) -> 
     print(f"mixed {dtype} D={head_dim} H={heads}/{kv_heads} splits={splits}: {diff:.3g}")
 
 
+@pytest.mark.parametrize("cache_dtype, splits", [(torch.bfloat16, None), (torch.float16, 3)])
+def test_fp32_q_over_16bit_cache(cache_dtype: torch.dtype, splits: int | None) -> None:
+    """--kv-cache-dtype: K, V and P in fp32 over what the cache holds, as the twin reads it."""
+    batch = make_paged_batch(MIXED_Q, MIXED_CTX, heads=8, kv_heads=2, head_dim=64,
+                             block_size=BS, dtype=torch.float32)  # fmt: skip
+    k_cache, v_cache = batch.k_cache.to(cache_dtype), batch.v_cache.to(cache_dtype)
+    expected = torch_paged_attention(*batch.args(k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0)))
+    out = torch.full_like(batch.q, float("nan"))
+    result, _ = worker().call("palm_serve.kernels.triton", "paged_attention",
+                               *batch.args(k_cache, v_cache), out=out,
+                               num_splits=splits)  # fmt: skip
+    diff = assert_matches(result, expected, FP32_ATOL_ATTENTION)
+    print(f"fp32 q over {cache_dtype} splits={splits}: {diff:.3g}")
+
+
 def test_odd_block_size_and_head_dim() -> None:
     """block_size 5 (keys of one BLOCK_N step span many blocks) and head_dim 48 (padded)."""
     _run([3, 1, 1, 1], [23, 4, 5, 6], torch.float32, 48, 4, 1, None, block_size=5)
