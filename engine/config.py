@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1 << 20
+KV_CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -14,6 +15,9 @@ class EngineConfig:
     # Explicit pool size in blocks; None sizes the pool from kv_cache_memory_bytes.
     num_blocks: int | None = None
     kv_cache_memory_bytes: int = 512 * MIB
+    # The cache's dtype (a name in KV_CACHE_DTYPES); None: the model's. A 16-bit cache
+    # under fp32 weights halves the pool's bytes per token and what attention reads.
+    kv_cache_dtype: str | None = None
     # At most this many sequences run (hold blocks and are scheduled) at once.
     max_num_seqs: int = 64
     # Token budget of one step: decodes (1 each) plus prefill chunks.
@@ -41,6 +45,11 @@ class EngineConfig:
             (self.block_size >= 1, "block_size", "must be >= 1"),
             (self.num_blocks is None or self.num_blocks >= 1, "num_blocks", "must be >= 1"),
             (self.kv_cache_memory_bytes >= 1, "kv_cache_memory_bytes", "must be >= 1"),
+            (
+                self.kv_cache_dtype in (None, *KV_CACHE_DTYPES),
+                "kv_cache_dtype",
+                f"must be None or one of {', '.join(KV_CACHE_DTYPES)}",
+            ),
             (self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1"),
             (

@@ -147,6 +147,7 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
             compile=spec.compile,
             block_size=spec.engine_config.block_size,
             quantization=spec.quantization,
+            kv_cache_dtype=spec.engine_config.kv_cache_dtype,
         )
     # For its EOS id when the model's config names none, and structured output's grammars.
     tokenizer = load_tokenizer(spec.model_dir, model.config.vocab_size)

@@ -51,12 +51,14 @@ def load_served_model(
     compile: bool = False,
     block_size: int = EngineConfig.block_size,
     quantization: str = "none",
+    kv_cache_dtype: str | None = None,
 ) -> DecoderModel:
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
     not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
-    of block_size; with no C++ compiler, the torch twins run eagerly instead, said in one
-    log line. quantization "int8": the blocks' linears in int8 (model/quantization.py)."""
+    of block_size and kv_cache_dtype (None: the model's dtype); with no C++ compiler, the
+    torch twins run eagerly instead, said in one log line. quantization "int8": the blocks'
+    linears in int8 (model/quantization.py)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if quantization not in QUANTIZATIONS:
@@ -75,7 +77,9 @@ def load_served_model(
     if prepack_cpu_linears:
         prepack_linears(model)
     if compile:
-        compile_model(model, block_size)
+        param = next(model.parameters())
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, param.dtype)
+        compile_model(model, block_size, kv_cache_dtype=cache_dtype)
     return model
 
 
@@ -118,6 +122,7 @@ def build_engine(
         compile=compile,
         block_size=engine_config.block_size,
         quantization=quantization,
+        kv_cache_dtype=engine_config.kv_cache_dtype,
     )
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     return build_async_engine(model, tokenizer, engine_config)
@@ -130,9 +135,10 @@ def build_core(
     the token bytes structured output compiles grammars against."""
     mc = model.config
     param = next(model.parameters())
-    num_blocks = config.num_blocks or pool_blocks(mc, config, param.dtype)
+    cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, param.dtype)
+    num_blocks = config.num_blocks or pool_blocks(mc, config, cache_dtype)
     max_model_len = context_length(mc, config, num_blocks)
-    kv_cache = KVCache.allocate(mc, num_blocks, config.block_size, param.dtype, param.device)
+    kv_cache = KVCache.allocate(mc, num_blocks, config.block_size, cache_dtype, param.device)
     block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
     eos = mc.eos_token_id if mc.eos_token_id is not None else tokenizer.eos_token_id
     drafts = DraftPolicy(config, max_model_len) if config.speculative_ngram else None
@@ -179,6 +185,23 @@ def core_info(core: EngineCore, model: DecoderModel) -> EngineInfo:
 def served_weight_bytes(model: DecoderModel) -> int:
     """weight_bytes of a loaded model; 0 for a tensor-parallel proxy (its ranks hold them)."""
     return weight_bytes(model) if isinstance(model, torch.nn.Module) else 0
+
+
+def resolve_kv_cache_dtype(name: str | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The pool's dtype: the one named, or (None) the model's. The kernels read a cache of
+    the model's dtype, or a 16-bit one under fp32 weights (q, the softmax and the output
+    stay fp32; K and V are rounded to nearest even as they are written)."""
+    if name is None:
+        return model_dtype
+    if name not in DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    dtype = DTYPES[name]
+    if dtype != model_dtype and model_dtype != torch.float32:
+        raise ValueError(
+            f"kv_cache_dtype {name} needs float32 weights or weights of that dtype, "
+            f"not {str(model_dtype).removeprefix('torch.')}"
+        )
+    return dtype
 
 
 def pool_blocks(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> int:

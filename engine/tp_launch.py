@@ -149,11 +149,12 @@ def join_group(
 def allocate_cache(spec: RankSpec, shard: DecoderModel) -> KVCache:
     """A worker's pool: the size build_core gives rank 0's (same settings, and every rank
     holds the same number of K/V heads)."""
-    from .factory import pool_blocks
+    from .factory import pool_blocks, resolve_kv_cache_dtype
 
     config, param = spec.engine_config, next(shard.parameters())
-    num_blocks = config.num_blocks or pool_blocks(shard.config, config, param.dtype)
-    return KVCache.allocate(shard.config, num_blocks, config.block_size, param.dtype, param.device)
+    dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, param.dtype)
+    num_blocks = config.num_blocks or pool_blocks(shard.config, config, dtype)
+    return KVCache.allocate(shard.config, num_blocks, config.block_size, dtype, param.device)
 
 
 def start_tensor_parallel(spec: RankSpec) -> TensorParallelModel:

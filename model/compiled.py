@@ -152,9 +152,15 @@ def _mark_batch(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attentio
     mark_unbacked(meta.query_start_loc, 0)
 
 
-def compile_model(model: DecoderModel, block_size: int = 16, progress: bool = True) -> bool:
+def compile_model(
+    model: DecoderModel,
+    block_size: int = 16,
+    progress: bool = True,
+    kv_cache_dtype: torch.dtype | None = None,
+) -> bool:
     """Compile the model's serving step in place (model.forward becomes a CompiledForward)
-    for KV caches of block_size tokens per block, and run it on scratch batches, so that
+    for KV caches of block_size tokens per block and kv_cache_dtype (None: the model's
+    dtype), and run it on scratch batches, so that
     the compilation happens now, behind a progress bar that ends with its time, and not in
     the first request. Returns False, having logged one line saying why, where the model
     keeps its eager forward."""
@@ -170,7 +176,7 @@ def compile_model(model: DecoderModel, block_size: int = 16, progress: bool = Tr
     started, hits_before = time.perf_counter(), _cache_hits()
     try:
         with _ProgressBar(progress) as bar:
-            compiled = _warm_up(model, block_size, bar)
+            compiled = _warm_up(model, block_size, kv_cache_dtype, bar)
             how = "loaded from the cache" if _cache_hits() > hits_before else "compiled"
             seconds = time.perf_counter() - started
             bar.finish(f"step {how} in {seconds:.1f} s")
@@ -224,14 +230,17 @@ class _ProgressBar:
         self.bar.set_description(f"torch.compile: {message}")
 
 
-def _warm_up(model: DecoderModel, block_size: int, bar: _ProgressBar) -> CompiledForward:
+def _warm_up(
+    model: DecoderModel, block_size: int, kv_cache_dtype: torch.dtype | None, bar: _ProgressBar
+) -> CompiledForward:
     """The compiled forward, having run on every WARM_UP_BATCHES batch with one compilation."""
     compiled = CompiledForward(model, bar.stage)
     param = next(model.parameters())
     num_blocks = sum(-(-n // block_size) for _, contexts in WARM_UP_BATCHES for n in contexts)
     # Allocated outside inference mode, as the engine allocates its pool (a cache of
     # inference tensors would be a guard mismatch, and a second compilation, later).
-    cache = KVCache.allocate(model.config, num_blocks, block_size, param.dtype, param.device)
+    dtype = kv_cache_dtype or param.dtype
+    cache = KVCache.allocate(model.config, num_blocks, block_size, dtype, param.device)
     # automatic_dynamic_shapes off: a model compiled earlier in this process (same code,
     # other weights) must not make this one's weight shapes dynamic.
     with torch.inference_mode(), torch._dynamo.config.patch(automatic_dynamic_shapes=False):

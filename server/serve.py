@@ -149,6 +149,7 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         block_size=settings.block_size,
         num_blocks=settings.num_kv_blocks,
         kv_cache_memory_bytes=int(settings.kv_cache_memory),
+        kv_cache_dtype=settings.engine_kv_cache_dtype(),
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         enable_prefix_caching=settings.enable_prefix_caching,
@@ -271,7 +272,8 @@ def summary(settings: Settings, engine: AsyncEngine) -> str:
             else []
         ),
         f"  weights  {info.weight_bytes / 2**20:.1f} MiB (quantization {settings.quantization})",
-        f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens",
+        f"  KV pool  {info.num_blocks} blocks x {info.block_size} tokens = {tokens} tokens "
+        f"({settings.engine_kv_cache_dtype() or settings.dtype})",
         f"  limits   max_num_seqs {settings.max_num_seqs}, max_queue {settings.max_queue}, "
         f"max_tokens {settings.max_tokens_limit}, api key {key}",
     ]

@@ -43,7 +43,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 in the container)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="weights and KV-cache dtype"
+        "float32", description="weights dtype (and the KV cache's, unless kv_cache_dtype)"
+    )
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="KV-cache dtype: auto (dtype's), or bfloat16/float16 under float32 "
+        "weights: twice the tokens per byte of kv_cache_memory and half the bytes attention "
+        "reads, outputs near but not equal to float32's",
     )
     device: str = Field(
         "auto", description="torch device: auto (cuda if present), cpu, cuda, cuda:1"
@@ -264,6 +270,19 @@ class Settings(BaseSettings):
                 f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _kv_cache_dtype_with_dtype(self) -> Settings:
+        cache = self.kv_cache_dtype
+        if cache not in ("auto", self.dtype) and self.dtype != "float32":
+            raise ValueError(
+                f"kv_cache_dtype {cache} needs dtype float32 or dtype {cache}, not {self.dtype}"
+            )
+        return self
+
+    def engine_kv_cache_dtype(self) -> str | None:
+        """kv_cache_dtype as EngineConfig takes it (None: the weights' dtype)."""
+        return None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     @model_validator(mode="after")
     def _int8_combinations(self) -> Settings:

@@ -38,6 +38,8 @@ def test_every_setting_is_a_flag_and_an_env_var(monkeypatch):
         (["--model", "/nonexistent/dir"], "is not a model directory"),
         (["--port", "http"], "--port"),
         (["--dtype", "float64"], "--dtype"),
+        (["--kv-cache-dtype", "int8"], "--kv-cache-dtype"),
+        (["--dtype", "bfloat16", "--kv-cache-dtype", "float16"], "kv_cache_dtype float16 needs"),
     ],
 )
 def test_bad_settings_exit_2_with_a_message(argv, message, capsys):
