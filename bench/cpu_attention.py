@@ -7,12 +7,16 @@ PaLM (8 heads, MQA, head_dim 32); block size 16. The twin's per-step plan is bui
 step of --layers calls and its cost shared among them, as in the model. Medians of
 --repeats steps, in --rounds rounds of alternating order.
 
+--kv-cache-dtype bfloat16 (or float16) also times the kernel over the same caches in that
+dtype (fp32 queries, as `palm-serve serve --kv-cache-dtype` runs it), alternated with the
+others.
+
 On a machine that other processes share, wall time measures the scheduler as much as the
 kernels (an OpenMP region waits for its slowest thread, and the twin runs many regions a
 call); with --threads 1, --clock thread measures the CPU time of the one thread instead.
 
     .venv/bin/python bench/cpu_attention.py [--threads 2] [--repeats 20] [--rounds 3]
-        [--clock wall|thread]
+        [--clock wall|thread] [--kv-cache-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
+    p.add_argument("--kv-cache-dtype", choices=["bfloat16", "float16"])
     args = p.parse_args()
     if args.clock == "thread" and args.threads != 1:
         raise SystemExit("--clock thread measures one thread: use it with --threads 1")
@@ -116,10 +121,18 @@ def main() -> None:
         f"{args.threads} threads, {args.clock} clock; ms per layer call (median of "
         f"{args.repeats} steps of {args.layers} layers, best of {args.rounds} rounds)"
     )
-    print("| shapes | batch | twin ms | cpu ms | twin / cpu |\n|---|---|---|---|---|")
+    kv = args.kv_cache_dtype
+    extra = f" cpu, {kv} cache ms | fp32 cache / {kv} cache |" if kv else ""
+    print(f"| shapes | batch | twin ms | cpu ms | twin / cpu |{extra}")
+    print("|---|---|---|---|---|" + ("---|---|" if kv else ""))
     for shape_name, shape in SHAPES.items():
         for batch_name, batch in batches(shape).items():
             steps = {"twin": twin_step(batch, args.layers), "cpu": cpu_step(batch, args.layers)}
+            if kv:
+                q, k_cache, v_cache, *rest = batch
+                cache_dtype = getattr(torch, kv)
+                half = (q, k_cache.to(cache_dtype), v_cache.to(cache_dtype), *rest)
+                steps[kv] = cpu_step(half, args.layers)
             for step in steps.values():  # warm-up: first calls pay page faults, the build
                 step()
             best = {name: float("inf") for name in steps}
@@ -130,8 +143,9 @@ def main() -> None:
                         best[name], median_ms(steps[name], args.repeats, args.layers, clock)
                     )
             ratio = best["twin"] / best["cpu"]
+            cells = f" {best[kv]:.3f} | {best['cpu'] / best[kv]:.2f}x |" if kv else ""
             print(f"| {shape_name} | {batch_name} | {best['twin']:.3f} | {best['cpu']:.3f} | "
-                  f"{ratio:.1f}x |")  # fmt: skip
+                  f"{ratio:.1f}x |{cells}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ also split into model.forward and runner.execute, by timing wrappers.
 With --compile, every batch size is measured on two copies of each model, the eager step
 and the compiled one (model/compiled.py, as `palm-serve serve --compile` runs it),
 interleaved (eager, compiled, matmuls) --repeats times; each cell is the median over the
-repeats of the per-repeat medians.
+repeats of the per-repeat medians. --kv-cache-dtype bfloat16 (or float16) adds the same
+steps over a 16-bit KV cache (`palm-serve serve --kv-cache-dtype`), interleaved with them.
 
     .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
-        [--compile] [--int8] [--repeats 5] [--kernel-backend auto] [--clock cpu --threads 1]
+        [--compile] [--int8] [--kv-cache-dtype bfloat16] [--repeats 5]
+        [--kernel-backend auto] [--clock cpu --threads 1]
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ PROMPT_LEN = 32
 
 
 def models(
-    args, compile: bool = False, quantization: str = "none"
+    args, compile: bool = False, quantization: str = "none", kv_cache_dtype: str | None = None
 ) -> dict[str, tuple[nn.Module, object]]:
     """Each model as the server sets it up (kernel backend, prepacked linears, compiled or
     not)."""
     out = {}
     palm_dir = REPO / "model" / "default"
     if (palm_dir / "model.safetensors").is_file():
-        out["palm-default"] = _load(palm_dir, args, compile, quantization)
+        out["palm-default"] = _load(palm_dir, args, compile, quantization, kv_cache_dtype)
     else:  # the colleague's trained default is not there yet: a random PaLM of similar size
         config = PaLMConfig(vocab_size=32000, dim=512, depth=8, heads=8, dim_head=64)
         torch.manual_seed(0)
@@ -61,21 +63,24 @@ def models(
         if not args.no_prepack:
             prepack_linears(model)
         if compile:
-            compile_model(model)
+            compile_model(model, kv_cache_dtype=kv_cache_dtype and getattr(torch, kv_cache_dtype))
         out["palm-random (no model/default)"] = (model, _Ids(32000))
     llama_dir = REPO / "bench" / ".venvs" / "models" / "tiny-llama"
     if (llama_dir / "model.safetensors").is_file():
-        out["tiny-llama"] = _load(llama_dir, args, compile, quantization)
+        out["tiny-llama"] = _load(llama_dir, args, compile, quantization, kv_cache_dtype)
     return out
 
 
-def _load(path: Path, args, compile: bool, quantization: str = "none"):
+def _load(
+    path: Path, args, compile: bool, quantization: str = "none", kv_cache_dtype: str | None = None
+):
     model = load_served_model(
         path,
         kernel_backend=args.kernel_backend,
         prepack_cpu_linears=not args.no_prepack,
         compile=compile,
         quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
     )
     return model.eval().requires_grad_(False), load_tokenizer(path, model.config.vocab_size)
 
@@ -160,7 +165,13 @@ class Timer:
 
 
 def time_engine_step(
-    model, tokenizer, batch: int, steps: int, prompt_len: int = PROMPT_LEN, setup=None
+    model,
+    tokenizer,
+    batch: int,
+    steps: int,
+    prompt_len: int = PROMPT_LEN,
+    setup=None,
+    kv_cache_dtype: str | None = None,
 ) -> dict[str, float]:
     """Median decode-step time with `batch` running sequences (prompts of prompt_len);
     setup(engine), if given, is called on the engine before its first request."""
@@ -169,6 +180,7 @@ def time_engine_step(
         num_blocks=batch * blocks_per_seq + 8,
         max_num_seqs=max(batch, 1),
         max_num_batched_tokens=max(2048, prompt_len),
+        kv_cache_dtype=kv_cache_dtype,
     )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
     if setup is not None:
@@ -202,12 +214,14 @@ def time_engine_step(
     }
 
 
-def profile_step(model, tokenizer, batch: int, prompt_len: int) -> str:
+def profile_step(
+    model, tokenizer, batch: int, prompt_len: int, kv_cache_dtype: str | None = None
+) -> str:
     """torch.profiler over a few decode steps: where the non-matmul time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_engine_step(model, tokenizer, batch, 5, prompt_len)
+        time_engine_step(model, tokenizer, batch, 5, prompt_len, kv_cache_dtype=kv_cache_dtype)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
 
 
@@ -222,6 +236,11 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
     p.add_argument("--int8", action="store_true", help="the eager step with int8 linears too")
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["bfloat16", "float16"],
+        help="the steps over a KV cache of this dtype too",
+    )
     add_clock_argument(p)
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
@@ -232,13 +251,20 @@ def main() -> None:
     eager = models(args)
     compiled = models(args, compile=True) if args.compile else {}
     int8 = models(args, quantization="int8") if args.int8 else {}
+    kv = args.kv_cache_dtype
+    compiled_kv = models(args, compile=True, kv_cache_dtype=kv) if kv and args.compile else {}
     rows = []
     for name, (model, tokenizer) in eager.items():
-        variants = {"eager": model}
+        # variant: (model, its KV cache's dtype; None: the model's)
+        variants: dict[str, tuple[nn.Module, str | None]] = {"eager": (model, None)}
         if name in compiled:
-            variants["compiled"] = compiled[name][0]
+            variants["compiled"] = (compiled[name][0], None)
         if name in int8:
-            variants["int8"] = int8[name][0]
+            variants["int8"] = (int8[name][0], None)
+        if kv:
+            variants[f"eager, {kv} KV"] = (model, kv)
+        if name in compiled_kv:
+            variants[f"compiled, {kv} KV"] = (compiled_kv[name][0], kv)
         prepacked = sum(isinstance(m, PrepackedLinear) for m in model.modules())
         params = _parameters(model) / 1e6
         print(
@@ -256,9 +282,16 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
             floors = []
             for _ in range(args.repeats):
-                for variant, m in variants.items():
+                for variant, (m, cache_dtype) in variants.items():
                     runs[variant].append(
-                        time_engine_step(m, tokenizer, batch, args.steps, args.prompt_len)
+                        time_engine_step(
+                            m,
+                            tokenizer,
+                            batch,
+                            args.steps,
+                            args.prompt_len,
+                            kv_cache_dtype=cache_dtype,
+                        )  # fmt: skip
                     )
                 floors.append(time_matmuls(model, batch, max(args.steps, 10)))
             mm = statistics.median(floors)
@@ -278,9 +311,9 @@ def main() -> None:
                     flush=True,
                 )
         if args.profile:
-            for variant, m in variants.items():
+            for variant, (m, cache_dtype) in variants.items():
                 print(f"\n### {name}, {variant}: torch.profiler, batch {args.profile}\n```")
-                print(profile_step(m, tokenizer, args.profile, args.prompt_len))
+                print(profile_step(m, tokenizer, args.profile, args.prompt_len, cache_dtype))
                 print("```")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
