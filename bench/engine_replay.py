@@ -9,10 +9,11 @@ difference is HTTP, SSE, the event loop, the process boundary and the client sha
 cores. OpenMP reads its environment when torch loads, so set OMP_WAIT_POLICY (and
 taskset -c for the CPUs) as the engine runs in the server: bench/placements.py does.
 --compile: the compiled step (model/compiled.py), compiled before the clock starts.
+--kv-cache-dtype: the KV pool in bfloat16 or float16 (`palm-serve serve --kv-cache-dtype`).
 
     .venv/bin/python bench/engine_replay.py [--num-requests 100] [--input-len 32-512]
         [--output-len 16-256] [--max-num-seqs 32] [--seed 7] [--threads 2]
-        [--kernel-backend auto] [--compile]
+        [--kernel-backend auto] [--compile] [--kv-cache-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def replay(args: argparse.Namespace) -> dict:
         kernel_backend=args.kernel_backend,
         prepack_cpu_linears=not args.no_prepack,
         compile=args.compile,
+        kv_cache_dtype=args.kv_cache_dtype,
     ).requires_grad_(False)
     tokenizer = load_tokenizer(args.model, model.config.vocab_size)
     requests = make_requests(
@@ -53,7 +55,10 @@ def replay(args: argparse.Namespace) -> dict:
     # Room for every request at once: the replay measures steps, not preemption.
     blocks = sum((r.prompt_len + r.output_len) // block_size + 2 for r in requests)
     config = EngineConfig(
-        num_blocks=blocks, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048
+        num_blocks=blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=2048,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
     prompt_tokens = 0
@@ -96,6 +101,7 @@ def main() -> None:
         "--kernel-backend", default="auto", help="as palm-serve serve: auto, torch, cpu, triton"
     )
     p.add_argument("--compile", action="store_true", help="the compiled step (model/compiled.py)")
+    p.add_argument("--kv-cache-dtype", choices=["bfloat16", "float16"])
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     report = replay(args)
