@@ -1,9 +1,10 @@
 // The chunk step of the CPU paged attention in AVX-512, over fp32 rows (an fp32 cache's own,
-// or a 16-bit cache's widened by widen_rows) and head_dim 32, 64 or 128: the G query heads of one query row that share a K/V head take a chunk of keys
-// together. The scores of 16 keys come out of one transposing reduction (no horizontal sum
-// per key), and the value sum loads each V row once for a group of heads whose accumulators
-// stay in registers. The softmax update is vec.h's. Compiled only here, for AVX-512F, and
-// run only where isa.h's avx512_enabled() says so.
+// or a 16-bit cache's widened by widen_rows) and head_dim 32, 64 or 128: the G query heads
+// of one query row that share a K/V head take a chunk of keys together. The scores of 16
+// keys come out of one transposing reduction (no horizontal sum per key), and the value sum
+// loads each V row once for a group of heads whose accumulators stay in registers. The
+// softmax update is vec.h's. Compiled only here, for AVX-512F, and run only where isa.h's
+// avx512_enabled() says so.
 #pragma once
 
 #include "vec.h"
@@ -51,7 +52,8 @@ __attribute__((always_inline)) inline __m512 load16(const c10::BFloat16* p) {
 template <typename T>
 void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
   for (int i = 0; i < n; ++i)
-    for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(out + i * dim + d, load16(rows[i] + d));
+    for (int64_t d = 0; d < dim; d += 16)
+      _mm512_storeu_ps(out + i * dim + d, load16(rows[i] + d));
 }
 
 // The 64-byte lines of a cache row of D16 x 16 elements of P.

@@ -54,8 +54,8 @@ struct TileLanes {
 // Keys k[0, n) (rows of D16 x 16 floats) against the transposed queries qt ([dim][16 NQ]):
 // scores[i][lane] = scale * q . k[i] where the lane sees key j0 + i, else -inf; returns the
 // lanes' maxima. KB keys at a time share each row of qt. With key i it asks for row i of the
-// next chunk (next_k, next_v: next_n rows of the cache's own type P) into L2: the blocks lie anywhere in the pool, so
-// the hardware's prefetcher does not find them.
+// next chunk (next_k, next_v: next_n rows of the cache's own type P) into L2: the blocks lie
+// anywhere in the pool, so the hardware's prefetcher does not find them.
 template <int D16, int NQ, int KB, typename P>
 __attribute__((always_inline)) inline void tile_scores(const float* qt, float scale,
                                                        const float* const* k, int n, int j0,
