@@ -15,6 +15,7 @@ import argparse
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,8 +95,12 @@ def report(name: str, path: Path, args: argparse.Namespace) -> None:
           f"first differing token (0-based) of each: {diverged} (median {median})\n")  # fmt: skip
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def report_models(
+    description: str, report: Callable[[str, Path, argparse.Namespace], None]
+) -> None:
+    """report(name, model directory, args) for the default PaLM and, where it has been made,
+    the tiny Llama; args: --prompts and --tokens."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--prompts", type=int, default=50)
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
@@ -104,6 +109,10 @@ def main() -> None:
         report("tiny Llama (bench/.venvs/models/tiny-llama, random weights)", TINY_LLAMA, args)
     else:
         print("no tiny Llama: run bench/make_tiny_llama.py first")
+
+
+def main() -> None:
+    report_models(__doc__.splitlines()[0], report)
 
 
 if __name__ == "__main__":

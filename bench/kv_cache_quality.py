@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from int8_quality import DEFAULT, HELDOUT, PROMPT_LEN, TINY_LLAMA, first_divergence
+from int8_quality import DEFAULT, HELDOUT, PROMPT_LEN, first_divergence, report_models
 
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine, load_served_model
@@ -101,15 +101,7 @@ def report(name: str, path: Path, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=50)
-    p.add_argument("--tokens", type=int, default=32)
-    args = p.parse_args()
-    report("default PaLM (model/default)", DEFAULT, args)
-    if (TINY_LLAMA / "model.safetensors").is_file():
-        report("tiny Llama (bench/.venvs/models/tiny-llama, random weights)", TINY_LLAMA, args)
-    else:
-        print("no tiny Llama: run bench/make_tiny_llama.py first")
+    report_models(__doc__.splitlines()[0], report)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,18 @@ def _exact(batch: PagedBatch) -> torch.Tensor:
     return out
 
 
+def _diff_from_exact(batch: PagedBatch, threads: int) -> float:
+    """The kernel's largest difference from _exact, asserted within FP32_ATOL (every row
+    written: none stays NaN)."""
+    out = torch.full_like(batch.q, float("nan"))
+    with torch_threads(threads):
+        cpu_paged_attention(*batch.args(batch.k_cache, batch.v_cache), out=out)
+    assert not out.isnan().any()
+    diff = (out.double() - _exact(batch)).abs().max().item()
+    assert diff < FP32_ATOL
+    return diff
+
+
 # (query_lens, context_lens): long chunks over cached prefixes (many row tiles, causal
 # within), and few long contexts (split over threads, then merged).
 EXACT_CASES = {
@@ -133,12 +145,7 @@ def test_equals_fp64_fp32_q_over_16bit_cache(
     batch = dataclasses.replace(
         batch, k_cache=batch.k_cache.to(cache_dtype), v_cache=batch.v_cache.to(cache_dtype)
     )
-    out = torch.full_like(batch.q, float("nan"))
-    with torch_threads(threads):
-        cpu_paged_attention(*batch.args(batch.k_cache, batch.v_cache), out=out)
-    assert not out.isnan().any()
-    diff = (out.double() - _exact(batch)).abs().max().item()
-    assert diff < FP32_ATOL
+    diff = _diff_from_exact(batch, threads)
     print(f"{name} {cache_dtype} threads={threads}: max abs diff from exact {diff:.3g}")
 
 
@@ -148,12 +155,7 @@ def test_long_inputs_equal_fp64(name: str, threads: int) -> None:
     q_lens, ctx = EXACT_CASES[name]
     batch = make_paged_batch(q_lens, ctx, heads=8, kv_heads=2, head_dim=64, block_size=BS,
                              dtype=torch.float32)  # fmt: skip
-    out = torch.full_like(batch.q, float("nan"))
-    with torch_threads(threads):
-        cpu_paged_attention(*batch.args(batch.k_cache, batch.v_cache), out=out)
-    assert not out.isnan().any()
-    diff = (out.double() - _exact(batch)).abs().max().item()
-    assert diff < FP32_ATOL
+    diff = _diff_from_exact(batch, threads)
     print(f"{name} threads={threads}: max abs diff from exact {diff:.3g}")
 
 
