@@ -161,8 +161,8 @@ def compile_model(
     """Compile the model's serving step in place (model.forward becomes a CompiledForward)
     for KV caches of block_size tokens per block and kv_cache_dtype (None: the model's
     dtype), and run it on scratch batches, so that the compilation happens now, behind a
-    progress bar that ends with its time, and not in the first request. Returns False, having logged one line saying why, where the model
-    keeps its eager forward."""
+    progress bar that ends with its time, and not in the first request. Returns False,
+    having logged one line saying why, where the model keeps its eager forward."""
     reason = unavailable_reason(model)
     if reason is not None:
         logger.warning("the step runs eagerly: %s", reason)
