@@ -26,7 +26,7 @@ from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import DecoderModel, load_tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's training/
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repository's training/
 from training.corpus import read_documents  # noqa: E402
 from training.perplexity import dense_nll, encode_documents, windows  # noqa: E402
 

@@ -6,7 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
+# The repository root (for training/) goes last: its top-level folders are the served
+# layers, and kernels/ is named like the hub package transformers imports when installed.
+# `python -m pytest` puts the working directory first; move it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT] + [str(ROOT)]
 
 from palm_serve.model import PaLM, PaLMConfig  # noqa: E402
 

@@ -9,7 +9,7 @@ and a 7B Llama's shapes; GB/s counts the weight bytes read). head_dim 64 and 128
 8 and 32 query heads over one K/V head, fp16, block_size 16. GB/s counts the bytes a kernel
 must move at least (K/V read once, q and out once), so it is comparable with the copy.
 
-    .venv/bin/python bench/kernels.py [--dtype float16|bfloat16] [--quick]
+    .venv/bin/python bench/triton_bandwidth.py [--dtype float16|bfloat16] [--quick]
 
 Without a CUDA device it says so and exits 0 (the kernels are verified on the CPU by the
 interpreted and AOT-compile tests in tests/kernels/)."""
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; the Triton kernels need a GPU to be timed.")
+        print("bench/triton_bandwidth.py: no CUDA device here; the Triton kernels need a GPU.")
         return 0
     dtype = getattr(torch, args.dtype)
     peak = copy_bandwidth_gbs()
