@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +21,7 @@ from ..engine.sampling_params import SamplingParams
 from .errors import APIError, bad_request, error_body, from_engine_error, unavailable
 from .lifecycle import Ticket
 from .request_context import RequestContext, request_context
-from .sse import sse_event
+from .sse import SSEResponse, sse_event
 from .state import ServerState
 
 # User text (prompts, outputs) is logged only with --log-requests, at info.
@@ -97,9 +97,28 @@ def tokenize(state: ServerState, prompt: str | list[int], param: str = "prompt")
 
 @dataclass
 class Outcome:
-    """How a request ended when its own outputs cannot say (the client stopped reading)."""
+    """How a request ended when its own outputs cannot say (the client stopped reading).
+
+    A streamed request is held: its finish is counted when its response ends (settle), not
+    when the engine's outputs end, since outputs the engine finished may still be queued
+    behind a client that stopped reading, and the response then ends as stalled."""
 
     stalled: bool = False
+    held: bool = False
+    settled: bool = False
+    pending: Callable[[], None] | None = None
+
+    def finish(self, count: Callable[[], None]) -> None:
+        if self.held and not self.settled:
+            self.pending = count
+        else:
+            count()
+
+    def settle(self) -> None:
+        self.settled = True
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending()
 
 
 async def outputs(
@@ -125,11 +144,15 @@ async def outputs(
                 yield out
     finally:
         ticket.release()
-        reason = "stalled" if outcome.stalled else reason
-        tracker.finish(reason, len(request.prompt_token_ids))
-        context.finish_reasons.append(reason)
-        if logged_text is not None:
-            request_log.info("output of %s: %r", request.request_id, "".join(logged_text))
+
+        def count() -> None:
+            final = "stalled" if outcome.stalled else reason
+            tracker.finish(final, len(request.prompt_token_ids))
+            context.finish_reasons.append(final)
+            if logged_text is not None:
+                request_log.info("output of %s: %r", request.request_id, "".join(logged_text))
+
+        outcome.finish(count)
 
 
 @dataclass
@@ -168,9 +191,26 @@ def release_all(tickets: list[Ticket]) -> None:
         ticket.release()
 
 
-def mark_stalled(started: list[Started]) -> None:
+def stream_response(
+    state: ServerState, events: AsyncIterator[bytes], started: list[Started], tickets: list[Ticket]
+) -> SSEResponse:
+    """The SSE response of started requests, which settles their finishes when it ends:
+    stalled, for every one of them, when the client stopped reading."""
     for s in started:
-        s.outcome.stalled = True
+        s.outcome.held = True
+
+    def stalled() -> None:
+        for s in started:
+            s.outcome.stalled = True
+
+    def ended() -> None:
+        release_all(tickets)
+        for s in started:
+            s.outcome.settle()
+
+    return SSEResponse(
+        events, ended, stall_timeout=state.settings.stream_stall_timeout, on_stall=stalled
+    )
 
 
 @dataclass

@@ -20,10 +20,10 @@ from .generation import (
     collect_many,
     failure_event,
     make_params,
-    mark_stalled,
     merge,
     release_all,
     start,
+    stream_response,
     tokenize,
 )
 from .logprobs import chat_logprobs
@@ -47,7 +47,7 @@ from .routes_common import (
     sampling_kwargs,
     usage,
 )
-from .sse import DONE, SSEResponse, TextEvents, sse_event
+from .sse import DONE, TextEvents, sse_event
 from .state import ServerState
 from .structured_output import structured_output
 
@@ -111,12 +111,7 @@ async def chat(body: ChatCompletionRequest, request: Request) -> Response | Chat
         raise
     view = _ChatView(state, body, started)
     if body.stream:
-        return SSEResponse(
-            view.events(),
-            lambda: release_all(tickets),
-            stall_timeout=state.settings.stream_stall_timeout,
-            on_stall=lambda: mark_stalled(started),
-        )
+        return stream_response(state, view.events(), started, tickets)
     try:
         results = await collect_many([s.stream for s in started], request)
     finally:

@@ -18,8 +18,8 @@ from .generation import (
     collect,
     failure_event,
     make_params,
-    mark_stalled,
     start,
+    stream_response,
     tokenize,
 )
 from .logprobs import generate_logprob
@@ -33,7 +33,7 @@ from .routes_common import (
     sampling_kwargs,
     usage,
 )
-from .sse import DONE, SSEResponse, sse_event
+from .sse import DONE, sse_event
 from .state import ServerState
 from .structured_output import structured_output
 
@@ -62,12 +62,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         ticket.release()
         raise
     if body.stream:
-        return SSEResponse(
-            _events(state, run.stream, run.response_id),
-            ticket.release,
-            stall_timeout=state.settings.stream_stall_timeout,
-            on_stall=lambda: mark_stalled([run]),
-        )
+        return stream_response(state, _events(state, run.stream, run.response_id), [run], [ticket])
     try:
         result = await collect(run.stream, request)
     finally:

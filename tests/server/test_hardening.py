@@ -279,6 +279,49 @@ def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
         sock.close()
 
 
+def test_requests_the_engine_finished_but_nobody_read_count_as_stalled(impatient):
+    """4 prompts of 400 tokens scored 16 times each (echo, 20 logprobs, one token): each
+    request ends in its prefill step, but their 8 MB of events are twice what the socket
+    buffers hold, so the client never reads most of them. All 64 count as stalled, none as
+    finished by length, however far the engine got before the response was given up."""
+
+    def finished(m: dict, reason: str) -> float:
+        return metric(m, "palm_requests_finished_total", finish_reason=reason)
+
+    before = _metrics(impatient)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = impatient.url.removeprefix("http://").split(":")
+    sock.connect((host, int(port)))
+    try:
+        prompts = [[5 + (i * k) % 50 for i in range(400)] for k in range(1, 5)]
+        body = json.dumps(
+            {
+                "prompt": prompts,
+                "max_tokens": 1,
+                "echo": True,
+                "logprobs": 20,
+                "n": 16,
+                "stream": True,
+            }
+        ).encode()
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + GUARD
+        while finished(_metrics(impatient), "stalled") - finished(before, "stalled") < 64:
+            assert time.monotonic() < deadline, "the stalled stream was never given up"
+            time.sleep(0.1)
+        _wait_idle(impatient)
+        after = _metrics(impatient)
+        assert finished(after, "stalled") - finished(before, "stalled") == 64
+        assert finished(after, "length") == finished(before, "length")
+    finally:
+        sock.close()
+
+
 # ---- 10. parse errors that say what and where ----------------------------------------------
 
 
