@@ -6,8 +6,11 @@ in turn on 127.0.0.1, runs the same bench/serving.py load against it and prints 
     .venv/bin/python bench/peers.py --workload smoke  # < 15 min on 2 cores
     .venv/bin/python bench/peers.py --workload standard --runs 3
 
-Every server gets 2 threads, fp32 weights and the same maximum concurrency. Figures are
-medians over --runs runs; ratios are palm-serve / peer, taken in the same session."""
+Every server gets 2 threads, fp32 weights and the same maximum concurrency. The runs are
+interleaved: each of --runs rounds starts every server in turn and runs each load once on
+it, so a slow spell of a shared host falls on every server's runs alike, not on one
+server's three. Figures are medians over the rounds; ratios are palm-serve / peer, taken in
+the same session."""
 
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ def warm_up(url: str, server: Server) -> None:
         httpx.post(url + "/v1/completions", json=body, timeout=300).raise_for_status()
 
 
-def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
+def bench_round(server: Server, spec: dict, args, rates: dict, round_: int) -> dict:
+    """One round on one server: start it, warm it up, run each load once, stop it."""
     result: dict = {"server": server.name}
     why = server.missing()
     if why:
@@ -100,13 +104,15 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
         server.prepare(MODEL_DIR)
     except Exception as exc:  # noqa: BLE001 - reported in the table, not fatal to the others
         return {**result, "skipped": f"prepare failed: {exc}"[:300]}
-    log = RESULTS / "logs" / f"{args.workload}-{server.name}.log"
+    log = RESULTS / "logs" / f"{args.workload}-{server.name}-round{round_}.log"
     running = Running(server, MODEL_DIR, args.port, spec["concurrency"], log)
     try:
         result["startup_s"] = running.wait_ready()
         warm_up(running.url, server)
         for index, load in enumerate(spec["loads"]):
-            result[load.name] = run_one_load(server, running, load, index, spec, args, rates)
+            result[load.name] = run_one_load(
+                server, running, load, index, round_, spec, args, rates
+            )
     except Exception as exc:  # noqa: BLE001
         result["skipped"] = f"{type(exc).__name__}: {exc}"[:400]
     finally:
@@ -115,11 +121,18 @@ def bench_server(server: Server, spec: dict, args, rates: dict) -> dict:
 
 
 def run_one_load(
-    server: Server, running: Running, load: Load, index: int, spec: dict, args, rates: dict
+    server: Server,
+    running: Running,
+    load: Load,
+    index: int,
+    round_: int,
+    spec: dict,
+    args,
+    rates: dict,
 ) -> dict:
-    """spec["runs"] runs of one load. Every run draws new prompts (seed 1000 * index + run,
-    the same for every server): repeating a run's prompts would let the servers with a
-    prefix cache (all but transformers) skip the prefill from the second run on."""
+    """One run of one load. Every round draws new prompts (seed 1000 * index + round, the
+    same for every server): repeating a run's prompts would let the servers with a prefix
+    cache (all but transformers) skip the prefill from the second round on."""
     rate = rates.get(load.name, float("inf")) if load.rate == "auto" else float(load.rate)
     cfg = LoadConfig(
         base_url=running.url,
@@ -128,29 +141,44 @@ def run_one_load(
         max_concurrency=spec["concurrency"],
         extra_body=server.extra_body,
         min_tokens=server.min_tokens,
-        label=f"{server.name} {load.name}",
+        label=f"{server.name} {load.name} round {round_}",
     )
-    reports = []
-    for run in range(spec["runs"]):
-        requests = make_requests(
-            load.num_requests,
-            LengthSpec.parse(load.input_len),
-            LengthSpec.parse(load.output_len),
-            MODEL_DIR / "tokenizer.json",
-            1000 * index + run,
-        )
-        before, cpu = load_average(), running.cpu_seconds()
-        report = asyncio.run(run_load(requests, cfg))
-        cpu_ms = 1e3 * (running.cpu_seconds() - cpu)
-        report["server_cpu_ms_per_output_token"] = cpu_ms / max(1, report["output_tokens"])
-        report["load_average"] = before
-        results = report.pop("results")
-        reports.append(report)
+    requests = make_requests(
+        load.num_requests,
+        LengthSpec.parse(load.input_len),
+        LengthSpec.parse(load.output_len),
+        MODEL_DIR / "tokenizer.json",
+        1000 * index + round_,
+    )
+    before, cpu = load_average(), running.cpu_seconds()
+    report = asyncio.run(run_load(requests, cfg))
+    cpu_ms = 1e3 * (running.cpu_seconds() - cpu)
+    report["server_cpu_ms_per_output_token"] = cpu_ms / max(1, report["output_tokens"])
+    report["load_average"] = before
+    report["rate"] = rate
+    results = report.pop("results")
     plot(results, report, RESULTS / f"{args.workload}-{load.name}-{server.name}.png")
-    summary = median_report(reports)
-    if server.name == "palm-serve" and load.rate == "inf":
-        rates[load.name.replace("burst", "poisson")] = 0.9 * summary["request_throughput"]
-    return {**summary, "rate": rate}
+    poisson = load.name.replace("burst", "poisson")
+    if server.name == "palm-serve" and load.rate == "inf" and poisson not in rates:
+        # Fixed by the first round, so that every server and round is offered the same rate.
+        rates[poisson] = 0.9 * report["request_throughput"]
+    return report
+
+
+def summarize(name: str, rounds: list[dict], loads: list[Load]) -> dict:
+    """One server's medians over its rounds, per load; skipped where no round ran."""
+    result: dict = {"server": name, "rounds": len(rounds)}
+    ran = [r for r in rounds if "startup_s" in r]
+    if ran:
+        result["startup_s"] = statistics.median(r["startup_s"] for r in ran)
+    for load in loads:
+        reports = [r[load.name] for r in rounds if load.name in r]
+        if reports:
+            result[load.name] = {**median_report(reports), "rate": reports[0]["rate"]}
+    why = sorted({r["skipped"] for r in rounds if "skipped" in r})
+    if why:
+        result["skipped"] = "; ".join(why)[:400]
+    return result
 
 
 def table(results: list[dict], loads: list[Load]) -> str:
@@ -217,7 +245,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workload", choices=sorted(WORKLOADS), default="smoke")
     p.add_argument("--servers", default=",".join(ALL), help="comma-separated, palm-serve first")
-    p.add_argument("--runs", type=int, help="runs per load (default: the workload's)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        help="rounds: runs of each load on each server (default: the workload's)",
+    )
     p.add_argument("--port", type=int, default=18234)
     p.add_argument("--num-requests", type=int, help="override every load's request count")
     p.add_argument("--from-json", type=Path, help="print the table of a saved run and exit")
@@ -235,18 +267,30 @@ def main() -> None:
         sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
     RESULTS.mkdir(parents=True, exist_ok=True)
     rates: dict = {}
-    results = []
+    servers = [ALL[name]() for name in args.servers.split(",")]
+    rounds: dict[str, list[dict]] = {server.name: [] for server in servers}
     out = RESULTS / f"peers-{args.workload}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    for name in args.servers.split(","):
-        server = ALL[name]()
-        print(f"== {name} (load average {load_average()})", file=sys.stderr, flush=True)
-        results.append(bench_server(server, spec, args, rates))
-        # Saved after every server: a long run cut short keeps what it measured.
-        payload = {"workload": args.workload, "spec": repr(spec), "results": results}
-        out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    for round_ in range(spec["runs"]):
+        for server in servers:
+            print(
+                f"== round {round_ + 1}/{spec['runs']}: {server.name} "
+                f"(load average {load_average()})",
+                file=sys.stderr,
+                flush=True,
+            )
+            rounds[server.name].append(bench_round(server, spec, args, rates, round_))
+            # Saved after every server's round: a long run cut short keeps what it measured.
+            results = [summarize(s.name, rounds[s.name], spec["loads"]) for s in servers]
+            payload = {
+                "workload": args.workload,
+                "spec": repr(spec),
+                "results": results,
+                "rounds": rounds,
+            }
+            out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(
         f"# workload {args.workload}: concurrency {spec['concurrency']}, medians of "
-        f"{spec['runs']} run(s), 2 threads, fp32; results in {out}"
+        f"{spec['runs']} interleaved round(s), 2 threads, fp32; results in {out}"
     )
     print(table(results, spec["loads"]))
     comparison_plot(results, spec["loads"], out.with_suffix(".png"))
