@@ -15,9 +15,11 @@ one log line saying why and exit status 1; a normal stop of rank 0 (STOP) exits 
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import sys
 from dataclasses import replace
+from typing import NoReturn
 
 import torch.distributed as dist
 
@@ -72,8 +74,8 @@ def run_external_worker(
     return serve_rank(spec, store)
 
 
-def serve_rank(spec: RankSpec, store: dist.Store) -> int:
-    """Load, meet the group, run rank 0's steps until STOP (0) or a failure (1)."""
+def serve_rank(spec: RankSpec, store: dist.Store) -> NoReturn:
+    """Load, meet the group, run rank 0's steps until STOP (exit 0) or a failure (1)."""
     place_rank(spec)
     shard, digest = load_shard(spec)
     cache = allocate_cache(spec, shard)  # before joining: rank 0's first step may follow
@@ -82,11 +84,21 @@ def serve_rank(spec: RankSpec, store: dist.Store) -> int:
         serve_commands(shard, group, cache)
     except ModelMismatchError as exc:  # the message says it all
         logger.error("rank %d stops: %s", spec.rank, exc)
-        return EXIT_FAILED
+        end_process(EXIT_FAILED)
     except Exception as exc:  # noqa: BLE001 - rank 0 fails its step too; say why here
         logger.error("rank %d stops: %s: %s", spec.rank, type(exc).__name__, exc)
-        return EXIT_FAILED
-    return 0
+        end_process(EXIT_FAILED)
+    end_process(0)
+
+
+def end_process(status: int) -> NoReturn:
+    """Exit with `status`, skipping the interpreter's teardown: the group's and the store's
+    C++ destructors then run against a rank 0 that has already closed its side, and could
+    abort the process (SIGABRT) instead, which a supervisor reports as a crash."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":

@@ -181,8 +181,8 @@ def test_a_normal_stop_of_the_server_stops_the_worker_with_0(server):
     worker = server.workers[-1]
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=60) == 0
-    stop(worker)
-    assert worker.returncode == 0
+    log = stop(worker)
+    assert worker.returncode == 0, log[-3000:]
 
 
 def assert_serves_greedy(server: TwoNodes, oracle) -> None:
