@@ -245,38 +245,38 @@ def test_an_unfinished_body_is_a_408(impatient):
 # ---- 9. a client that stops reading --------------------------------------------------------
 
 
-def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
-    def stalled(m: dict) -> float:
-        return metric(m, "palm_requests_finished_total", finish_reason="stalled")
+def _finished(m: dict, reason: str) -> float:
+    return metric(m, "palm_requests_finished_total", finish_reason=reason)
 
-    before = stalled(_metrics(impatient))
+
+def _stall_a_completion(server, body: dict, requests: int) -> None:  # noqa: F811
+    """POST a streamed completion from a client whose receive buffer fills at once and who
+    never reads it, then wait until its `requests` requests are given up as stalled and
+    every block is back."""
+    before = _finished(_metrics(server), "stalled")
     sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
-    host, port = impatient.url.removeprefix("http://").split(":")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = server.url.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
     try:
-        body = json.dumps(
-            {
-                "prompt": "x",
-                "max_tokens": 400,
-                "ignore_eos": True,
-                "n": 16,
-                "logprobs": 20,
-                "stream": True,
-            }  # fmt: skip
-        ).encode()
+        payload = json.dumps({**body, "stream": True}).encode()
         sock.sendall(
             b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
+            + f"content-length: {len(payload)}\r\n\r\n".encode()
+            + payload
         )
         deadline = time.monotonic() + GUARD
-        while stalled(_metrics(impatient)) - before < 16:
+        while _finished(_metrics(server), "stalled") - before < requests:
             assert time.monotonic() < deadline, "the stalled stream was never given up"
             time.sleep(0.1)
-        _wait_idle(impatient)  # every block of the 16 sequences is back
+        _wait_idle(server)
     finally:
         sock.close()
+
+
+def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
+    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True, "n": 16, "logprobs": 20}
+    _stall_a_completion(impatient, body, 16)
 
 
 def test_requests_the_engine_finished_but_nobody_read_count_as_stalled(impatient):
@@ -284,42 +284,13 @@ def test_requests_the_engine_finished_but_nobody_read_count_as_stalled(impatient
     request ends in its prefill step, but their 8 MB of events are twice what the socket
     buffers hold, so the client never reads most of them. All 64 count as stalled, none as
     finished by length, however far the engine got before the response was given up."""
-
-    def finished(m: dict, reason: str) -> float:
-        return metric(m, "palm_requests_finished_total", finish_reason=reason)
-
     before = _metrics(impatient)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = impatient.url.removeprefix("http://").split(":")
-    sock.connect((host, int(port)))
-    try:
-        prompts = [[5 + (i * k) % 50 for i in range(400)] for k in range(1, 5)]
-        body = json.dumps(
-            {
-                "prompt": prompts,
-                "max_tokens": 1,
-                "echo": True,
-                "logprobs": 20,
-                "n": 16,
-                "stream": True,
-            }
-        ).encode()
-        sock.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            + f"content-length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
-        deadline = time.monotonic() + GUARD
-        while finished(_metrics(impatient), "stalled") - finished(before, "stalled") < 64:
-            assert time.monotonic() < deadline, "the stalled stream was never given up"
-            time.sleep(0.1)
-        _wait_idle(impatient)
-        after = _metrics(impatient)
-        assert finished(after, "stalled") - finished(before, "stalled") == 64
-        assert finished(after, "length") == finished(before, "length")
-    finally:
-        sock.close()
+    prompts = [[5 + (i * k) % 50 for i in range(400)] for k in range(1, 5)]
+    body = {"prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 20, "n": 16}
+    _stall_a_completion(impatient, body, 64)
+    after = _metrics(impatient)
+    assert _finished(after, "stalled") - _finished(before, "stalled") == 64
+    assert _finished(after, "length") == _finished(before, "length")
 
 
 # ---- 10. parse errors that say what and where ----------------------------------------------
