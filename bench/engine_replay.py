@@ -57,7 +57,7 @@ def replay(args: argparse.Namespace) -> dict:
     config = EngineConfig(
         num_blocks=blocks,
         max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=2048,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_dtype=args.kv_cache_dtype,
     )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
@@ -94,6 +94,7 @@ def main() -> None:
     p.add_argument("--input-len", default="32-512", help="as bench/serving.py")
     p.add_argument("--output-len", default="16-256", help="as bench/serving.py")
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="as palm-serve serve")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear")
