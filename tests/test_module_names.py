@@ -46,7 +46,6 @@ def test_no_helper_module_shadows_an_installed_or_stdlib_module() -> None:
 def test_installed_packages_win_over_the_repository_root() -> None:
     """The root is on sys.path for training/, behind the installed packages: its kernels/ is
     named like the hub package that transformers imports when it is installed."""
-
     installed = set(importlib.metadata.packages_distributions())
     clashing = sorted(_module_names(ROOT) & installed)
     for name in clashing:
