@@ -32,7 +32,7 @@ def main() -> None:
     args = p.parse_args()
     build.load()
     if not panels_available():
-        raise SystemExit("the panel linear does not run here (it needs AVX-512)")
+        raise SystemExit("the panel linear does not run here (it needs AVX2 or AVX-512)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.02 for n, k in SHAPES]

@@ -1,5 +1,5 @@
 """Linear layers with their weights packed once for the CPU (fp32): in panels for our C++
-kernel where the CPU has AVX-512, else in oneDNN's blocked layout.
+kernel where it runs (a CPU with AVX2 or AVX-512), else in oneDNN's blocked layout.
 
 torch's F.linear hands MKL the plain [out, in] weight, and MKL repacks it on every call:
 for the small batches of decoding that copy costs as much as the multiply (the logits of
@@ -44,14 +44,14 @@ def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def panels_available() -> bool:
-    """Whether the panel kernel runs here: our compiled CPU kernels built, on a CPU with
-    AVX-512 that torch may use (ATEN_CPU_CAPABILITY caps torch as ONEDNN_MAX_CPU_ISA caps
-    oneDNN, and a cap below AVX-512 keeps oneDNN's linear)."""
+    """Whether the panel kernel runs here: our compiled CPU kernels built with AVX2, on a
+    CPU with AVX2 or AVX-512 that torch may use (ATEN_CPU_CAPABILITY caps torch as
+    ONEDNN_MAX_CPU_ISA caps oneDNN; a cap below AVX2 keeps oneDNN's linear)."""
     from ..kernels import cpu
 
     return (
         cpu.available()
-        and torch.backends.cpu.get_cpu_capability() == "AVX512"
+        and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
         and bool(torch.ops.palm_cpu.panel_linear_supported())
     )
 

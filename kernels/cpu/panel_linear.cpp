@@ -1,12 +1,14 @@
-// The fp32 linear of the CPU path where the CPU has AVX-512: y [M, N] = x [M, K] @ w [N, K].T,
-// with the weight packed once, at load, in panels of 16 output channels. Its oracle is
-// torch's x @ w.T (tests/kernels/test_cpu_panel_linear.py).
+// The fp32 linear of the CPU path: y [M, N] = x [M, K] @ w [N, K].T, with the weight packed
+// once, at load, in panels of 16 output channels. Its oracle is torch's x @ w.T
+// (tests/kernels/test_cpu_panel_linear.py). Where the CPU has AVX-512 the tiles below run;
+// elsewhere panel_tile.h's AVX2 tile (6 rows x one panel), as in the int8 linear.
 //
 // Why not oneDNN's prepacked linear (model/cpu_linear.py keeps it where this kernel does not
 // run): at decode batch sizes a linear streams its whole weight from memory for a few rows
 // of x, and oneDNN reached 13-22 GB/s there while this kernel, which reads each weight
 // panel once for all the rows and keeps them in registers, reaches 19-40 GB/s on the same
-// machine (docs/BENCHMARKS.md). At prefill sizes the two are level.
+// machine (docs/BENCHMARKS.md). At prefill sizes the two are level. The AVX2 tile beat oneDNN
+// in the same way on an AVX2-only CPU (docs/BENCHMARKS.md).
 //
 // Packed layout (pack_panels): [ceil(N / 16), K, 16] fp32, N padded with zero channels, so
 // one k step of a panel is one 64-byte line, one zmm register. The micro-kernel is a tile of
@@ -20,6 +22,7 @@
 #include <algorithm>
 
 #include "isa.h"
+#include "panel_tile.h"
 #include "panels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -38,6 +41,7 @@ constexpr int kGroup = 4;       // panels per tile
 // while the panels pass over it, instead of all of x streaming from L3 once per group (at
 // prefill sizes that traffic outweighed reading the panels once per block).
 constexpr int64_t kRowBlock = 96;
+constexpr int64_t kRowBlockAvx2 = 48;  // the int8 linear's, for the same reason
 
 #if PALM_PANEL_AVX512
 // Only these functions use AVX-512; the rest of the library is built for AVX2, and they run
@@ -113,10 +117,12 @@ at::Tensor pack_panels(const at::Tensor& weight) {
   return pack_in_panels<float>(weight);
 }
 
+bool panel_linear_supported() { return avx512_enabled() || PALM_CPU_AVX2; }
+
 // x [M, K] fp32, panels [P, K, 16] fp32 from pack_panels -> [M, N].
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t out_features) {
-  TORCH_CHECK(avx512_enabled(),
-              "panel_linear needs a CPU with AVX-512F, and PALM_CPU_AVX512 not 0");
+  TORCH_CHECK(panel_linear_supported(),
+              "panel_linear needs a CPU with AVX-512F (or a build with AVX2 and FMA)");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x must be a [M, K] float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
   TORCH_CHECK(panels.dim() == 3 && panels.scalar_type() == at::kFloat &&
@@ -127,32 +133,42 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
   TORCH_CHECK(N > (P - 1) * kPanel && N <= P * kPanel, "out_features ", N, " does not match ", P,
               " panels");
   at::Tensor out = at::empty({M, N}, x.options());
-#if PALM_PANEL_AVX512
   if (M == 0) return out;
-  const at::Tensor rows = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided
-  const float* xp = rows.const_data_ptr<float>();
+  const at::Tensor x_rows = x.stride(1) == 1 ? x : x.contiguous();  // rows may be strided
+  const float* xp = x_rows.const_data_ptr<float>();
   const float* wp = panels.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
-  const int64_t ldx = rows.stride(0), groups = (P + kGroup - 1) / kGroup;
-  // Static shares of the groups: at decode sizes (one row block) every thread streams its
-  // share of the weight once.
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, M - m0);
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t p = g * kGroup;
-        const int count = static_cast<int>(std::min<int64_t>(kGroup, P - p));
-        const int last_cols = static_cast<int>(N - (p + count - 1) * kPanel);
-        group_rows(count, xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K,
-                   op + m0 * N + p * kPanel, N, std::min<int>(last_cols, kPanel));
+  const int64_t ldx = x_rows.stride(0);
+#if PALM_PANEL_AVX512
+  if (avx512_enabled()) {
+    const int64_t groups = (P + kGroup - 1) / kGroup;
+    // Static shares of the groups: at decode sizes (one row block) every thread streams its
+    // share of the weight once.
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, M - m0);
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t p = g * kGroup;
+          const int count = static_cast<int>(std::min<int64_t>(kGroup, P - p));
+          const int last_cols = static_cast<int>(N - (p + count - 1) * kPanel);
+          group_rows(count, xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K,
+                     op + m0 * N + p * kPanel, N, std::min<int>(last_cols, kPanel));
+        }
       }
+    });
+    return out;
+  }
+#endif
+  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t m0 = 0; m0 < M; m0 += kRowBlockAvx2) {
+      const int64_t rows = std::min(kRowBlockAvx2, M - m0);
+      for (int64_t p = p0; p < p1; ++p)
+        panel_tile::panel_rows(xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K, nullptr,
+                               op + m0 * N + p * kPanel, N, std::min(kPanel, N - p * kPanel));
     }
   });
-#endif
   return out;
 }
-
-bool panel_linear_supported() { return avx512_enabled(); }
 
 }  // namespace
 }  // namespace palm_cpu

@@ -4,13 +4,18 @@ fp32 rounding: on rows around its 6-row tiles and 96-row blocks, channels around
 rows of x, one thread and two; NaN and infinity reach exactly the outputs they touch; bad
 inputs are refused with a message naming what is wrong. PrepackedLinear and
 prepack_linears use it where it runs (the model's kernels are the compiled ones and the CPU
-has AVX-512).
+has AVX2 or AVX-512). Where the CPU has AVX-512 the same tests run again on the AVX2 tile,
+in a process with PALM_CPU_AVX512=0.
 
-The extension must build here (a failed build fails these tests). The kernel itself needs
-AVX-512F: on a CPU without it the kernel's tests skip, saying so, and the model keeps
-oneDNN's linear (test_cpu_linear.py covers that path on every machine)."""
+The extension must build here (a failed build fails these tests). On a CPU with neither
+AVX2 nor AVX-512 the kernel's tests skip, saying so, and the model keeps oneDNN's linear
+(test_cpu_linear.py covers that path on every machine)."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,8 +27,8 @@ from palm_serve.model.cpu_linear import PrepackedLinear, panels_available
 pytestmark = [
     pytest.mark.usefixtures("cpu_kernels_built"),
     pytest.mark.skipif(
-        not torch.backends.cpu.get_cpu_capability() == "AVX512",
-        reason="the panel linear needs AVX-512 (torch reports "
+        torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+        reason="the panel linear needs AVX2 or AVX-512 (torch reports "
         f"{torch.backends.cpu.get_cpu_capability()} here); oneDNN's linear serves instead",
     ),
 ]
@@ -141,3 +146,21 @@ def test_prepack_linears_chooses_the_panels_for_the_compiled_kernels_only() -> N
         assert len(packed) == 3 * config.depth + 1 and all(m.panels is panels for m in packed)
         got = logits(model)
         assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), backend
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512",
+    reason="this CPU has no AVX-512, so the tests above already ran the AVX2 tile",
+)
+def test_the_avx2_tile_passes_the_same_tests_where_the_cpu_has_avx512() -> None:
+    script = (
+        "import sys, pytest\n"
+        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not avx2_tile', "
+        f"{__file__!r}]))\n"
+    )
+    env = {**os.environ, "PALM_CPU_AVX512": "0"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    ran = 2 * len(ROWS) + 5 + 6  # the product in fp64, the row blocks, the other six
+    assert f"{ran} passed" in done.stdout, done.stdout[-2000:]
