@@ -31,7 +31,14 @@ SOURCES = (
     "argmax.cpp",
     "panel_linear.cpp",
 )
-HEADERS = ("vec.h", "panels.h", "panel_tile.h", "isa.h", "attention_avx512.h", "attention_tile_avx512.h")
+HEADERS = (
+    "vec.h",
+    "panels.h",
+    "panel_tile.h",
+    "isa.h",
+    "attention_avx512.h",
+    "attention_tile_avx512.h",
+)
 SOURCE_DIR = Path(__file__).parent
 # The flags of the build this process loaded: its ops and fakes are registered once.
 _loaded: dict[str, list[str]] = {}

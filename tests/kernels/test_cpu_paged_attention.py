@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from avx2_paths import run_on_the_avx2_paths
 from torch_threads import torch_threads
 
 from palm_serve.kernels import paged_attention as twin_paged_attention
@@ -234,16 +234,5 @@ def test_scalar_fallback_builds_and_equals_twin() -> None:
 def test_avx2_paths_equal_twin_where_the_cpu_has_avx512() -> None:
     """PALM_CPU_AVX512=0 keeps the kernels to their AVX2 paths (those of the CPUs without
     AVX-512): in a process of its own, the fp32 cases above pass on them too."""
-    script = (
-        "import sys, pytest, torch\n"
-        "from palm_serve.kernels import cpu\n"
-        "assert cpu.available(), cpu.unavailable_reason()\n"
-        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'equals_twin_fp32 or "
-        f"equal_fp64 or equals_fp64', {__file__!r}]))\n"
-    )
-    env = {**os.environ, "PALM_CPU_AVX512": "0"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     ran = 2 * (3 * len(CASES) + len(EXACT_CASES))  # at 1 and 4 threads; 2 16-bit caches
-    assert f"{ran} passed" in done.stdout, done.stdout[-2000:]
+    run_on_the_avx2_paths(__file__, "equals_twin_fp32 or equal_fp64 or equals_fp64", ran)

@@ -13,12 +13,9 @@ AVX2 nor AVX-512 the kernel's tests skip, saying so, and the model keeps oneDNN'
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from avx2_paths import run_on_the_avx2_paths
 from torch import nn
 from torch_threads import torch_threads
 
@@ -153,14 +150,5 @@ def test_prepack_linears_chooses_the_panels_for_the_compiled_kernels_only() -> N
     reason="this CPU has no AVX-512, so the tests above already ran the AVX2 tile",
 )
 def test_the_avx2_tile_passes_the_same_tests_where_the_cpu_has_avx512() -> None:
-    script = (
-        "import sys, pytest\n"
-        "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-k', 'not avx2_tile', "
-        f"{__file__!r}]))\n"
-    )
-    env = {**os.environ, "PALM_CPU_AVX512": "0"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     ran = 2 * len(ROWS) + 5 + 6  # the product in fp64, the row blocks, the other six
-    assert f"{ran} passed" in done.stdout, done.stdout[-2000:]
+    run_on_the_avx2_paths(__file__, "not avx2_tile", ran)
