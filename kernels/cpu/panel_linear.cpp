@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "isa.h"
 #include "panel_tile.h"
@@ -42,6 +43,7 @@ constexpr int kGroup = 4;       // panels per tile
 // prefill sizes that traffic outweighed reading the panels once per block).
 constexpr int64_t kRowBlock = 96;
 constexpr int64_t kRowBlockAvx2 = 48;  // the int8 linear's, for the same reason
+constexpr int64_t kPanelsPerChunk = 4;  // the AVX2 path's unit of work: 128 KB at K = 512
 
 #if PALM_PANEL_AVX512
 // Only these functions use AVX-512; the rest of the library is built for AVX2, and they run
@@ -159,10 +161,17 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
     return out;
   }
 #endif
-  at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlockAvx2) {
+  // Chunks of (row block, panels) that the threads claim as they go, not static shares: on
+  // a CPU shared with the front or the client, a preempted thread then holds up the
+  // region's end by at most its current chunk, not by the rest of its share.
+  const int64_t panel_chunks = (P + kPanelsPerChunk - 1) / kPanelsPerChunk;
+  const int64_t chunks = (M + kRowBlockAvx2 - 1) / kRowBlockAvx2 * panel_chunks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next++; c < chunks; c = next++) {
+      const int64_t m0 = c / panel_chunks * kRowBlockAvx2, p0 = c % panel_chunks * kPanelsPerChunk;
       const int64_t rows = std::min(kRowBlockAvx2, M - m0);
-      for (int64_t p = p0; p < p1; ++p)
+      for (int64_t p = p0; p < std::min(P, p0 + kPanelsPerChunk); ++p)
         panel_tile::panel_rows(xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K, nullptr,
                                op + m0 * N + p * kPanel, N, std::min(kPanel, N - p * kPanel));
     }
