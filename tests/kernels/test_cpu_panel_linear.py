@@ -2,10 +2,10 @@
 fp32 rounding: on rows around its 6-row tiles and its 96-row blocks (48 on AVX2), channels
 around its 16-channel panels and 4-panel groups or chunks (a last panel that is partly
 padding), odd K, strided rows of x, one thread and two; NaN and infinity reach exactly the
-outputs they touch; bad inputs are refused with a message naming what is wrong. PrepackedLinear and
-prepack_linears use it where it runs (the model's kernels are the compiled ones and the CPU
-has AVX2 or AVX-512). Where the CPU has AVX-512 the same tests run again on the AVX2 tile,
-in a process with PALM_CPU_AVX512=0.
+outputs they touch; bad inputs are refused with a message naming what is wrong.
+PrepackedLinear and prepack_linears use it where it runs (the model's kernels are the
+compiled ones and the CPU has AVX2 or AVX-512). Where the CPU has AVX-512 the same tests run
+again on the AVX2 tile, in a process with PALM_CPU_AVX512=0.
 
 The extension must build here (a failed build fails these tests). On a CPU with neither
 AVX2 nor AVX-512 the kernel's tests skip, saying so, and the model keeps oneDNN's linear
