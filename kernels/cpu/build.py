@@ -35,6 +35,7 @@ HEADERS = (
     "vec.h",
     "panels.h",
     "panel_tile.h",
+    "claimed_work.h",
     "isa.h",
     "attention_avx512.h",
     "attention_tile_avx512.h",

@@ -23,6 +23,7 @@
 
 #include "attention_avx512.h"
 #include "attention_tile_avx512.h"
+#include "claimed_work.h"
 #include "isa.h"
 #include "vec.h"
 
@@ -377,13 +378,10 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   const TC* kp = k_cache.const_data_ptr<TC>();
   const TC* vp = v_cache.const_data_ptr<TC>();
   TQ* op = out.mutable_data_ptr<TQ>();
-  std::atomic<int64_t> next{0};
   // One item per grab, costliest first: contexts in a batch differ by 10x and more.
-  at::parallel_for(0, std::min<int64_t>(threads, items.size()), 1, [&](int64_t, int64_t) {
-    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < int64_t(items.size());) {
-      const Item& it = items[i];
-      run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
-    }
+  parallel_claim(int64_t(items.size()), [&](int64_t i) {
+    const Item& it = items[i];
+    run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
   });
 }
 

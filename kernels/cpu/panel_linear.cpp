@@ -20,8 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 
+#include "claimed_work.h"
 #include "isa.h"
 #include "panel_tile.h"
 #include "panels.h"
@@ -161,20 +161,16 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
     return out;
   }
 #endif
-  // Chunks of (row block, panels) that the threads claim as they go, not static shares: on
-  // a CPU shared with the front or the client, a preempted thread then holds up the
-  // region's end by at most its current chunk, not by the rest of its share.
+  // Chunks of (row block, panels), claimed (claimed_work.h): a thread preempted on a CPU
+  // shared with the front or the client holds up the region's end by one chunk at most.
   const int64_t panel_chunks = (P + kPanelsPerChunk - 1) / kPanelsPerChunk;
   const int64_t chunks = (M + kRowBlockAvx2 - 1) / kRowBlockAvx2 * panel_chunks;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next++; c < chunks; c = next++) {
-      const int64_t m0 = c / panel_chunks * kRowBlockAvx2, p0 = c % panel_chunks * kPanelsPerChunk;
-      const int64_t rows = std::min(kRowBlockAvx2, M - m0);
-      for (int64_t p = p0; p < std::min(P, p0 + kPanelsPerChunk); ++p)
-        panel_tile::panel_rows(xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K, nullptr,
-                               op + m0 * N + p * kPanel, N, std::min(kPanel, N - p * kPanel));
-    }
+  parallel_claim(chunks, [&](int64_t c) {
+    const int64_t m0 = c / panel_chunks * kRowBlockAvx2, p0 = c % panel_chunks * kPanelsPerChunk;
+    const int64_t rows = std::min(kRowBlockAvx2, M - m0);
+    for (int64_t p = p0; p < std::min(P, p0 + kPanelsPerChunk); ++p)
+      panel_tile::panel_rows(xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K, nullptr,
+                             op + m0 * N + p * kPanel, N, std::min(kPanel, N - p * kPanel));
   });
   return out;
 }
