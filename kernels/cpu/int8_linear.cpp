@@ -17,8 +17,8 @@
 // With many rows (kWidenOnceRows or more) widening the same panel once per row tile costs
 // more than the multiplies: the panel is then widened once into an fp32 copy (K x 64
 // bytes, in L2) that every row tile reads. Same products, same order: a row's result does
-// not depend on which path ran. Rows go in blocks of kRowBlock, so a block of x stays in
-// L2 while the thread's panels pass over it (not the whole of x once per panel).
+// not depend on which path ran. Rows go in blocks of panel_tile::kRowBlock, so a block of x
+// stays in L2 while the thread's panels pass over it (not the whole of x once per panel).
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -34,7 +34,6 @@ namespace palm_cpu {
 namespace {
 
 constexpr int64_t kWidenOnceRows = 12;
-constexpr int64_t kRowBlock = 48;  // rows of x per pass over the panels (a multiple of 6)
 
 // weight [N, K] int8 -> [ceil(N / 16), K, 16] int8, padded channels zero.
 at::Tensor pack_int8_weight(const at::Tensor& weight) {
@@ -70,8 +69,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(widen_once ? K * kPanel : 0);
     // Rows in blocks that stay in L2 while this thread's panels pass over them.
-    for (int64_t m0 = 0; m0 < M; m0 += kRowBlock) {
-      const int64_t rows = std::min(kRowBlock, M - m0);
+    for (int64_t m0 = 0; m0 < M; m0 += panel_tile::kRowBlock) {
+      const int64_t rows = std::min(panel_tile::kRowBlock, M - m0);
       const float* x_block = xp + m0 * ldx;
       for (int64_t p = begin; p < end; ++p) {
         const int64_t cols = std::min(kPanel, N - p * kPanel);

@@ -42,7 +42,6 @@ constexpr int kGroup = 4;       // panels per tile
 // while the panels pass over it, instead of all of x streaming from L3 once per group (at
 // prefill sizes that traffic outweighed reading the panels once per block).
 constexpr int64_t kRowBlock = 96;
-constexpr int64_t kRowBlockAvx2 = 48;  // the int8 linear's, for the same reason
 constexpr int64_t kPanelsPerChunk = 4;  // the AVX2 path's unit of work: 128 KB at K = 512
 
 #if PALM_PANEL_AVX512
@@ -164,10 +163,11 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
   // Chunks of (row block, panels), claimed (claimed_work.h): a thread preempted on a CPU
   // shared with the front or the client holds up the region's end by one chunk at most.
   const int64_t panel_chunks = (P + kPanelsPerChunk - 1) / kPanelsPerChunk;
-  const int64_t chunks = (M + kRowBlockAvx2 - 1) / kRowBlockAvx2 * panel_chunks;
+  constexpr int64_t row_block = panel_tile::kRowBlock;
+  const int64_t chunks = (M + row_block - 1) / row_block * panel_chunks;
   parallel_claim(chunks, [&](int64_t c) {
-    const int64_t m0 = c / panel_chunks * kRowBlockAvx2, p0 = c % panel_chunks * kPanelsPerChunk;
-    const int64_t rows = std::min(kRowBlockAvx2, M - m0);
+    const int64_t m0 = c / panel_chunks * row_block, p0 = c % panel_chunks * kPanelsPerChunk;
+    const int64_t rows = std::min(row_block, M - m0);
     for (int64_t p = p0; p < std::min(P, p0 + kPanelsPerChunk); ++p)
       panel_tile::panel_rows(xp + m0 * ldx, ldx, rows, wp + p * K * kPanel, K, nullptr,
                              op + m0 * N + p * kPanel, N, std::min(kPanel, N - p * kPanel));

@@ -15,6 +15,9 @@ namespace palm_cpu {
 namespace panel_tile {
 
 constexpr int kRows = 6;  // rows of x per tile
+// Rows of x per pass over a thread's panels (a multiple of kRows): a block of x stays in L2
+// while the panels pass over it, not the whole of x once per panel.
+constexpr int64_t kRowBlock = 48;
 
 // Fully unrolled early, so that the accumulator arrays below live in registers (without
 // it GCC kept them on the stack and stored every accumulator after each FMA: half speed).
