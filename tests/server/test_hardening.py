@@ -249,14 +249,14 @@ def _finished(m: dict, reason: str) -> float:
     return metric(m, "palm_requests_finished_total", finish_reason=reason)
 
 
-def _stall_a_completion(server, body: dict, requests: int) -> None:  # noqa: F811
+def _stall_a_completion(served, body: dict, requests: int) -> None:
     """POST a streamed completion from a client whose receive buffer fills at once and who
     never reads it, then wait until its `requests` requests are given up as stalled and
     every block is back."""
-    before = _finished(_metrics(server), "stalled")
+    before = _finished(_metrics(served), "stalled")
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    host, port = server.url.removeprefix("http://").split(":")
+    host, port = served.url.removeprefix("http://").split(":")
     sock.connect((host, int(port)))
     try:
         payload = json.dumps({**body, "stream": True}).encode()
@@ -266,10 +266,10 @@ def _stall_a_completion(server, body: dict, requests: int) -> None:  # noqa: F81
             + payload
         )
         deadline = time.monotonic() + GUARD
-        while _finished(_metrics(server), "stalled") - before < requests:
+        while _finished(_metrics(served), "stalled") - before < requests:
             assert time.monotonic() < deadline, "the stalled stream was never given up"
             time.sleep(0.1)
-        _wait_idle(server)
+        _wait_idle(served)
     finally:
         sock.close()
 
