@@ -10,7 +10,9 @@
 // On a CPU with AVX-512 (head_dim 32, 64 or 128), a chunk step of all G heads at once replaces
 // the per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows;
 // decodes with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
-// (attention_tile_avx512.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
+// (attention_tile_avx512.h). Without AVX-512 the same tasks over an fp32 cache, of at most 32
+// queries (fewer rows to a task where G is large), run as tiles of eight lanes
+// (attention_tile_avx2.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
 // server's --kv-cache-dtype); the AVX-512 paths read a 16-bit cache's chunks widened to fp32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "attention_avx512.h"
+#include "attention_tile_avx2.h"
 #include "attention_tile_avx512.h"
 #include "claimed_work.h"
 #include "isa.h"
@@ -34,7 +37,8 @@ constexpr int kRowTile = 8;         // query rows per item of a prefill chunk
 constexpr int kKeyChunk = 32;       // keys (a multiple of 16) scored per softmax update
 constexpr int kMinSplitKeys = 128;  // no context split shorter than this
 constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
-constexpr int kMinTileQueries = 8;  // the AVX-512 tile path's smallest tile (queries)
+constexpr int kMinTileQueries = 8;  // the tile paths' smallest tile (queries)
+constexpr int kMaxTileQueriesAvx2 = 32;  // and the AVX2 tile's largest (attention_tile_avx2.h)
 
 struct Task {
   int32_t seq, kv_head;
@@ -59,13 +63,14 @@ struct Problem {
 
 int64_t keys_of(const Task& t) { return t.pos0 + t.rows; }
 
+// Tasks of up to row_tile query rows each.
 std::vector<Task> make_tasks(const Problem& p, const int32_t* starts, const int32_t* lens,
-                             int64_t num_seqs) {
+                             int64_t num_seqs, int32_t row_tile) {
   std::vector<Task> tasks;
   for (int32_t s = 0; s < num_seqs; ++s) {
     const int32_t q_len = starts[s + 1] - starts[s];
-    for (int32_t r = 0; r < q_len; r += kRowTile) {
-      const int32_t rows = std::min(kRowTile, q_len - r);
+    for (int32_t r = 0; r < q_len; r += row_tile) {
+      const int32_t rows = std::min(row_tile, q_len - r);
       for (int32_t h = 0; h < p.kv_heads; ++h)
         tasks.push_back({s, h, starts[s] + r, rows, lens[s] - q_len + r, 0, 1, -1});
     }
@@ -289,6 +294,14 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
     return;
   }
 #endif
+#if PALM_ATTENTION_TILE_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (t.rows * p.group >= kMinTileQueries &&
+        attend_tile_avx2<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0,
+                                    p.scale, chunks, st.m.data(), st.l.data(), st.acc.data()))
+      return;
+  }
+#endif
   alignas(32) float w[kKeyChunk];
   for (; !chunks.done(); chunks.advance()) {
     const int32_t j0 = chunks.first();
@@ -368,7 +381,13 @@ template <typename TQ, typename TC>
 void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
          const at::Tensor& v_cache, const int32_t* starts, const int32_t* lens,
          int64_t num_seqs, const at::Tensor& out) {
-  std::vector<Task> tasks = make_tasks(p, starts, lens, num_seqs);
+  // The AVX2 tiles take at most 32 queries: fewer rows to a task where the group is large.
+  int32_t row_tile = kRowTile;
+#if PALM_ATTENTION_TILE_AVX2
+  if (std::is_same_v<TC, float> && !avx512_enabled())
+    row_tile = int32_t(std::clamp<int64_t>(kMaxTileQueriesAvx2 / p.group, 1, kRowTile));
+#endif
+  std::vector<Task> tasks = make_tasks(p, starts, lens, num_seqs, row_tile);
   const int threads = at::get_num_threads();
   int64_t scratch_floats = 0;
   const std::vector<Item> items = split_tasks(tasks, p.group, threads, p.dim, &scratch_floats);
