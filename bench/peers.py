@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import statistics
@@ -265,6 +266,9 @@ def main() -> None:
         return
     if not (MODEL_DIR / "model.safetensors").is_file():
         sys.exit(f"{MODEL_DIR} is missing: run .venv/bin/python bench/make_tiny_llama.py")
+    # Every run plots its requests: without matplotlib each would fail after its load.
+    if importlib.util.find_spec("matplotlib") is None:
+        sys.exit("matplotlib is missing: run .venv/bin/pip install -e '.[bench]'")
     RESULTS.mkdir(parents=True, exist_ok=True)
     rates: dict = {}
     servers = [ALL[name]() for name in args.servers.split(",")]
