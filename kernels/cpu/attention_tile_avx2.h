@@ -138,17 +138,11 @@ void attend_split(const float* q, int queries, int group, int pos0, float scale,
   alignas(32) float qt[dim * width];
   alignas(32) float p[CHUNK * width];
   alignas(32) float alpha[width];
-  for (int d = 0; d < dim; ++d)
-    for (int i = 0; i < width; ++i) qt[d * width + i] = i < queries ? q[i * dim + d] : 0.f;
   Lanes<NQ> lanes;
   {
     alignas(32) float m0[width], l0[width];
     alignas(32) int32_t limit[width];
-    for (int i = 0; i < width; ++i) {
-      m0[i] = i < queries ? m[i] : kNegInf;
-      l0[i] = i < queries ? l[i] : 0.f;
-      limit[i] = i < queries ? pos0 + i / group + 1 : 0;
-    }
+    start_tile(q, queries, group, pos0, dim, width, m, l, qt, m0, l0, limit);
     PALM_UNROLL for (int j = 0; j < NQ; ++j) {
       lanes.m[j] = _mm256_load_ps(m0 + 8 * j);
       lanes.l[j] = _mm256_load_ps(l0 + 8 * j);

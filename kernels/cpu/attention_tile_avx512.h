@@ -153,17 +153,11 @@ void attend_tile_split(const float* q, int queries, int group, int pos0, float s
   alignas(64) float qt[dim * width];
   alignas(64) float p[CHUNK * width];
   alignas(64) float alpha[width];
-  for (int d = 0; d < dim; ++d)
-    for (int i = 0; i < width; ++i) qt[d * width + i] = i < queries ? q[i * dim + d] : 0.f;
   TileLanes<NQ> lanes;
   {
     alignas(64) float m0[width], l0[width];
     alignas(64) int32_t limit[width];
-    for (int i = 0; i < width; ++i) {
-      m0[i] = i < queries ? m[i] : kNegInf;
-      l0[i] = i < queries ? l[i] : 0.f;
-      limit[i] = i < queries ? pos0 + i / group + 1 : 0;
-    }
+    start_tile(q, queries, group, pos0, dim, width, m, l, qt, m0, l0, limit);
     PALM_UNROLL for (int j = 0; j < NQ; ++j) {
       lanes.m[j] = _mm512_load_ps(m0 + 16 * j);
       lanes.l[j] = _mm512_load_ps(l0 + 16 * j);

@@ -213,4 +213,20 @@ inline void scale_accumulate(float* acc, float alpha, const float* p, const T* c
   }
 }
 
+// The scalar start of an attention tile (attention_tile_avx2.h, attention_tile_avx512.h):
+// the queries q ([queries][dim]) transposed into qt ([dim][width], zero past the queries),
+// and each of the width lanes' running m, l and causal limit (row r = lane / group sees the
+// keys below pos0 + r + 1; lanes past the queries see none).
+inline void start_tile(const float* q, int queries, int group, int pos0, int dim, int width,
+                       const float* m, const float* l, float* qt, float* m0, float* l0,
+                       int32_t* limit) {
+  for (int d = 0; d < dim; ++d)
+    for (int i = 0; i < width; ++i) qt[d * width + i] = i < queries ? q[i * dim + d] : 0.f;
+  for (int i = 0; i < width; ++i) {
+    m0[i] = i < queries ? m[i] : kNegInf;
+    l0[i] = i < queries ? l[i] : 0.f;
+    limit[i] = i < queries ? pos0 + i / group + 1 : 0;
+  }
+}
+
 }  // namespace palm_cpu
