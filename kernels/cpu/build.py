@@ -38,6 +38,7 @@ HEADERS = (
     "claimed_work.h",
     "isa.h",
     "attention_avx512.h",
+    "attention_heads_avx2.h",
     "attention_tile_avx2.h",
     "attention_tile_avx512.h",
 )

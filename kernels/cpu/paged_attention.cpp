@@ -12,7 +12,8 @@
 // decodes with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
 // (attention_tile_avx512.h). Without AVX-512 the same tasks over an fp32 cache, of at most 32
 // queries (fewer rows to a task where G is large), run as tiles of eight lanes
-// (attention_tile_avx2.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
+// (attention_tile_avx2.h); the other tasks take each chunk with the G heads of a row together
+// (attention_heads_avx2.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
 // server's --kv-cache-dtype); the AVX-512 paths read a 16-bit cache's chunks widened to fp32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "attention_avx512.h"
+#include "attention_heads_avx2.h"
 #include "attention_tile_avx2.h"
 #include "attention_tile_avx512.h"
 #include "claimed_work.h"
@@ -311,6 +313,14 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
     for (int32_t r = 0; r < t.rows; ++r) {
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
+#if PALM_ATTENTION_HEADS_AVX2
+      const int64_t q0 = int64_t(r) * p.group;
+      if (attend_chunk_row_avx2<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim, p.scale, k,
+                                           v, visible, st.m.data() + q0, st.l.data() + q0,
+                                           st.acc.data() + q0 * p.dim, chunks.next_k(),
+                                           r == 0 ? chunks.next_n() : 0))
+        continue;
+#endif
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;
         dot_keys(st.q.data() + qi * p.dim, k, visible, int(p.dim), p.scale, w);

@@ -58,6 +58,8 @@ CASES = {
     "kv-heads-over-block-size": ([3, 1, 1, 2], [9, 4, 30, 2], 8, 4, 32, 2),
     "many-sequences": (MANY_Q, MANY_CTX, 8, 2, 64, BS),
     "head-dim-44-block-5": ([3, 1, 1, 1], [23, 4, 5, 6], 4, 1, 44, 5),
+    # 7 heads to a K/V head: a row's heads in groups of 4, 2 and 1 (the AVX2 per-row step)
+    "mixed-gqa-7": (MIXED_Q, MIXED_CTX, 14, 2, 64, BS),
     # 8 and more queries to a K/V head: the AVX-512 tile path with 16-64 lanes at head_dim
     # 32 (the default PaLM's shape) and 128
     "prompt-tiles-mqa-32": ([13, 6, 1, 33], [45, 70, 9, 33], 8, 1, 32, BS),
