@@ -7,6 +7,9 @@ PaLM (8 heads, MQA, head_dim 32); block size 16. The twin's per-step plan is bui
 step of --layers calls and its cost shared among them, as in the model. Medians of
 --repeats steps, in --rounds rounds of alternating order.
 
+--distinct-caches gives each layer call caches of its own, as the layers of a step have: the
+caches then come from memory, not from L3, as in a served step at long contexts.
+
 --kv-cache-dtype bfloat16 (or float16) also times the kernel over the same caches in that
 dtype (fp32 queries, as `palm-serve serve --kv-cache-dtype` runs it), alternated with the
 others.
@@ -16,7 +19,7 @@ kernels (an OpenMP region waits for its slowest thread, and the twin runs many r
 call); with --threads 1, --clock thread measures the CPU time of the one thread instead.
 
     .venv/bin/python bench/cpu_attention.py [--threads 2] [--repeats 20] [--rounds 3]
-        [--clock wall|thread] [--kv-cache-dtype bfloat16]
+        [--clock wall|thread] [--kv-cache-dtype bfloat16] [--distinct-caches]
 """
 
 from __future__ import annotations
@@ -83,12 +86,20 @@ def twin_step(batch: tuple, layers: int) -> Callable[[], None]:
     return step
 
 
-def cpu_step(batch: tuple, layers: int) -> Callable[[], None]:
+def cpu_step(batch: tuple, layers: int, distinct_caches: bool = False) -> Callable[[], None]:
     out = torch.empty_like(batch[0])
+    q, k_cache, v_cache, *rest = batch
+    per_layer = [batch] * layers
+    if distinct_caches:
+        per_layer = [
+            (q, torch.randn_like(k_cache, dtype=torch.float).to(k_cache.dtype),
+             torch.randn_like(v_cache, dtype=torch.float).to(v_cache.dtype), *rest)
+            for _ in range(layers)
+        ]  # fmt: skip
 
     def step() -> None:
-        for _ in range(layers):
-            cpu.paged_attention(*batch, out=out)
+        for layer in per_layer:
+            cpu.paged_attention(*layer, out=out)
 
     return step
 
@@ -110,6 +121,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clock", choices=["wall", "thread"], default="wall")
     p.add_argument("--kv-cache-dtype", choices=["bfloat16", "float16"])
+    p.add_argument("--distinct-caches", action="store_true", help="caches of its own per layer")
     args = p.parse_args()
     if args.clock == "thread" and args.threads != 1:
         raise SystemExit("--clock thread measures one thread: use it with --threads 1")
@@ -127,12 +139,15 @@ def main() -> None:
     print("|---|---|---|---|---|" + ("---|---|" if kv else ""))
     for shape_name, shape in SHAPES.items():
         for batch_name, batch in batches(shape).items():
-            steps = {"twin": twin_step(batch, args.layers), "cpu": cpu_step(batch, args.layers)}
+            steps = {
+                "twin": twin_step(batch, args.layers),
+                "cpu": cpu_step(batch, args.layers, args.distinct_caches),
+            }
             if kv:
                 q, k_cache, v_cache, *rest = batch
                 cache_dtype = getattr(torch, kv)
                 half = (q, k_cache.to(cache_dtype), v_cache.to(cache_dtype), *rest)
-                steps[kv] = cpu_step(half, args.layers)
+                steps[kv] = cpu_step(half, args.layers, args.distinct_caches)
             for step in steps.values():  # warm-up: first calls pay page faults, the build
                 step()
             best = {name: float("inf") for name in steps}
