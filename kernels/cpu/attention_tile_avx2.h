@@ -1,4 +1,5 @@
-// Tiles of the CPU paged attention in AVX2, over an fp32 cache and head_dim 32, 64 or 128:
+// Tiles of the CPU paged attention in AVX2, over fp32 rows (an fp32 cache's own, or a 16-bit
+// cache's chunks widened by widen_rows) and head_dim 32, 64 or 128:
 // attention_tile_avx512.h's method in eight lanes, for the CPUs without AVX-512 (the CI
 // machines among them). All R x G queries of a task (R rows, G query heads to its K/V head;
 // at most 32, four vectors of lanes) go through a split's keys together, with the queries in
@@ -24,6 +25,21 @@ namespace tile_avx2 {
 
 #define PALM_UNROLL _Pragma("GCC unroll 16")
 
+constexpr int kMaxQueries = 32;  // four vectors of lanes
+
+// Whether a task of this many queries (8 or more) and this head_dim runs as a tile.
+inline bool takes(int64_t queries, int64_t dim) {
+  return queries <= kMaxQueries && (dim == 32 || dim == 64 || dim == 128);
+}
+
+// rows[0, n), dim elements each (a multiple of 8), into out ([n][dim] fp32): a 16-bit
+// cache's chunk for the tile (paged_attention.cpp's Fp32Chunks).
+template <typename T>
+void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
+  for (int i = 0; i < n; ++i)
+    for (int64_t d = 0; d < dim; d += 8) _mm256_storeu_ps(out + i * dim + d, load8(rows[i] + d));
+}
+
 // The tile's state between chunks, 8 x NQ query lanes (index r * G + g; the lanes past the
 // tile's queries hold zero queries and are never stored).
 template <int NQ>
@@ -43,14 +59,14 @@ __attribute__((always_inline)) inline __m256 seen_mask(__m256i limit, int j) {
 // blocks of 16 elements, each block from zero and then added to the total, as the AVX-512
 // tile does: a serial chain of dim terms would lose ~dim/16 times more to rounding. While it
 // works it asks for the next chunk's rows (next_n of them) into L2.
-template <int D16, int NQ, int KB>
+template <int D16, int NQ, int KB, typename P>
 __attribute__((always_inline)) inline void scores(const float* qt, float scale,
                                                   const float* const* k, int n, int j0,
-                                                  const Lanes<NQ>& lanes,
-                                                  const float* const* next_k,
-                                                  const float* const* next_v, int next_n,
+                                                  const Lanes<NQ>& lanes, const P* const* next_k,
+                                                  const P* const* next_v, int next_n,
                                                   float* out, __m256* max) {
-  constexpr int dim = 16 * D16, width = 8 * NQ, lines = dim / 16;  // 64-byte lines a row
+  constexpr int dim = 16 * D16, width = 8 * NQ;
+  constexpr int per_line = 64 / int(sizeof(P)), lines = dim / per_line;  // a row's 64-byte lines
   const __m256 vscale = _mm256_set1_ps(scale), neg_inf = _mm256_set1_ps(kNegInf);
   PALM_UNROLL for (int j = 0; j < NQ; ++j) max[j] = neg_inf;
   auto block = [&](auto kb, int i0) {
@@ -58,8 +74,10 @@ __attribute__((always_inline)) inline void scores(const float* qt, float scale,
     PALM_UNROLL for (int b = 0; b < B; ++b)
       if (i0 + b < next_n)
         PALM_UNROLL for (int c = 0; c < lines; ++c) {
-          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b] + 16 * c), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b] + 16 * c), _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b] + per_line * c),
+                       _MM_HINT_T1);
+          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b] + per_line * c),
+                       _MM_HINT_T1);
         }
     __m256 total[B][NQ];
     PALM_UNROLL for (int b = 0; b < B; ++b)
@@ -126,10 +144,11 @@ __attribute__((always_inline)) inline void values(const float* p, int width, int
 }
 
 // One item's split as a tile: queries q ([queries][dim] floats, index r * group + g, row r at
-// position pos0 + r), the split's keys from chunks (paged_attention.cpp's ChunkWalker over an
-// fp32 cache: first(), n(), k(), v() of each chunk, padded to CHUNK rows; next_n(),
-// next_k(), next_v() of the next), results into m, l ([queries]) and acc ([queries][dim]),
-// which hold the state before (m -inf, l and acc 0 for a fresh item).
+// position pos0 + r), the split's keys from chunks (paged_attention.cpp's ChunkWalker of an
+// fp32 cache or Fp32Chunks of a 16-bit one: first(), n(), and fp32 rows k(), v() of each
+// chunk, padded to CHUNK rows; next_n(), next_k(), next_v() of the next, in the cache's type),
+// results into m, l ([queries]) and acc ([queries][dim]), which hold the state before (m
+// -inf, l and acc 0 for a fresh item).
 template <int D16, int NQ, int CHUNK, typename Chunks>
 void attend_split(const float* q, int queries, int group, int pos0, float scale,
                   Chunks& chunks, float* m, float* l, float* acc) {
@@ -196,8 +215,8 @@ void attend_split(const float* q, int queries, int group, int pos0, float scale,
 
 }  // namespace tile_avx2
 
-// The AVX2 tile path for a split, if there is one for this head_dim and tile (at most 32
-// queries); false, doing nothing, otherwise.
+// The AVX2 tile path for a split, if there is one for this head_dim and tile (takes()); false,
+// doing nothing, otherwise.
 template <int CHUNK, typename Chunks>
 bool attend_tile_avx2(const float* q, int64_t queries, int64_t group, int64_t dim, int pos0,
                       float scale, Chunks& chunks, float* m, float* l, float* acc) {

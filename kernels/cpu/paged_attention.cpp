@@ -10,11 +10,11 @@
 // On a CPU with AVX-512 (head_dim 32, 64 or 128), a chunk step of all G heads at once replaces
 // the per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows;
 // decodes with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
-// (attention_tile_avx512.h). Without AVX-512 the same tasks over an fp32 cache, of at most 32
-// queries (fewer rows to a task where G is large), run as tiles of eight lanes
-// (attention_tile_avx2.h); the other tasks take each chunk with the G heads of a row together
-// (attention_heads_avx2.h). The cache is q's dtype, or a 16-bit one under an fp32 q (the
-// server's --kv-cache-dtype); the AVX-512 paths read a 16-bit cache's chunks widened to fp32.
+// (attention_tile_avx512.h). Without AVX-512 the same tasks, of at most 32 queries (fewer rows
+// to a task where G is large), run as tiles of eight lanes (attention_tile_avx2.h); the other
+// tasks take each chunk with the G heads of a row together (attention_heads_avx2.h). The cache
+// is q's dtype, or a 16-bit one under an fp32 q (the server's --kv-cache-dtype); the tiles and
+// the AVX-512 row step read a 16-bit cache's chunks widened to fp32.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
@@ -40,7 +40,6 @@ constexpr int kKeyChunk = 32;       // keys (a multiple of 16) scored per softma
 constexpr int kMinSplitKeys = 128;  // no context split shorter than this
 constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
 constexpr int kMinTileQueries = 8;  // the tile paths' smallest tile (queries)
-constexpr int kMaxTileQueriesAvx2 = 32;  // and the AVX2 tile's largest (attention_tile_avx2.h)
 
 struct Task {
   int32_t seq, kv_head;
@@ -207,11 +206,12 @@ class ChunkWalker {
   const T* rows_[2][2][kKeyChunk];  // [chunk parity][k, v][key]
 };
 
-#if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
-// The chunks of a 16-bit cache as fp32 rows, for the AVX-512 paths: each chunk's K and V
-// rows, widened once into the thread's State as the chunk comes up, serve every query of the
-// task from L1. The next chunk's rows stay the cache's own, for the prefetch.
-template <typename T>
+#if PALM_CPU_AVX2
+// The chunks of a 16-bit cache as fp32 rows, for the tiles (and the AVX-512 row step): each
+// chunk's K and V rows, widened once into the thread's State by Widen (the ISA's widen_rows)
+// as the chunk comes up, serve every query of the task from L1. The next chunk's rows stay
+// the cache's own, for the prefetch.
+template <typename T, auto Widen>
 class Fp32Chunks {
  public:
   Fp32Chunks(ChunkWalker<T>& rows, int64_t dim, State& st)
@@ -237,8 +237,8 @@ class Fp32Chunks {
   // k() is padded as the walker pads it: with the first row, which is read, never weighted.
   void widen() {
     const int n = rows_.n();
-    widen_rows(rows_.k(), n, dim_, k_data_);
-    widen_rows(rows_.v(), n, dim_, v_data_);
+    Widen(rows_.k(), n, dim_, k_data_);
+    Widen(rows_.v(), n, dim_, v_data_);
     for (int i = 0; i < kKeyChunk; ++i) {
       k_[i] = k_data_ + (i < n ? i : 0) * dim_;
       v_[i] = v_data_ + (i < n ? i : 0) * dim_;
@@ -252,7 +252,9 @@ class Fp32Chunks {
   const float* k_[kKeyChunk];
   const float* v_[kKeyChunk];
 };
+#endif
 
+#if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
 // A split in AVX-512 over fp32 chunks (a ChunkWalker<float> or an Fp32Chunks): as a tile
 // when the task has 8 queries or more (fewer fill too few lanes to beat the per-row step),
 // else row by row with the G heads of a row together. head_dim: avx512_head_dim.
@@ -290,18 +292,24 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
     if constexpr (std::is_same_v<T, float>) {
       attend_split_avx512(p, t, chunks, st);
     } else {
-      Fp32Chunks<T> widened(chunks, p.dim, st);
+      Fp32Chunks<T, widen_rows<T>> widened(chunks, p.dim, st);
       attend_split_avx512(p, t, widened, st);
     }
     return;
   }
 #endif
 #if PALM_ATTENTION_TILE_AVX2
-  if constexpr (std::is_same_v<T, float>) {
-    if (t.rows * p.group >= kMinTileQueries &&
-        attend_tile_avx2<kKeyChunk>(st.q.data(), t.rows * p.group, p.group, p.dim, t.pos0,
-                                    p.scale, chunks, st.m.data(), st.l.data(), st.acc.data()))
-      return;
+  const int64_t queries = t.rows * p.group;
+  if (queries >= kMinTileQueries && tile_avx2::takes(queries, p.dim)) {
+    if constexpr (std::is_same_v<T, float>) {
+      attend_tile_avx2<kKeyChunk>(st.q.data(), queries, p.group, p.dim, t.pos0, p.scale, chunks,
+                                  st.m.data(), st.l.data(), st.acc.data());
+    } else {
+      Fp32Chunks<T, tile_avx2::widen_rows<T>> widened(chunks, p.dim, st);
+      attend_tile_avx2<kKeyChunk>(st.q.data(), queries, p.group, p.dim, t.pos0, p.scale, widened,
+                                  st.m.data(), st.l.data(), st.acc.data());
+    }
+    return;
   }
 #endif
   alignas(32) float w[kKeyChunk];
@@ -394,8 +402,8 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   // The AVX2 tiles take at most 32 queries: fewer rows to a task where the group is large.
   int32_t row_tile = kRowTile;
 #if PALM_ATTENTION_TILE_AVX2
-  if (std::is_same_v<TC, float> && !avx512_enabled())
-    row_tile = int32_t(std::clamp<int64_t>(kMaxTileQueriesAvx2 / p.group, 1, kRowTile));
+  if (!avx512_enabled())
+    row_tile = int32_t(std::clamp<int64_t>(tile_avx2::kMaxQueries / p.group, 1, kRowTile));
 #endif
   std::vector<Task> tasks = make_tasks(p, starts, lens, num_seqs, row_tile);
   const int threads = at::get_num_threads();
