@@ -2,7 +2,8 @@
 // query heads of one query row that share a K/V head take a chunk of keys together, in groups
 // of 4, 2 or 1 heads, rather than one head at a time. This is the step of the tasks that the
 // AVX2 tiles (attention_tile_avx2.h) do not take: decodes with fewer than 8 heads to a K/V head
-// (Llama's GQA), and head_dims other than 32, 64 and 128.
+// (Llama's GQA), and rows of more than 32 heads to a K/V head. Other head_dims keep vec.h's
+// step, one head at a time.
 //
 // - Scores: each key row is loaded once for the group's heads, 8 / group keys at a time, so
 //   that one transposing sum (vec.h's hsum8x8) still yields 8 scores.
