@@ -15,8 +15,6 @@
 
 namespace palm_cpu {
 
-inline bool avx512_head_dim(int64_t dim) { return dim == 32 || dim == 64 || dim == 128; }
-
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 #define PALM_UNROLL _Pragma("GCC unroll 16")
@@ -121,7 +119,7 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
 
 // Every head of one query row (queries, m, l, acc for heads [0, heads)), in groups whose
 // value accumulators fit in 16 registers (the first group prefetches the next chunk). For
-// head_dim 32, 64 or 128 only (avx512_head_dim).
+// head_dim 32, 64 or 128 only (vector_head_dim).
 template <int CHUNK, typename P>
 void attend_chunk_row(const float* q, int64_t heads, int64_t dim, float scale,
                       const float* const* k, const float* const* v, int n, float* m, float* l,

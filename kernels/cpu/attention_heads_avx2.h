@@ -97,13 +97,12 @@ void attend_chunk_group(const float* q, float scale, const T* const* k, const T*
 }  // namespace heads_avx2
 
 // Every head of one query row (queries, m, l, acc for heads [0, heads)) against a chunk, in
-// groups of 4, 2 or 1 heads (the first group asks for the next chunk's keys). Returns false,
-// having done nothing, for a head_dim other than 32, 64 or 128.
+// groups of 4, 2 or 1 heads (the first group asks for the next chunk's keys). For head_dim 32,
+// 64 or 128 only (vector_head_dim).
 template <int CHUNK, typename T>
-bool attend_chunk_row_avx2(const float* q, int64_t heads, int64_t dim, float scale,
+void attend_chunk_row_avx2(const float* q, int64_t heads, int64_t dim, float scale,
                            const T* const* k, const T* const* v, int n, float* m, float* l,
                            float* acc, const T* const* next_k, int next_n) {
-  if (dim != 32 && dim != 64 && dim != 128) return false;
   for (int64_t g = 0; g < heads;) {
     const int64_t left = heads - g, group = left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const int ahead = g == 0 ? next_n : 0;
@@ -118,7 +117,6 @@ bool attend_chunk_row_avx2(const float* q, int64_t heads, int64_t dim, float sca
 #undef PALM_CASE
     g += group;
   }
-  return true;
 }
 
 }  // namespace palm_cpu

@@ -29,7 +29,7 @@ constexpr int kMaxQueries = 32;  // four vectors of lanes
 
 // Whether a task of this many queries (8 or more) and this head_dim runs as a tile.
 inline bool takes(int64_t queries, int64_t dim) {
-  return queries <= kMaxQueries && (dim == 32 || dim == 64 || dim == 128);
+  return queries <= kMaxQueries && vector_head_dim(dim);
 }
 
 // rows[0, n), dim elements each (a multiple of 8), into out ([n][dim] fp32): a 16-bit

@@ -216,7 +216,7 @@ template <int CHUNK, typename Chunks>
 bool attend_tile(const float* q, int64_t queries, int64_t group, int64_t dim, int pos0,
                  float scale, Chunks& chunks, float* m, float* l, float* acc) {
   const int nq = int((queries + 15) / 16);
-  if (!avx512_head_dim(dim) || nq > 4) return false;
+  if (!vector_head_dim(dim) || nq > 4) return false;
 #define PALM_CASE(D16, NQ)                                                                    \
   if (dim == 16 * D16 && nq == NQ) {                                                          \
     attend_tile_split<D16, NQ, CHUNK, Chunks>(q, int(queries), int(group), pos0, scale,      \

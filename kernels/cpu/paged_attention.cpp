@@ -257,7 +257,7 @@ class Fp32Chunks {
 #if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
 // A split in AVX-512 over fp32 chunks (a ChunkWalker<float> or an Fp32Chunks): as a tile
 // when the task has 8 queries or more (fewer fill too few lanes to beat the per-row step),
-// else row by row with the G heads of a row together. head_dim: avx512_head_dim.
+// else row by row with the G heads of a row together. head_dim: vector_head_dim.
 template <typename Chunks>
 void attend_split_avx512(const Problem& p, const Task& t, Chunks& chunks, State& st) {
   if (t.rows * p.group >= kMinTileQueries &&
@@ -288,7 +288,7 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
                   int32_t begin, int32_t end, State& st) {
   ChunkWalker<T> chunks(p, t, k_cache, v_cache, begin, end);
 #if PALM_ATTENTION_AVX512 && PALM_ATTENTION_TILE_AVX512
-  if (avx512_head_dim(p.dim) && avx512_enabled()) {
+  if (vector_head_dim(p.dim) && avx512_enabled()) {
     if constexpr (std::is_same_v<T, float>) {
       attend_split_avx512(p, t, chunks, st);
     } else {
@@ -312,6 +312,9 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
     return;
   }
 #endif
+#if PALM_ATTENTION_HEADS_AVX2
+  const bool heads_together = vector_head_dim(p.dim);
+#endif
   alignas(32) float w[kKeyChunk];
   for (; !chunks.done(); chunks.advance()) {
     const int32_t j0 = chunks.first();
@@ -322,12 +325,14 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
       const int visible = std::min(n, t.pos0 + r + 1 - j0);  // causal, and never past end
       if (visible <= 0) continue;
 #if PALM_ATTENTION_HEADS_AVX2
-      const int64_t q0 = int64_t(r) * p.group;
-      if (attend_chunk_row_avx2<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim, p.scale, k,
-                                           v, visible, st.m.data() + q0, st.l.data() + q0,
-                                           st.acc.data() + q0 * p.dim, chunks.next_k(),
-                                           r == 0 ? chunks.next_n() : 0))
+      if (heads_together) {
+        const int64_t q0 = int64_t(r) * p.group;
+        attend_chunk_row_avx2<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim, p.scale, k, v,
+                                         visible, st.m.data() + q0, st.l.data() + q0,
+                                         st.acc.data() + q0 * p.dim, chunks.next_k(),
+                                         r == 0 ? chunks.next_n() : 0);
         continue;
+      }
 #endif
       for (int64_t g = 0; g < p.group; ++g) {
         const int64_t qi = r * p.group + g;

@@ -213,6 +213,10 @@ inline void scale_accumulate(float* acc, float alpha, const float* p, const T* c
   }
 }
 
+// The head_dims the attention's vector steps (the tiles, and the row steps that take a row's
+// heads together) are written for; other head_dims take vec.h's per-head step.
+inline bool vector_head_dim(int64_t dim) { return dim == 32 || dim == 64 || dim == 128; }
+
 // The scalar start of an attention tile (attention_tile_avx2.h, attention_tile_avx512.h):
 // the queries q ([queries][dim]) transposed into qt ([dim][width], zero past the queries),
 // and each of the width lanes' running m, l and causal limit (row r = lane / group sees the
