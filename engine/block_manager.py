@@ -101,6 +101,12 @@ class BlockManager:
             raise ValueError("cached prefix blocks can only start an empty block table")
         start = max(seq.num_computed_tokens, len(cached) * self.block_size)
         end = start + num_new_tokens
+        bs = self.block_size
+        if end + num_lookahead_tokens <= len(seq.block_table) * bs:
+            # Room already (most decode steps): only a block this step fills gets its key.
+            if self.enable_prefix_caching and end // bs > start // bs:
+                self._register_full_blocks(seq, start // bs, end // bs)
+            return True
         need = self.blocks_needed(end + num_lookahead_tokens) - len(seq.block_table) - len(cached)
         revived = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         if max(need, 0) + revived > len(self.free_queue):
@@ -110,7 +116,7 @@ class BlockManager:
         seq.block_table.extend(cached)
         seq.block_table.extend(self._pop_free() for _ in range(need))
         if self.enable_prefix_caching:
-            self._register_full_blocks(seq, start // self.block_size, end // self.block_size)
+            self._register_full_blocks(seq, start // bs, end // bs)
         return True
 
     def release_unverified(self, seq: BlockOwner, first_new: int) -> None:

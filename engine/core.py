@@ -114,11 +114,12 @@ class EngineCore:
             self.counters.num_batched_tokens += plan.num_batched_tokens
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
-        lengths = [item.seq.num_tokens for item in plan.scheduled]
+        lengths = [len(item.seq.token_ids) for item in plan.scheduled]
         touched += self.scheduler.update(plan, result.sampled)
         for item, length, entries in zip(plan.scheduled, lengths, result.logprobs, strict=True):
-            # Only the tokens appended: a stop rule drops the rest of a verified draft.
-            item.seq.pending_logprobs.extend(entries[: item.seq.num_tokens - length])
+            if entries:
+                # Only the tokens appended: a stop rule drops the rest of a verified draft.
+                item.seq.pending_logprobs.extend(entries[: item.seq.num_tokens - length])
         for seq in touched:
             if seq.grammar is not None:
                 self._advance_grammar(seq)
@@ -177,7 +178,7 @@ class EngineCore:
 
     def _output(self, seq: Sequence) -> EngineCoreOutput:
         """The increment of seq since its previous output; forgets a finished sequence."""
-        new_ids = seq.output_token_ids[seq.num_emitted_tokens :]
+        new_ids = seq.token_ids[len(seq.prompt_token_ids) + seq.num_emitted_tokens :]
         seq.num_emitted_tokens += len(new_ids)
         self.counters.num_output_tokens += len(new_ids)
         out = EngineCoreOutput(

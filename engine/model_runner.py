@@ -117,16 +117,23 @@ class ModelRunner:
         would cost more than the list work it replaces."""
         ids: list[int] = []
         positions: list[int] = []
+        tables: list[list[int]] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
         for it in items:
-            ids.extend(it.seq.token_ids[it.start : it.start + it.num_known_tokens])
-            ids.extend(it.draft)
-            positions.extend(range(it.start, it.start + it.num_new_tokens))
+            seq, start, num_new = it.seq, it.start, it.num_new_tokens
+            if num_new == 1 and not it.draft:  # a decode: the common row, taken without slices
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+            else:
+                ids.extend(seq.token_ids[start : start + it.num_known_tokens])
+                ids.extend(it.draft)
+                positions.extend(range(start, start + num_new))
+            tables.append(seq.block_table)
+            query_lens.append(num_new)
+            context_lens.append(start + num_new)
         meta = AttentionMetadata.build(
-            [it.seq.block_table for it in items],
-            [it.num_new_tokens for it in items],
-            [it.start + it.num_new_tokens for it in items],
-            self.block_size,
-            self.device,
+            tables, query_lens, context_lens, self.block_size, self.device
         )
         return (
             int_tensor(ids, torch.long, self.device),
@@ -136,7 +143,7 @@ class ModelRunner:
 
     def _prompt_rows(
         self, items: list[ScheduledSeq], query_start: list[int]
-    ) -> tuple[torch.Tensor, list[tuple[Sequence, list[int]]]]:
+    ) -> tuple[list[int], list[tuple[Sequence, list[int]]]]:
         """Rows whose logits give prompt logprobs: row of position p predicts token p + 1.
         Token j is due once (tokens 1..k are done when seq.prompt_logprobs has k + 1 entries)."""
         rows: list[int] = []
@@ -153,13 +160,14 @@ class ModelRunner:
             row0 = query_start[i] - it.start
             rows.extend(range(row0 + first - 1, row0 + last))
             jobs.append((seq, seq.prompt_token_ids[first : last + 1]))
-        return torch.tensor(rows, dtype=torch.long, device=self.device), jobs
+        return rows, jobs
 
     def _prompt_logprobs(
-        self, hidden: torch.Tensor, rows: torch.Tensor, jobs: list[tuple[Sequence, list[int]]]
+        self, hidden: torch.Tensor, row_list: list[int], jobs: list[tuple[Sequence, list[int]]]
     ) -> list[tuple[Sequence, list[TokenLogprob]]]:
         """fp32 log_softmax of the logits of `rows`, PROMPT_LOGPROB_ROWS at a time: a whole
         chunk of [2048, vocab] logits at once would be hundreds of MB for a real vocabulary."""
+        rows = int_tensor(row_list, torch.long, self.device)
         targets = torch.tensor([t for _, ids in jobs for t in ids], dtype=torch.long)
         num_top = max(seq.params.prompt_logprobs or 0 for seq, _ in jobs)
         entries: list[TokenLogprob] = []

@@ -23,7 +23,7 @@ from .sequence import Sequence, SequenceStatus
 from .stop_rules import check_stop
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
     # Position of the first token computed this step (= tokens already in the cache).
@@ -95,8 +95,14 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         plan = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes: list[Sequence] = []
+        prefills: list[Sequence] = []
+        for seq in self.running:
+            uncomputed = seq.num_uncomputed_tokens
+            if uncomputed == 1:
+                decodes.append(seq)
+            elif uncomputed > 1:
+                prefills.append(seq)
         for seq in decodes + prefills:
             if budget == 0:
                 break
@@ -107,7 +113,8 @@ class Scheduler:
 
     def _schedule_running(self, seq: Sequence, budget: int, plan: SchedulerOutput) -> int:
         num_new = min(seq.num_uncomputed_tokens, budget)
-        draft = self._draft(seq, budget)
+        policy = self.draft_policy
+        draft = policy.draft(seq, len(self.running), budget) if policy is not None else None
         if draft and self.block_manager.allocate(seq, num_new, num_lookahead_tokens=len(draft)):
             self._plan(seq, num_new, plan, draft)
             return num_new + len(draft)
@@ -143,11 +150,6 @@ class Scheduler:
                 seq.first_scheduled_time = time.monotonic()
             self._plan(seq, num_new, plan)
             budget -= num_new
-
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        if self.draft_policy is None:
-            return []
-        return self.draft_policy.draft(seq, len(self.running), budget)
 
     def _plan(
         self, seq: Sequence, num_new: int, plan: SchedulerOutput, draft: list[int] | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -48,17 +49,16 @@ class AttentionMetadata:
         for table, q_len, ctx in zip(block_tables, query_lens, context_lens, strict=True):
             for pos in range(ctx - q_len, ctx):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
-        width = max((len(t) for t in block_tables), default=0) or 1
-        padded = array("i", bytes(4 * width * len(block_tables)))  # zeros
-        for s, table in enumerate(block_tables):
-            padded[s * width : s * width + len(table)] = array("i", table)
-        starts = [0]
-        for q_len in query_lens:
-            starts.append(starts[-1] + q_len)
+        width = max(map(len, block_tables), default=0) or 1
+        padding = [0] * width
+        padded: list[int] = []
+        for table in block_tables:
+            padded += table
+            padded += padding[len(table) :]
         return cls(
             slot_mapping=int_tensor(slots, torch.long, device),
             block_tables=int_tensor(padded, torch.int32, device).view(len(block_tables), width),
-            query_start_loc=int_tensor(starts, torch.int32, device),
+            query_start_loc=int_tensor([0, *accumulate(query_lens)], torch.int32, device),
             context_lens=int_tensor(context_lens, torch.int32, device),
         )
 
@@ -76,4 +76,5 @@ def int_tensor(
         values = array(code, values)
     if not values:
         return torch.empty(0, dtype=dtype, device=device)
-    return torch.frombuffer(values, dtype=dtype).to(device)
+    tensor = torch.frombuffer(values, dtype=dtype)
+    return tensor if str(device) == "cpu" else tensor.to(device)
