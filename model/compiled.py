@@ -22,7 +22,6 @@ import logging
 import os
 import sys
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -89,9 +88,15 @@ def unavailable_reason(model: DecoderModel) -> str | None:
 
 
 class CompiledForward:
-    """Stands in for model.forward (same signature): the compiled graph, with the batch's
-    dimensions marked unbacked before every call. `compilations` counts the graphs inductor
-    built; `on_compile(stage)` hears "compiling" and "compiled" around each."""
+    """Stands in for model.forward (same signature): the compiled graph, traced on its first
+    call with the batch's dimensions marked unbacked. `compilations` counts the graphs
+    inductor built; `on_compile(stage)` hears "compiling" and "compiled" around each.
+
+    The graph keeps no guards (as vLLM's compiled step keeps none): checking them and
+    marking every call's tensors cost ~0.1 ms a step, and one graph serves every batch
+    anyway. What a guard would have caught that can differ between calls is the pool: its
+    block size is static in the graph and its dtype fixed, so a pool unlike the traced one
+    is refused here (ValueError) instead of running the wrong graph."""
 
     def __init__(
         self, model: DecoderModel, on_compile: Callable[[str], None] | None = None
@@ -105,11 +110,10 @@ class CompiledForward:
             backend=self._backend,
             fullgraph=True,
             isolate_recompiles=True,  # this model's graphs only: others' never match
-            # No guards on the model's modules (weights, norms' eps, the kernel backend):
-            # they are fixed once the server starts, and checking them cost ~0.2 ms a step.
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+            options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe},
         )
-        self._marked: weakref.ref[KVCache] | None = None  # the pool marked last
+        # (block size, dtype) of the pool the graph was traced with; None: not traced yet.
+        self._pool: tuple[int, torch.dtype] | None = None
 
     def __call__(
         self,
@@ -118,13 +122,17 @@ class CompiledForward:
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        from torch._dynamo.decorators import mark_unbacked
-
-        _mark_batch(input_ids, positions, meta)
-        if self._marked is None or self._marked() is not kv_cache:  # ~5 us a mark: once
-            for cache in (*kv_cache.k, *kv_cache.v):  # (NB, BS, Hkv, D): NB
-                mark_unbacked(cache, 0, shape_id="blocks")
-            self._marked = weakref.ref(kv_cache)
+        pool = (kv_cache.block_size, kv_cache.k[0].dtype)
+        if self._pool is None:
+            _mark_batch(input_ids, positions, kv_cache, meta)
+            hidden = self._compiled(input_ids, positions, kv_cache, meta)
+            self._pool = pool
+            return hidden
+        if pool != self._pool:
+            raise ValueError(
+                f"the step was compiled for a KV pool of {self._pool[0]}-token blocks of "
+                f"{self._pool[1]}, not {pool[0]}-token blocks of {pool[1]}"
+            )
         return self._compiled(input_ids, positions, kv_cache, meta)
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
@@ -139,9 +147,11 @@ class CompiledForward:
         return compiled
 
 
-def _mark_batch(input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> None:
-    """T tokens, S sequences, W blocks per table: unbacked, so never specialised to 0 or 1
-    and never tied to another dimension that happens to be equal."""
+def _mark_batch(
+    input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+) -> None:
+    """T tokens, S sequences, W blocks per table, NB blocks in the pool: unbacked, so never
+    specialised to 0 or 1 and never tied to another dimension that happens to be equal."""
     from torch._dynamo.decorators import mark_unbacked
 
     for t in (input_ids, positions, meta.slot_mapping):
@@ -150,6 +160,8 @@ def _mark_batch(input_ids: torch.Tensor, positions: torch.Tensor, meta: Attentio
     mark_unbacked(meta.block_tables, 0, shape_id="seqs")
     mark_unbacked(meta.block_tables, 1)
     mark_unbacked(meta.query_start_loc, 0)
+    for cache in (*kv_cache.k, *kv_cache.v):  # (NB, BS, Hkv, D): NB
+        mark_unbacked(cache, 0, shape_id="blocks")
 
 
 def compile_model(
@@ -236,8 +248,7 @@ def _warm_up(
     compiled = CompiledForward(model, bar.stage)
     param = next(model.parameters())
     num_blocks = sum(-(-n // block_size) for _, contexts in WARM_UP_BATCHES for n in contexts)
-    # Allocated outside inference mode, as the engine allocates its pool (a cache of
-    # inference tensors would be a guard mismatch, and a second compilation, later).
+    # Allocated outside inference mode, as the engine allocates its pool.
     dtype = kv_cache_dtype or param.dtype
     cache = KVCache.allocate(model.config, num_blocks, block_size, dtype, param.device)
     # automatic_dynamic_shapes off: a model compiled earlier in this process (same code,
@@ -247,16 +258,8 @@ def _warm_up(
             compiled(*_scratch_batch(list(q_lens), list(contexts), cache))
     if compiled.compilations != 1:
         raise RuntimeError(f"{compiled.compilations} compilations for the warm-up, not one")
-    compiled.on_compile = _warn_recompilation
+    compiled.on_compile = None  # the progress bar is done; no guard can ask for another
     return compiled
-
-
-def _warn_recompilation(event: str) -> None:
-    if event == "compiling":
-        logger.warning(
-            "the compiled step is compiling again: a batch unlike the warm-up's (another "
-            "block size or dtype, or tensors made outside inference mode)"
-        )
 
 
 def _scratch_batch(

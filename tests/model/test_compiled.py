@@ -195,6 +195,24 @@ def test_the_compiled_step_writes_the_pool_in_place(palm_pair: tuple) -> None:
     assert compiled.forward.compilations == 1
 
 
+def test_a_pool_unlike_the_compiled_one_is_refused(palm_pair: tuple) -> None:
+    """The graph keeps no guards, so the block size and dtype it was compiled for are
+    checked by the call: another pool gets a ValueError naming both, and never runs (a
+    graph of 8-token blocks over 16-token blocks would read the wrong slots)."""
+    _, compiled, _ = palm_pair
+    config = compiled.config
+    meta = AttentionMetadata.build([[1]], [3], [3], 2 * BLOCK_SIZE)
+    ids, positions = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    for block_size, dtype in ((2 * BLOCK_SIZE, torch.float32), (BLOCK_SIZE, torch.bfloat16)):
+        pool = KVCache.allocate(config, 4, block_size, dtype)
+        with torch.inference_mode(), pytest.raises(ValueError) as refused:
+            compiled(ids, positions, pool, meta)
+        assert f"{BLOCK_SIZE}-token blocks of torch.float32" in str(refused.value)
+        assert f"{block_size}-token blocks of {dtype}" in str(refused.value)
+        assert all(t.eq(0).all() for t in (*pool.k, *pool.v)), "the refused step wrote"
+    assert compiled.forward.compilations == 1
+
+
 def test_start_up_states_the_compilation_and_its_time(palm_pair: tuple) -> None:
     _, compiled, records = palm_pair
     assert compiled.kernels.name == "cpu"
