@@ -34,6 +34,7 @@ from torch import nn
 
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine, load_served_model
+from palm_serve.engine.heap import freeze_startup_heap
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.kernels import select_backend
 from palm_serve.model import PaLM, PaLMConfig, load_tokenizer
@@ -253,6 +254,7 @@ def main() -> None:
     int8 = models(args, quantization="int8") if args.int8 else {}
     kv = args.kv_cache_dtype
     compiled_kv = models(args, compile=True, kv_cache_dtype=kv) if kv and args.compile else {}
+    freeze_startup_heap()  # as the served core does once its model is up
     rows = []
     for name, (model, tokenizer) in eager.items():
         # variant: (model, its KV cache's dtype; None: the model's)

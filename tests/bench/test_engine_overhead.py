@@ -1,0 +1,37 @@
+"""bench/engine_overhead.py on a tiny random model: the stand-in model decodes every
+sequence the whole way (each engine step still schedules, samples and detokenizes all of
+them), and the parts it reports are the engine's. Speed is not checked (benchmarks measure
+it; tests never time anything)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests" / "server"))
+
+from engine_overhead import decoding_engine, take_out_the_model, time_parts  # noqa: E402
+
+from palm_serve.engine.factory import load_served_model  # noqa: E402
+from palm_serve.model import load_tokenizer  # noqa: E402
+
+from server_helpers import write_model_dir  # noqa: E402
+
+
+def test_every_sequence_decodes_through_the_stand_in_model(tmp_path: Path) -> None:
+    model_dir = write_model_dir(tmp_path / "tiny")
+    model = load_served_model(model_dir).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
+    take_out_the_model(model, batch=5)
+    args = argparse.Namespace(batch=5, prompt_len=7, steps=4)
+    engine = decoding_engine(model, tokenizer, args)
+    running = engine.core.scheduler.running
+    assert len(running) == 5 and not engine.core.scheduler.waiting
+    assert all(seq.num_output_tokens == 2 for seq in running)  # the prefill's and one decode's
+    parts = time_parts(engine, args.steps)
+    assert all(seq.num_output_tokens == 2 + args.steps for seq in running)
+    assert set(parts) >= {"core step (all below)", "  scheduling", "    sampler"}
+    assert all(us > 0 for us in parts.values())
