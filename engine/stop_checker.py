@@ -12,7 +12,10 @@ class StopChecker:
         self.detokenizer = detokenizer
         self.stop = stop
         self.max_stop_len = max((len(s) for s in stop), default=0)
-        # Generated text so far, cut at the first stop string once one appears.
+        # The generated text (cut at the first stop string once one appears) from the last
+        # max_stop_len - 1 characters handed to the caller on: a stop string ending in new
+        # text can begin no earlier. What lies before is dropped, so that a token costs the
+        # same however long the output grows.
         self.text = ""
         # Characters of text already handed to the caller.
         self.emitted = 0
@@ -30,11 +33,18 @@ class StopChecker:
         end = len(self.text) if final else len(self.text) - self._held_back()
         end = max(end, self.emitted)
         delta = self.text[self.emitted : end]
+        drop = min(end, len(self.text) - max(self.max_stop_len - 1, 0))
+        if drop > 0:
+            self.text = self.text[drop:]
+            end -= drop
         self.emitted = end
         return delta
 
     def _append(self, delta: str) -> str | None:
         if not delta:
+            return None
+        if not self.stop:
+            self.text += delta
             return None
         # A stop string ending in the new text starts at most max_stop_len - 1 chars before it.
         search_from = max(0, len(self.text) - self.max_stop_len + 1)

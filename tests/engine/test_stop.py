@@ -63,8 +63,7 @@ def test_stop_checker_holds_back_a_possible_stop_string() -> None:
     assert checker.add_token(27) is None and checker.take_text(False) == "z"  # "b1" held
     assert checker.add_token(2) == "b1c"  # "...b1" + "c" completes "b1c"
     assert checker.take_text(True) == ""
-    assert checker.text == "abb2z"
-    assert checker.emitted == len("abb2z")
+    assert checker.emitted == len(checker.text)  # nothing left to emit: "abb2z" went out
 
 
 @pytest.mark.parametrize("span", [2, 3])
@@ -151,6 +150,22 @@ def test_stop_checker_emits_exactly_the_text_before_the_first_stop(tokens, stops
         assert all(s not in emitted for s in stops)
     else:
         assert hit is None and emitted == full
+
+
+@pytest.mark.parametrize("stops", [(), ("!!", "?a?")])
+def test_the_checker_keeps_no_more_text_than_a_stop_string_needs(stops) -> None:
+    """Over a long output, the text kept is the held-back part and the tail a stop string
+    could begin in, never the whole output (which made every token cost its length)."""
+    tok = PieceTokenizer(97)
+    checker = StopChecker(TextPieces(tok.pieces), stops)
+    longest = max((len(s) for s in stops), default=0)
+    emitted = []
+    for t in [i * 7 % 97 for i in range(3000)]:
+        assert checker.add_token(t) is None
+        emitted.append(checker.take_text(final=False))
+        assert len(checker.text) <= 2 * max(longest - 1, 0)
+    emitted.append(checker.take_text(final=True))
+    assert "".join(emitted) == "".join(tok.pieces[i * 7 % 97] for i in range(3000))
 
 
 class TextPieces:
