@@ -54,10 +54,6 @@ void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
       _mm512_storeu_ps(out + i * dim + d, load16(rows[i] + d));
 }
 
-// The 64-byte lines of a cache row of D16 x 16 elements of P.
-template <int D16, typename P>
-constexpr int kRowLines = D16 * int(sizeof(P)) / 4;
-
 // GROUP heads (queries q, GROUP x dim; running m, l; accumulators acc, GROUP x dim) against
 // keys k[0, n) and values v[0, n), n <= chunk. k holds round_up(n, 16) rows that may be
 // read (the caller pads it); only the first n are weighted. While it sums the values it asks
@@ -71,9 +67,7 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
   alignas(64) float w[GROUP][CHUNK];
   // The value rows into L1 while the scores are computed: the value sum below waits on
   // their loads otherwise (one miss per key, from L2 at best).
-  for (int i = 0; i < n; ++i)
-    PALM_UNROLL for (int j = 0; j < D16; ++j)
-      _mm_prefetch(reinterpret_cast<const char*>(v[i] + 16 * j), _MM_HINT_T0);
+  for (int i = 0; i < n; ++i) prefetch_row<_MM_HINT_T0>(v[i], dim);
   for (int g = 0; g < GROUP; ++g) {
     __m512 qv[D16];
     PALM_UNROLL for (int j = 0; j < D16; ++j) qv[j] = _mm512_loadu_ps(q + g * dim + 16 * j);
@@ -96,11 +90,10 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
   PALM_UNROLL for (int g = 0; g < GROUP; ++g)
     PALM_UNROLL for (int j = 0; j < D16; ++j) sum[g][j] = _mm512_setzero_ps();
   for (int i = 0; i < n; ++i) {
-    if (i < next_n)
-      PALM_UNROLL for (int j = 0; j < kRowLines<D16, P>; ++j) {
-        _mm_prefetch(reinterpret_cast<const char*>(next_k[i]) + 64 * j, _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(next_v[i]) + 64 * j, _MM_HINT_T1);
-      }
+    if (i < next_n) {
+      prefetch_row<_MM_HINT_T1>(next_k[i], dim);
+      prefetch_row<_MM_HINT_T1>(next_v[i], dim);
+    }
     __m512 row[D16];
     PALM_UNROLL for (int j = 0; j < D16; ++j) row[j] = _mm512_loadu_ps(v[i] + 16 * j);
     PALM_UNROLL for (int g = 0; g < GROUP; ++g) {

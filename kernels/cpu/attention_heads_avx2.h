@@ -30,13 +30,6 @@ namespace heads_avx2 {
 
 #define PALM_UNROLL _Pragma("GCC unroll 16")
 
-// Asks for a cache row (dim elements of T) into L1.
-template <typename T>
-__attribute__((always_inline)) inline void prefetch_row(const T* row, int64_t dim) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
-}
-
 // GROUP heads (queries q, GROUP x dim; m, l; acc, GROUP x dim) against keys k[0, n) and
 // values v[0, n), n <= CHUNK. k holds round_up(n, 8) rows that may be read (the walker pads
 // it); only the first n are weighted.
@@ -50,7 +43,7 @@ void attend_chunk_group(const float* q, float scale, const T* const* k, const T*
   alignas(32) float w[GROUP][CHUNK];
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int i0 = 0; i0 < n; i0 += keys) {
-    PALM_UNROLL for (int b = 0; b < keys; ++b) if (i0 + b < n) prefetch_row(v[i0 + b], dim);
+    PALM_UNROLL for (int b = 0; b < keys; ++b) if (i0 + b < n) prefetch_row<_MM_HINT_T0>(v[i0 + b], dim);
     __m256 dots[8];
     PALM_UNROLL for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
     PALM_UNROLL for (int d = 0; d < dim; d += 8) {
@@ -74,7 +67,7 @@ void attend_chunk_group(const float* q, float scale, const T* const* k, const T*
     PALM_UNROLL for (int g = 0; g < GROUP; ++g)
       PALM_UNROLL for (int j = 0; j < segment; ++j) sum[g][j] = _mm256_setzero_ps();
     for (int i = 0; i < n; ++i) {
-      if (d == 0 && i < next_n) prefetch_row(next_k[i], dim);
+      if (d == 0 && i < next_n) prefetch_row<_MM_HINT_T0>(next_k[i], dim);
       __m256 row[segment];
       PALM_UNROLL for (int j = 0; j < segment; ++j) row[j] = load8(v[i] + d + 8 * j);
       PALM_UNROLL for (int g = 0; g < GROUP; ++g) {

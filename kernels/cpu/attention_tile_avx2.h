@@ -66,19 +66,15 @@ __attribute__((always_inline)) inline void scores(const float* qt, float scale,
                                                   const P* const* next_v, int next_n,
                                                   float* out, __m256* max) {
   constexpr int dim = 16 * D16, width = 8 * NQ;
-  constexpr int per_line = 64 / int(sizeof(P)), lines = dim / per_line;  // a row's 64-byte lines
   const __m256 vscale = _mm256_set1_ps(scale), neg_inf = _mm256_set1_ps(kNegInf);
   PALM_UNROLL for (int j = 0; j < NQ; ++j) max[j] = neg_inf;
   auto block = [&](auto kb, int i0) {
     constexpr int B = decltype(kb)::value;
     PALM_UNROLL for (int b = 0; b < B; ++b)
-      if (i0 + b < next_n)
-        PALM_UNROLL for (int c = 0; c < lines; ++c) {
-          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b] + per_line * c),
-                       _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b] + per_line * c),
-                       _MM_HINT_T1);
-        }
+      if (i0 + b < next_n) {
+        prefetch_row<_MM_HINT_T1>(next_k[i0 + b], dim);
+        prefetch_row<_MM_HINT_T1>(next_v[i0 + b], dim);
+      }
     __m256 total[B][NQ];
     PALM_UNROLL for (int b = 0; b < B; ++b)
       PALM_UNROLL for (int j = 0; j < NQ; ++j) total[b][j] = _mm256_setzero_ps();

@@ -77,11 +77,10 @@ __attribute__((always_inline)) inline void tile_scores(const float* qt, float sc
   auto block = [&](auto kb, int i0) {
     constexpr int B = decltype(kb)::value;
     PALM_UNROLL for (int b = 0; b < B; ++b)
-      if (i0 + b < next_n)
-        PALM_UNROLL for (int j = 0; j < kRowLines<D16, P>; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(next_k[i0 + b]) + 64 * j, _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(next_v[i0 + b]) + 64 * j, _MM_HINT_T1);
-        }
+      if (i0 + b < next_n) {
+        prefetch_row<_MM_HINT_T1>(next_k[i0 + b], dim);
+        prefetch_row<_MM_HINT_T1>(next_v[i0 + b], dim);
+      }
     __m512 total[B][NQ];
     PALM_UNROLL for (int b = 0; b < B; ++b)
       PALM_UNROLL for (int j = 0; j < NQ; ++j) total[b][j] = _mm512_setzero_ps();

@@ -105,6 +105,15 @@ inline __m256 lane_mask(int n) {
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), iota));
 }
 
+// Asks for a cache row (dim elements of T) to come into L1 (Hint _MM_HINT_T0) or L2
+// (_MM_HINT_T1) before the attention reads it: the blocks lie anywhere in the pool, so the
+// hardware's prefetcher does not find them.
+template <_mm_hint Hint, typename T>
+__attribute__((always_inline)) inline void prefetch_row(const T* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, Hint);
+}
+
 #endif  // PALM_CPU_AVX2
 
 // scores[i] = scale * (q . keys[i]) for i < n. keys holds round_up(n, 8) valid rows (the
