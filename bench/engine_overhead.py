@@ -4,10 +4,10 @@ detokenization cost around the forward (`LLMEngine.step()`, as bench/roofline.py
 
 The model (--model, the default PaLM by default) is loaded eagerly, then its forward and
 logits are replaced by stand-ins that return preallocated tensors at once; --batch
-sequences with --prompt-len-token prompts are prefilled, then --steps greedy decode steps
-are timed in the CPU time of this thread (torch on one thread; steadier than wall time on
-a shared machine), in --rounds rounds, each on a fresh engine. --parts adds a round that
-times the parts through wrappers (which add ~1 us a call).
+sequences with --prompt-len-token prompts are prefilled (as bench/roofline.py sets them up),
+then --steps greedy decode steps are timed in the CPU time of this thread (torch on one
+thread; steadier than wall time on a shared machine), in --rounds rounds, each on a fresh
+engine. --parts adds a round that times the parts through wrappers (which add ~1 us a call).
 
 To compare two commits, run it at each, alternating.
 
@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from roofline import decoding_engine
 
-from palm_serve.engine.config import EngineConfig
-from palm_serve.engine.factory import build_llm_engine, load_served_model
+from palm_serve.engine.factory import load_served_model
 from palm_serve.engine.heap import freeze_startup_heap
 from palm_serve.engine.llm_engine import LLMEngine
-from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.model import load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "default"
@@ -47,26 +46,6 @@ def take_out_the_model(model: Any, batch: int) -> None:
 
     model.forward = forward
     model.compute_logits = lambda rows: logits[: rows.shape[0]]
-
-
-def decoding_engine(model: Any, tokenizer: Any, args: argparse.Namespace) -> LLMEngine:
-    """An engine whose args.batch sequences are prefilled and decoding."""
-    blocks_per_seq = (args.prompt_len + args.steps + 8) // 16 + 2
-    config = EngineConfig(
-        num_blocks=args.batch * blocks_per_seq + 8,
-        max_num_seqs=args.batch,
-        max_num_batched_tokens=max(2048, args.prompt_len),
-    )
-    engine = build_llm_engine(model, tokenizer, config, seed=0)
-    params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
-    gen = torch.Generator().manual_seed(0)
-    for i in range(args.batch):
-        prompt = torch.randint(3, model.config.vocab_size, (args.prompt_len,), generator=gen)
-        engine.add_request(f"r{i}", prompt.tolist(), params)
-    while engine.core.scheduler.waiting:
-        engine.step()
-    engine.step()
-    return engine
 
 
 def time_parts(engine: LLMEngine, steps: int) -> dict[str, float]:
@@ -118,7 +97,7 @@ def main() -> None:
     freeze_startup_heap()  # as the served core does
     rounds = []
     for _ in range(args.rounds):
-        engine = decoding_engine(model, tokenizer, args)
+        engine = decoding_engine(model, tokenizer, args.batch, args.steps, args.prompt_len)
         t0 = time.thread_time()
         for _ in range(args.steps):
             engine.step()
@@ -129,7 +108,8 @@ def main() -> None:
         f"{args.rounds} rounds of {args.steps} steps: {', '.join(f'{r:.0f}' for r in rounds)})"
     )
     if args.parts:
-        for part, us in time_parts(decoding_engine(model, tokenizer, args), args.steps).items():
+        engine = decoding_engine(model, tokenizer, args.batch, args.steps, args.prompt_len)
+        for part, us in time_parts(engine, args.steps).items():
             print(f"  {part}: {us:.0f} us")
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import build_llm_engine, load_served_model
 from palm_serve.engine.heap import freeze_startup_heap
+from palm_serve.engine.llm_engine import LLMEngine
 from palm_serve.engine.sampling_params import SamplingParams
 from palm_serve.kernels import select_backend
 from palm_serve.model import PaLM, PaLMConfig, load_tokenizer
@@ -165,7 +166,7 @@ class Timer:
             self.total += clock() - t0
 
 
-def time_engine_step(
+def decoding_engine(
     model,
     tokenizer,
     batch: int,
@@ -173,9 +174,10 @@ def time_engine_step(
     prompt_len: int = PROMPT_LEN,
     setup=None,
     kv_cache_dtype: str | None = None,
-) -> dict[str, float]:
-    """Median decode-step time with `batch` running sequences (prompts of prompt_len);
-    setup(engine), if given, is called on the engine before its first request."""
+) -> LLMEngine:
+    """An engine whose `batch` sequences (random prompts of prompt_len) are prefilled and
+    have taken two decode steps, with room for `steps` more; setup(engine), if given, is
+    called on the engine before its first request."""
     blocks_per_seq = (prompt_len + steps + 8) // 16 + 2
     config = EngineConfig(
         num_blocks=batch * blocks_per_seq + 8,
@@ -195,6 +197,21 @@ def time_engine_step(
         engine.step()
     for _ in range(2):
         engine.step()
+    return engine
+
+
+def time_engine_step(
+    model,
+    tokenizer,
+    batch: int,
+    steps: int,
+    prompt_len: int = PROMPT_LEN,
+    setup=None,
+    kv_cache_dtype: str | None = None,
+) -> dict[str, float]:
+    """Median decode-step time with `batch` running sequences (prompts of prompt_len);
+    setup(engine), if given, is called on the engine before its first request."""
+    engine = decoding_engine(model, tokenizer, batch, steps, prompt_len, setup, kv_cache_dtype)
     runner = Timer(engine.core.runner, "execute")
     forward = Timer(model, "forward")
     logits = Timer(model, "compute_logits")

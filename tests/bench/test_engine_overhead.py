@@ -5,7 +5,6 @@ it; tests never time anything)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests" / "server"))
 
-from engine_overhead import decoding_engine, take_out_the_model, time_parts  # noqa: E402
+from engine_overhead import take_out_the_model, time_parts  # noqa: E402
+from roofline import decoding_engine  # noqa: E402
 
 from palm_serve.engine.factory import load_served_model  # noqa: E402
 from palm_serve.model import load_tokenizer  # noqa: E402
@@ -26,12 +26,12 @@ def test_every_sequence_decodes_through_the_stand_in_model(tmp_path: Path) -> No
     model = load_served_model(model_dir).eval().requires_grad_(False)
     tokenizer = load_tokenizer(model_dir, model.config.vocab_size)
     take_out_the_model(model, batch=5)
-    args = argparse.Namespace(batch=5, prompt_len=7, steps=4)
-    engine = decoding_engine(model, tokenizer, args)
+    steps = 4
+    engine = decoding_engine(model, tokenizer, batch=5, steps=steps, prompt_len=7)
     running = engine.core.scheduler.running
     assert len(running) == 5 and not engine.core.scheduler.waiting
-    assert all(seq.num_output_tokens == 2 for seq in running)  # the prefill's and one decode's
-    parts = time_parts(engine, args.steps)
-    assert all(seq.num_output_tokens == 2 + args.steps for seq in running)
+    assert all(seq.num_output_tokens == 3 for seq in running)  # the prefill's, two decodes'
+    parts = time_parts(engine, steps)
+    assert all(seq.num_output_tokens == 3 + steps for seq in running)
     assert set(parts) >= {"core step (all below)", "  scheduling", "    sampler"}
     assert all(us > 0 for us in parts.values())
