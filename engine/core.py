@@ -114,7 +114,7 @@ class EngineCore:
             self.counters.num_batched_tokens += plan.num_batched_tokens
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
-        lengths = [len(item.seq.token_ids) for item in plan.scheduled]
+        lengths = [item.seq.num_tokens for item in plan.scheduled]
         touched += self.scheduler.update(plan, result.sampled)
         for item, length, entries in zip(plan.scheduled, lengths, result.logprobs, strict=True):
             if entries:
@@ -178,7 +178,7 @@ class EngineCore:
 
     def _output(self, seq: Sequence) -> EngineCoreOutput:
         """The increment of seq since its previous output; forgets a finished sequence."""
-        new_ids = seq.token_ids[len(seq.prompt_token_ids) + seq.num_emitted_tokens :]
+        new_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_emitted_tokens :]
         seq.num_emitted_tokens += len(new_ids)
         self.counters.num_output_tokens += len(new_ids)
         out = EngineCoreOutput(
