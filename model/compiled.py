@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,12 @@ class CompiledForward:
     marking every call's tensors cost ~0.1 ms a step, and one graph serves every batch
     anyway. What a guard would have caught that can differ between calls is the pool: its
     block size is static in the graph and its dtype fixed, so a pool unlike the traced one
-    is refused here (ValueError) instead of running the wrong graph."""
+    is refused here (ValueError) instead of running the wrong graph.
+
+    Having no guards to check, later calls need nothing of dynamo's frame evaluation either:
+    they run the bytecode dynamo made of forward (which gathers the graph's inputs and calls
+    the compiled graph) as a plain function, as vLLM's compiled models dispatch to theirs.
+    Where that bytecode was not seen (another torch), calls go through torch.compile."""
 
     def __init__(
         self, model: DecoderModel, on_compile: Callable[[str], None] | None = None
@@ -114,6 +120,12 @@ class CompiledForward:
         )
         # (block size, dtype) of the pool the graph was traced with; None: not traced yet.
         self._pool: tuple[int, torch.dtype] | None = None
+        self._model = model
+        self._forward_code = eager.__func__.__code__
+        self._forward_globals = eager.__func__.__globals__
+        # forward's bytecode as dynamo rewrote it for this model's graph, as a function of
+        # (model, *forward's arguments); None until the trace (or where it was not seen).
+        self._direct: Callable[..., torch.Tensor] | None = None
 
     def __call__(
         self,
@@ -125,7 +137,11 @@ class CompiledForward:
         pool = (kv_cache.block_size, kv_cache.k[0].dtype)
         if self._pool is None:
             _mark_batch(input_ids, positions, kv_cache, meta)
-            hidden = self._compiled(input_ids, positions, kv_cache, meta)
+            hook = torch._dynamo.convert_frame.register_bytecode_hook(self._keep_bytecode)
+            try:
+                hidden = self._compiled(input_ids, positions, kv_cache, meta)
+            finally:
+                hook.remove()
             self._pool = pool
             return hidden
         if pool != self._pool:
@@ -133,6 +149,8 @@ class CompiledForward:
                 f"the step was compiled for a KV pool of {self._pool[0]}-token blocks of "
                 f"{self._pool[1]}, not {pool[0]}-token blocks of {pool[1]}"
             )
+        if self._direct is not None:
+            return self._direct(self._model, input_ids, positions, kv_cache, meta)
         return self._compiled(input_ids, positions, kv_cache, meta)
 
     def _backend(self, graph: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Any:
@@ -145,6 +163,17 @@ class CompiledForward:
         if self.on_compile is not None:
             self.on_compile("compiled")
         return compiled
+
+    def _keep_bytecode(self, code: types.CodeType, new_code: types.CodeType) -> None:
+        """dynamo's bytecode hook, registered for the trace only: keep the rewritten
+        forward, which calls the graph this object's backend compiled."""
+        if code is not self._forward_code:
+            return
+        if new_code.co_freevars:  # forward has no closure: not the rewrite expected
+            return
+        # dynamo put the graph's callable among forward's module globals, where the
+        # rewritten bytecode looks it up
+        self._direct = types.FunctionType(new_code, self._forward_globals, "compiled_forward")
 
 
 def _mark_batch(

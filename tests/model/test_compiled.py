@@ -169,6 +169,27 @@ def test_compiled_step_equals_eager_with_one_compilation(
     assert compiled.forward.compilations == 1, "one graph for every batch"
 
 
+def test_later_steps_run_the_graph_without_torch_compile(
+    palm_pair: tuple, llama_pair: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its trace, a step runs dynamo's rewrite of forward as a plain function, not
+    through torch.compile's frame evaluation. With both models compiled in this process
+    (PaLM and Llama share DecoderModel.forward's code), each must run its own graph: equal
+    to its eager twin with torch.compile's entry point taken away."""
+    for eager, compiled, _ in (palm_pair, llama_pair):
+
+        def through_torch_compile(*args: object) -> None:
+            raise AssertionError("a later step went through torch.compile")
+
+        monkeypatch.setattr(compiled.forward, "_compiled", through_torch_compile)
+        caches = [KVCache.allocate(eager.config, 40, BLOCK_SIZE) for _ in range(2)]
+        with torch.inference_mode():
+            for ids, positions, meta in step_batches(eager.config.vocab_size):
+                expected = eager(ids, positions, caches[0], meta)
+                assert_close(compiled(ids, positions, caches[1], meta), expected)
+        assert compiled.forward.compilations == 1
+
+
 def _proc_status_bytes(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(f"{key}:"):
