@@ -114,6 +114,25 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row, int64_t di
   for (int64_t b = 0; b < dim * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, Hint);
 }
 
+// r[0..8) as the rows of an 8 x 8 matrix, transposed in place.
+inline void transpose8x8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
 #endif  // PALM_CPU_AVX2
 
 // scores[i] = scale * (q . keys[i]) for i < n. keys holds round_up(n, 8) valid rows (the
@@ -226,15 +245,27 @@ inline void scale_accumulate(float* acc, float alpha, const float* p, const T* c
 // heads together) are written for; other head_dims take vec.h's per-head step.
 inline bool vector_head_dim(int64_t dim) { return dim == 32 || dim == 64 || dim == 128; }
 
-// The scalar start of an attention tile (attention_tile_avx2.h, attention_tile_avx512.h):
+// The start of an attention tile (attention_tile_avx2.h, attention_tile_avx512.h):
 // the queries q ([queries][dim]) transposed into qt ([dim][width], zero past the queries),
 // and each of the width lanes' running m, l and causal limit (row r = lane / group sees the
 // keys below pos0 + r + 1; lanes past the queries see none).
 inline void start_tile(const float* q, int queries, int group, int pos0, int dim, int width,
                        const float* m, const float* l, float* qt, float* m0, float* l0,
                        int32_t* limit) {
+#if PALM_CPU_AVX2
+  // eight queries by eight elements at a time (a tile's dim and width are multiples of 8)
+  for (int i0 = 0; i0 < width; i0 += 8)
+    for (int d0 = 0; d0 < dim; d0 += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = i0 + i < queries ? _mm256_loadu_ps(q + (i0 + i) * dim + d0) : _mm256_setzero_ps();
+      transpose8x8(r);
+      for (int d = 0; d < 8; ++d) _mm256_store_ps(qt + (d0 + d) * width + i0, r[d]);
+    }
+#else
   for (int d = 0; d < dim; ++d)
     for (int i = 0; i < width; ++i) qt[d * width + i] = i < queries ? q[i * dim + d] : 0.f;
+#endif
   for (int i = 0; i < width; ++i) {
     m0[i] = i < queries ? m[i] : kNegInf;
     l0[i] = i < queries ? l[i] : 0.f;
