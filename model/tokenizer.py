@@ -3,10 +3,12 @@ incremental detokenizer that streams text without ever splitting a UTF-8 charact
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizerModel
+from tokenizers.decoders import DecodeStream
 
 from .checkpoint import TOKENIZER_FILE
 
@@ -43,6 +45,15 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._model.decode(ids, skip_special_tokens=True)
+
+    def stream_decoder(self, context: list[int]) -> Callable[[int], str | None]:
+        """The library's incremental decoder after the ids `context` (text already out):
+        each call takes the next id and returns the text it completes, or None while the
+        text would end in U+FFFD. It raises where a decoder's output for more ids does not
+        begin with its output for fewer (text already emitted would change)."""
+        stream = DecodeStream(ids=context, skip_special_tokens=True)
+        model = self._model
+        return lambda token_id: stream.step(model, token_id)
 
     def to_json(self) -> str:
         """The tokenizer.json text (what other libraries load the same tokenizer from)."""
@@ -97,11 +108,30 @@ class IncrementalDetokenizer:
         # Starting a few tokens back keeps context-dependent decoders (leading spaces) right.
         self.read_offset = len(self.ids)
         self.prefix_offset = max(0, self.read_offset - 5)
+        # An HF tokenizer's steps run in the library (the same window, one decode a token in
+        # Rust instead of two and the Python around them); None: the steps below, which also
+        # serve a prompt that ends inside a character (the library would join its dangling
+        # bytes to the output's, and the deltas would no longer add up to the output's text).
+        self._stream: Callable[[int], str | None] | None = None
+        if isinstance(tokenizer, HFTokenizer):
+            context = self.ids[self.prefix_offset :]
+            if not tokenizer.decode(context).endswith(REPLACEMENT_CHAR):
+                self._stream = tokenizer.stream_decoder(context)
 
     def add(self, token_id: int) -> str:
         """Append one token; return the text that is now safe to emit (maybe '')."""
         self.ids.append(token_id)
-        return self._advance(final=False)
+        if self._stream is None:
+            return self._advance(final=False)
+        try:
+            text = self._stream(token_id)
+        except Exception:  # emitted text would change: the steps below cut by length
+            self._stream = None
+            return self._advance(final=False)
+        if text is None:
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text
 
     def flush(self) -> str:
         """Whatever is still held back (a dangling partial character becomes U+FFFD)."""

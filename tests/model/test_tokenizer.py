@@ -3,6 +3,7 @@ partial UTF-8 character."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,78 @@ def test_eos_and_fallback(bpe: HFTokenizer, tmp_path: Path) -> None:
     assert isinstance(fallback, ByteTokenizer) and fallback.eos_token_id == 256
     with pytest.raises(ValueError, match="vocab_size >= 256"):
         ByteTokenizer(100)
+
+
+class _PlainTokenizer:
+    """The bpe tokenizer seen only through the Tokenizer protocol: the detokenizer's own
+    steps, not the library's stream."""
+
+    def __init__(self, inner: HFTokenizer) -> None:
+        self.inner = inner
+        self.vocab_size, self.eos_token_id, self.bos_token_id = inner.vocab_size, 0, None
+
+    def encode(self, text: str) -> list[int]:
+        return self.inner.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.inner.decode(ids)
+
+
+def _counting_streams(monkeypatch: pytest.MonkeyPatch, fail_after: int | None = None) -> list[int]:
+    """Count the library stream's steps (calls[0]); with fail_after, each stream raises at
+    its step number fail_after, as the library does where emitted text would change."""
+    calls = [0]
+    make = HFTokenizer.stream_decoder
+
+    def stream_decoder(self: HFTokenizer, context: list[int]):
+        step, taken = make(self, context), [0]
+
+        def counted(token_id: int) -> str | None:
+            calls[0] += 1
+            taken[0] += 1
+            if fail_after is not None and taken[0] == fail_after:
+                raise Exception("InvalidPrefix")
+            return step(token_id)
+
+        return counted
+
+    monkeypatch.setattr(HFTokenizer, "stream_decoder", stream_decoder)
+    return calls
+
+
+def _random_streams(tokenizer: HFTokenizer, count: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, output) pairs: encoded text mixed with random ids, whose bytes end and begin
+    inside characters."""
+    rng = random.Random(5)
+    pairs = []
+    for _ in range(count):
+        text = "".join(rng.choice(TEXTS)[: rng.randint(0, 12)] for _ in range(3))
+        ids = [i if rng.random() < 0.7 else rng.randrange(tokenizer.vocab_size)
+               for i in tokenizer.encode(text)]  # fmt: skip
+        ids += [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randint(0, 8))]
+        cut = rng.randint(0, len(ids))
+        pairs.append((ids[:cut], ids[cut:]))
+    return pairs
+
+
+def test_the_library_stream_gives_the_detokenizer_own_deltas(
+    bpe: HFTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An HF tokenizer's steps run in the tokenizers library; delta for delta they equal the
+    detokenizer's own steps, also where the prompt or the output ends inside a character."""
+    calls = _counting_streams(monkeypatch)
+    plain = _PlainTokenizer(bpe)
+    for prompt, output in _random_streams(bpe, 300):
+        assert _stream(bpe, output, prompt) == _stream(plain, output, prompt), (prompt, output)
+    assert calls[0] > 1000, "the library's stream did not run"
+
+
+@pytest.mark.parametrize("fail_after", [1, 2, 5])
+def test_a_stream_that_fails_hands_over_to_the_detokenizer_own_steps(
+    fail_after: int, bpe: HFTokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _counting_streams(monkeypatch, fail_after)
+    plain = _PlainTokenizer(bpe)
+    for prompt, output in _random_streams(bpe, 100):
+        assert _stream(bpe, output, prompt) == _stream(plain, output, prompt), (prompt, output)
+    assert calls[0] > 0
