@@ -7,7 +7,9 @@ model's own linear modules called on [B, in] inputs, same threads. The model is 
 the server sets it up, so with --cpu-prepacked-linears (the default) both sides use the
 oneDNN-prepacked weights; --no-prepack compares plain nn.Linear with F.linear. The ratio is
 the engine's overhead: attention over the paged cache, rotary, norms, Python. The step is
-also split into model.forward and runner.execute, by timing wrappers.
+also split into model.forward and runner.execute, by timing wrappers, and the core's share
+(`EngineCore.step()`: all but the front's detokenization and outputs, which the served
+engine runs in another process) is given with its own ratio to the matmuls.
 
 With --compile, every batch size is measured on two copies of each model, the eager step
 and the compiled one (model/compiled.py, as `palm-serve serve --compile` runs it),
@@ -212,6 +214,7 @@ def time_engine_step(
     """Median decode-step time with `batch` running sequences (prompts of prompt_len);
     setup(engine), if given, is called on the engine before its first request."""
     engine = decoding_engine(model, tokenizer, batch, steps, prompt_len, setup, kv_cache_dtype)
+    core = Timer(engine.core, "step")
     runner = Timer(engine.core.runner, "execute")
     forward = Timer(model, "forward")
     logits = Timer(model, "compute_logits")
@@ -226,6 +229,7 @@ def time_engine_step(
         logits.restore()
     return {
         "step": statistics.median(samples),
+        "core": core.total / steps,
         "runner": runner.total / steps,
         "forward": forward.total / steps,
         "logits": logits.total / steps,
@@ -293,10 +297,11 @@ def main() -> None:
             f"{args.clock} time"
         )
         print(
-            "| batch | step | engine step ms | runner.execute ms | model.forward ms "
-            "| compute_logits ms | matmuls ms | step / matmuls |"
+            "| batch | step | engine step ms | core.step ms | runner.execute ms "
+            "| model.forward ms | compute_logits ms | matmuls ms | step / matmuls "
+            "| core / matmuls |"
         )
-        print("|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for batch in map(int, args.batches.split(",")):
             runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
             floors = []
@@ -321,12 +326,12 @@ def main() -> None:
                     {"model": name, "step_kind": variant, "batch": batch,
                      "prompt_len": args.prompt_len, **t, "matmuls": mm, "ratios": ratios}
                 )  # fmt: skip
-                cells = [t["step"], t["runner"], t["forward"], t["logits"], mm]
+                cells = [t["step"], t["core"], t["runner"], t["forward"], t["logits"], mm]
                 spread = f" ({', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
                 print(
                     f"| {batch} | {variant} | "
                     + " | ".join(f"{c * 1e3:.1f}" for c in cells)
-                    + f" | {t['step'] / mm:.2f}x{spread} |",
+                    + f" | {t['step'] / mm:.2f}x{spread} | {t['core'] / mm:.2f}x |",
                     flush=True,
                 )
         if args.profile:
