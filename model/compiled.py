@@ -172,7 +172,7 @@ class CompiledForward:
         if new_code.co_freevars:  # forward has no closure: not the rewrite expected
             return
         # dynamo put the graph's callable among forward's module globals, where the
-        # rewritten bytecode looks it up
+        # rewritten bytecode looks it up.
         self._direct = types.FunctionType(new_code, self._forward_globals, "compiled_forward")
 
 
