@@ -30,6 +30,9 @@ class StopChecker:
 
     def take_text(self, final: bool) -> str:
         """The text that is now safe to emit; with final=True, everything left."""
+        if not self.stop:  # nothing is held back, nothing kept: text is all unemitted
+            delta, self.text = self.text, ""
+            return delta
         end = len(self.text) if final else len(self.text) - self._held_back()
         end = max(end, self.emitted)
         delta = self.text[self.emitted : end]
