@@ -58,34 +58,64 @@ class ModelRunner:
         """bitmask: the allowed tokens of the sequences due a token, in plan order (rows of
         the structured-output bitmask, StructuredOutputManager.bitmask), or None."""
         items = plan.scheduled
+        # One pass over the batch: the rows due a sampled token, the drafted ones, and
+        # whether every sequence brings one known token (a decode, drafts or not).
+        due: list[int] = []
+        drafted: list[int] = []
+        decodes_only = True
+        for i, it in enumerate(items):
+            if it.draft:
+                drafted.append(i)
+                decodes_only = decodes_only and it.num_new_tokens == len(it.draft) + 1
+            else:
+                if it.sample:
+                    due.append(i)
+                decodes_only = decodes_only and it.num_new_tokens == 1
         if self.decode_threads is not None:
-            decodes_only = all(it.num_known_tokens == 1 for it in items)
             threads = self.decode_threads if decodes_only else self.full_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
-        result = StepResult([[] for _ in items], [[] for _ in items])
         query_start = meta.query_start_loc.tolist()
-        due = [i for i, it in enumerate(items) if it.sample and not it.draft]
-        if due:
-            if len(due) == hidden.shape[0]:  # decodes only: every row is a last row
-                rows = hidden
-            else:
-                last_rows = [query_start[i + 1] - 1 for i in due]
-                rows = hidden.index_select(0, int_tensor(last_rows, torch.long, hidden.device))
-            logits = self.model.compute_logits(rows).float()  # (due, V)
-            out = self.sampler(logits, [items[i].seq for i in due], bitmask)
-            for i, token, lp in zip(due, out.token_ids, out.logprobs, strict=True):
-                result.sampled[i] = [token]
-                result.logprobs[i] = [lp] if lp is not None else []
-        drafted = [i for i, it in enumerate(items) if it.draft]
+        if len(due) == len(items):  # a token for every sequence (due is then 0, 1, ...)
+            result = StepResult(*self._sample(items, due, hidden, query_start, bitmask))
+        else:
+            result = StepResult([[] for _ in items], [[] for _ in items])
+            if due:
+                sampled, logprobs = self._sample(items, due, hidden, query_start, bitmask)
+                for i, tokens, entries in zip(due, sampled, logprobs, strict=True):
+                    result.sampled[i], result.logprobs[i] = tokens, entries
         if drafted:
             self._verify(items, drafted, hidden, query_start, result)
         prompt_rows, prompt_jobs = self._prompt_rows(items, query_start)
         if prompt_jobs:
             result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows, prompt_jobs)
         return result
+
+    def _sample(
+        self,
+        items: list[ScheduledSeq],
+        due: list[int],
+        hidden: torch.Tensor,
+        query_start: list[int],
+        bitmask: torch.Tensor | None,
+    ) -> tuple[list[list[int]], list[list[TokenLogprob]]]:
+        """A token for each sequence of `due` (indices into items) from its last row: per
+        sequence, the token as a list and its logprob entry (none unless requested)."""
+        if not due:
+            return [], []
+        if len(due) == hidden.shape[0]:  # decodes only: every row is a last row
+            rows = hidden
+        else:
+            last_rows = [query_start[i + 1] - 1 for i in due]
+            rows = hidden.index_select(0, int_tensor(last_rows, torch.long, hidden.device))
+        logits = self.model.compute_logits(rows).float()  # (due, V)
+        out = self.sampler(logits, [items[i].seq for i in due], bitmask)
+        return (
+            [[token] for token in out.token_ids],
+            [[lp] if lp is not None else [] for lp in out.logprobs],
+        )
 
     def _verify(
         self,
