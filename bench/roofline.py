@@ -202,18 +202,10 @@ def decoding_engine(
     return engine
 
 
-def time_engine_step(
-    model,
-    tokenizer,
-    batch: int,
-    steps: int,
-    prompt_len: int = PROMPT_LEN,
-    setup=None,
-    kv_cache_dtype: str | None = None,
-) -> dict[str, float]:
-    """Median decode-step time with `batch` running sequences (prompts of prompt_len);
-    setup(engine), if given, is called on the engine before its first request."""
-    engine = decoding_engine(model, tokenizer, batch, steps, prompt_len, setup, kv_cache_dtype)
+def time_engine_step(engine: LLMEngine, steps: int) -> dict[str, float]:
+    """Median time of `steps` decode steps of a decoding_engine (made with room for them),
+    and the mean time per step in its core, runner, model forward and logits."""
+    model = engine.core.runner.model
     core = Timer(engine.core, "step")
     runner = Timer(engine.core.runner, "execute")
     forward = Timer(model, "forward")
@@ -243,7 +235,10 @@ def profile_step(
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_engine_step(model, tokenizer, batch, 5, prompt_len, kv_cache_dtype=kv_cache_dtype)
+        time_engine_step(
+            decoding_engine(model, tokenizer, batch, 5, prompt_len, kv_cache_dtype=kv_cache_dtype),
+            5,
+        )
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
 
 
@@ -309,12 +304,15 @@ def main() -> None:
                 for variant, (m, cache_dtype) in variants.items():
                     runs[variant].append(
                         time_engine_step(
-                            m,
-                            tokenizer,
-                            batch,
+                            decoding_engine(
+                                m,
+                                tokenizer,
+                                batch,
+                                args.steps,
+                                args.prompt_len,
+                                kv_cache_dtype=cache_dtype,
+                            ),
                             args.steps,
-                            args.prompt_len,
-                            kv_cache_dtype=cache_dtype,
                         )  # fmt: skip
                     )
                 floors.append(time_matmuls(model, batch, max(args.steps, 10)))

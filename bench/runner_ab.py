@@ -23,7 +23,7 @@ import types
 from pathlib import Path
 
 import torch
-from roofline import _load, time_engine_step
+from roofline import _load, decoding_engine, time_engine_step
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"palm": REPO / "model" / "default", "llama": REPO / "bench/.venvs/models/tiny-llama"}
@@ -76,7 +76,8 @@ def main() -> None:
     for r in range(args.rounds):
         for side in ("revision", "tree") if r % 2 == 0 else ("tree", "revision"):
             setup = with_runner(revision) if side == "revision" else None
-            step = time_engine_step(model, tokenizer, args.batch, args.steps, 32, setup)
+            engine = decoding_engine(model, tokenizer, args.batch, args.steps, 32, setup)
+            step = time_engine_step(engine, args.steps)
             times[side].append(step["step"])
     before, after = (statistics.median(times[s]) for s in ("revision", "tree"))
     ratios = [round(t / b, 3) for b, t in zip(times["revision"], times["tree"], strict=True)]
