@@ -95,8 +95,9 @@ class BlockManager:
         """Grow seq's block table to hold its computed tokens (or the cached prefix) plus
         num_new_tokens more; False, changing nothing, if the free blocks do not suffice.
         `cached` (from find_cached_prefix) is only for a sequence holding no blocks.
-        num_lookahead_tokens: slots for draft tokens after the new ones, not in token_ids:
-        blocks holding any are not keyed (release_unverified settles them)."""
+        num_lookahead_tokens: slots after the new ones for tokens not in token_ids (drafts,
+        or the tokens of a plan's later forward passes): blocks holding any are not keyed
+        (release_unverified settles them)."""
         if cached and seq.block_table:
             raise ValueError("cached prefix blocks can only start an empty block table")
         start = max(seq.num_computed_tokens, len(cached) * self.block_size)
@@ -120,10 +121,11 @@ class BlockManager:
         return True
 
     def release_unverified(self, seq: BlockOwner, first_new: int) -> None:
-        """After a step with draft tokens (seq.num_computed_tokens now counts the accepted
-        ones; first_new was the step's first position): key the blocks that accepted drafts
-        filled, and return the blocks that only rejected drafts reached, first in line for
-        reuse (their K/V is garbage and they were never keyed)."""
+        """After a step with lookahead slots (seq.num_computed_tokens now counts the
+        accepted drafts, or the passes' tokens; first_new was the step's first position):
+        key the blocks they filled, and return the blocks that only rejected drafts or
+        passes not run reached, first in line for reuse (their K/V is garbage and they were
+        never keyed)."""
         keep = self.blocks_needed(seq.num_computed_tokens)
         for block_id in seq.block_table[keep:]:
             block = self.blocks[block_id]

@@ -39,6 +39,15 @@ class EngineConfig:
     # Fewer than the core's leave a CPU it shares with the front to the front while a
     # decode step (small matmuls) gains little from it (docs/BENCHMARKS.md, placement).
     decode_threads: int | None = None
+    # Most forward passes per scheduling decision for a batch of plain decodes (vLLM's
+    # --num-scheduler-steps): each pass's sampled tokens are the next one's inputs, and the
+    # scheduler, the runner's inputs and the outputs run once for all of them. Passes stop
+    # early when a request arrives or leaves, or a sequence stops (scheduler.py says which
+    # batches qualify), and before a pass would end past scheduler_steps_max_ms: a model
+    # whose passes are short gains most from sharing the Python, and its tokens still
+    # stream that often; one whose passes are long runs one at a time.
+    num_scheduler_steps: int = 8
+    scheduler_steps_max_ms: float = 25.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -66,6 +75,8 @@ class EngineConfig:
                 "decode_threads",
                 "must be >= 1",
             ),
+            (self.num_scheduler_steps >= 1, "num_scheduler_steps", "must be >= 1"),
+            (self.scheduler_steps_max_ms > 0, "scheduler_steps_max_ms", "must be > 0"),
         ]
         for ok, name, why in checks:
             if not ok:

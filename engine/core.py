@@ -8,6 +8,8 @@ thread only."""
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -104,14 +106,17 @@ class EngineCore:
 
     # ---- the step ------------------------------------------------------------------------
 
-    def step(self) -> list[EngineCoreOutput]:
+    def step(self, interrupted: Callable[[], bool] | None = None) -> list[EngineCoreOutput]:
+        """interrupted: asked between the forward passes of a plan of several (True: the
+        caller's inbox has a message, which should not wait for every pass)."""
         plan = self.scheduler.schedule()
         touched, self._rejected = self._rejected, []
         result = StepResult([], [])
         if not plan.is_empty:
-            result = self.runner.execute(plan, self._bitmask(plan))
-            self.counters.num_steps += 1
-            self.counters.num_batched_tokens += plan.num_batched_tokens
+            last_pass = self._last_pass(plan, interrupted) if plan.num_passes > 1 else None
+            result = self.runner.execute(plan, self._bitmask(plan), last_pass)
+            self.counters.num_steps += result.num_passes
+            self.counters.num_batched_tokens += plan.num_batched_tokens * result.num_passes
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(entries)  # type: ignore[union-attr]
         lengths = [item.seq.num_tokens for item in plan.scheduled]
@@ -124,6 +129,31 @@ class EngineCore:
             if seq.grammar is not None:
                 self._advance_grammar(seq)
         return [self._output(seq) for seq in dict.fromkeys(touched)]
+
+    def _last_pass(
+        self, plan: SchedulerOutput, interrupted: Callable[[], bool] | None
+    ) -> Callable[[list[int]], bool]:
+        """When a plan's passes end early: after a pass that sampled a sequence's EOS or stop
+        token (its output is then complete; its neighbours' should not wait on later
+        passes), when another pass as long as the last would end past the plan's time
+        budget, or once the caller is interrupted."""
+        eos = self.scheduler.eos_token_id
+        params = [item.seq.params for item in plan.scheduled]
+        budget = self.scheduler.scheduler_steps_max_ms / 1e3
+        started = previous = time.perf_counter()
+
+        def last_pass(tokens: list[int]) -> bool:
+            nonlocal previous
+            now = time.perf_counter()
+            if 2 * now - previous - started > budget:
+                return True
+            previous = now
+            for token, p in zip(tokens, params, strict=True):
+                if (token == eos and not p.ignore_eos) or token in p.stop_token_ids:
+                    return True
+            return interrupted is not None and interrupted()
+
+        return last_pass
 
     def _bitmask(self, plan: SchedulerOutput) -> torch.Tensor | None:
         """The allowed tokens of the sequences due a token (None: none is constrained)."""

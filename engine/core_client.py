@@ -83,6 +83,10 @@ class InProcessCoreClient:
             self._inbox.append(message)
             self._cond.notify()
 
+    def _message_waiting(self) -> bool:
+        # Without the lock: a stale answer only moves the end of a step's passes by one.
+        return bool(self._inbox) or self._stopping
+
     def _run(self) -> None:
         core = self.core
         while True:
@@ -96,7 +100,7 @@ class InProcessCoreClient:
             try:
                 for message in inbox:
                     apply_message(core, message)
-                outputs = core.step() if core.has_unfinished() else []
+                outputs = core.step(self._message_waiting) if core.has_unfinished() else []
                 self._publish(self._on_outputs, EngineCoreOutputs(outputs, core.stats()))
             except Exception as exc:  # noqa: BLE001 - any failure ends the core, see class doc
                 logger.exception("engine step failed; failing all requests")

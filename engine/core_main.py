@@ -225,12 +225,15 @@ class CoreLoop:
             if not (received or core.has_unfinished()):
                 continue
             try:
-                outputs = core.step() if core.has_unfinished() else []
+                outputs = core.step(self._message_waiting) if core.has_unfinished() else []
             except Exception as exc:  # noqa: BLE001 - any failure ends the core, see module doc
                 logger.exception("engine step failed")
                 self._send_failure(f"engine step failed: {type(exc).__name__}: {exc}")
                 return 1
             self.outbox.send_multipart(self.codec.encode(EngineCoreOutputs(outputs, core.stats())))
+
+    def _message_waiting(self) -> bool:
+        return bool(self.inbox.poll(0))
 
     def _receive(self) -> int | None:
         """Apply every message waiting; their count, or None after a Shutdown."""

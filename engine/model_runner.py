@@ -2,10 +2,12 @@
 positions, slot mapping, block tables, query starts, context lengths), runs the model once
 for the whole mixed prefill + decode batch, and samples only where a token is due. A
 sequence with draft tokens is a causal chunk of its last known token and the drafts; the
-logits of all its rows go to the verifier (speculative.py)."""
+logits of all its rows go to the verifier (speculative.py). A plan of several forward
+passes (decodes only) feeds each pass's sampled tokens to the next."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +16,7 @@ from ..model.attention_metadata import AttentionMetadata, int_tensor
 from ..model.decoder import DecoderModel
 from ..model.kv_cache import KVCache
 from .outputs import TokenLogprob
-from .sampler import Sampler, token_logprobs
+from .sampler import Sampler, argmax_suffices, token_logprobs
 from .scheduler import ScheduledSeq, SchedulerOutput
 from .sequence import Sequence
 from .speculative import verify_drafts
@@ -32,6 +34,8 @@ class StepResult:
     logprobs: list[list[TokenLogprob]]
     # Prompt logprobs computed this step, per sequence, in prompt order.
     prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
+    # Forward passes run (plan.num_passes, or fewer when interrupted).
+    num_passes: int = 1
 
 
 class ModelRunner:
@@ -54,9 +58,16 @@ class ModelRunner:
         self.device = kv_cache.k[0].device
 
     @torch.inference_mode()
-    def execute(self, plan: SchedulerOutput, bitmask: torch.Tensor | None = None) -> StepResult:
+    def execute(
+        self,
+        plan: SchedulerOutput,
+        bitmask: torch.Tensor | None = None,
+        last_pass: Callable[[list[int]], bool] | None = None,
+    ) -> StepResult:
         """bitmask: the allowed tokens of the sequences due a token, in plan order (rows of
-        the structured-output bitmask, StructuredOutputManager.bitmask), or None."""
+        the structured-output bitmask, StructuredOutputManager.bitmask), or None.
+        last_pass: asked after each forward pass but the last of a several-pass plan, with
+        the tokens it sampled (in plan order); True ends the plan there."""
         items = plan.scheduled
         # One pass over the batch: the rows due a sampled token, the drafted ones, and
         # whether every sequence brings one known token (a decode, drafts or not).
@@ -75,6 +86,8 @@ class ModelRunner:
             threads = self.decode_threads if decodes_only else self.full_threads
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+        if plan.num_passes > 1:
+            return self._run_passes(items, plan.num_passes, last_pass)
         input_ids, positions, meta = self.prepare(items)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)  # (T, dim)
         query_start = meta.query_start_loc.tolist()
@@ -92,6 +105,58 @@ class ModelRunner:
         if prompt_jobs:
             result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows, prompt_jobs)
         return result
+
+    def _run_passes(
+        self,
+        items: list[ScheduledSeq],
+        num_passes: int,
+        last_pass: Callable[[list[int]], bool] | None,
+    ) -> StepResult:
+        """Up to num_passes forward passes over decodes (one row each, slots reserved by the
+        scheduler), each pass's sampled tokens the next one's input ids: per sequence, a
+        token (and its logprob entry, when requested) per pass run."""
+        seqs = [it.seq for it in items]
+        tables = [seq.block_table for seq in seqs]
+        bs = self.block_size
+        # Per pass: the argmax alone where that is all the sampler would do, which spares
+        # its per-row checks and the input ids' trip through a list.
+        argmax_only = argmax_suffices([seq.params for seq in seqs])
+        sampled: list[list[int]] = []
+        entries: list[list[TokenLogprob | None]] = []
+        input_ids, positions_tensor, meta = self.prepare(items)
+        positions = [it.start for it in items]
+        for done in range(1, num_passes + 1):
+            hidden = self.model.forward(input_ids, positions_tensor, self.kv_cache, meta)
+            logits = self.model.compute_logits(hidden)
+            if argmax_only:
+                chosen = self.sampler.argmax_rows(logits)
+                tokens = chosen.tolist()
+            else:
+                out = self.sampler(logits.float(), seqs)
+                tokens = out.token_ids
+                chosen = int_tensor(tokens, torch.long, self.device)
+                entries.append(out.logprobs)
+            sampled.append(tokens)
+            if done == num_passes or (last_pass is not None and last_pass(tokens)):
+                break
+            positions = [p + 1 for p in positions]
+            input_ids = chosen
+            positions_tensor = int_tensor(positions, torch.long, self.device)
+            slots = [
+                table[p // bs] * bs + p % bs for table, p in zip(tables, positions, strict=True)
+            ]
+            meta = AttentionMetadata(
+                slot_mapping=int_tensor(slots, torch.long, self.device),
+                block_tables=meta.block_tables,  # the reserved blocks are in it already
+                query_start_loc=meta.query_start_loc,
+                context_lens=int_tensor([p + 1 for p in positions], torch.int32, self.device),
+            )
+        per_seq_entries = zip(*entries, strict=True) if entries else ([] for _ in items)
+        return StepResult(
+            [list(row) for row in zip(*sampled, strict=True)],
+            [[e for e in row if e is not None] for row in per_seq_entries],
+            num_passes=len(sampled),
+        )
 
     def _sample(
         self,

@@ -155,6 +155,12 @@ def _filter_candidates(
     return torch.where(active, filtered, logits), fits
 
 
+def argmax_suffices(params: list[SamplingParams]) -> bool:
+    """The sampler's tokens for these rows are their logits' argmax and nothing more is
+    asked: every row greedy, without penalties or logprobs (and no grammar's bitmask)."""
+    return all(p.greedy and p.logprobs is None and not is_penalized(p) for p in params)
+
+
 def is_penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 

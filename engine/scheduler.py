@@ -6,8 +6,10 @@ is left of the budget is prefilled in chunks. When a running sequence cannot get
 the newest running sequence not yet planned this step is preempted by recompute (blocks
 freed, requeued at the front). With a DraftPolicy, a decode may carry draft tokens to be
 verified in the same step (their slots reserved, counted in the budget; a draft that does
-not fit is dropped before anyone is preempted for it). It plans and applies results; it
-never touches a tensor."""
+not fit is dropped before anyone is preempted for it). A batch of plain decodes, with
+nobody waiting, may run several forward passes in one plan (config.num_scheduler_steps; the
+slots of the later passes reserved like a draft's). It plans and applies results; it never
+touches a tensor."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .draft_policy import DraftPolicy
 from .outputs import FinishReason
+from .sampler import is_penalized
 from .sequence import Sequence, SequenceStatus
 from .stop_rules import check_stop
 
@@ -55,6 +58,9 @@ class SchedulerOutput:
     num_batched_tokens: int = 0
     # Sum of len(draft).
     num_draft_tokens: int = 0
+    # Forward passes: 1, or up to num_scheduler_steps for a batch of decodes that each
+    # sample a token per pass, the next pass's input (the runner may stop after fewer).
+    num_passes: int = 1
 
     @property
     def is_empty(self) -> bool:
@@ -76,6 +82,9 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.eos_token_id = eos_token_id
         self.draft_policy = draft_policy
+        self.num_scheduler_steps = config.num_scheduler_steps
+        # The core ends a plan's passes by this time (EngineCore._last_pass).
+        self.scheduler_steps_max_ms = config.scheduler_steps_max_ms
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last is the newest
         self.num_preemptions = 0
@@ -109,7 +118,51 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:  # not preempted earlier in this loop
                 budget -= self._schedule_running(seq, budget, plan)
         self._admit_waiting(budget, plan)
+        if self.num_scheduler_steps > 1:
+            plan.num_passes = self._reserve_passes(plan)
         return plan
+
+    def _reserve_passes(self, plan: SchedulerOutput) -> int:
+        """Forward passes for plan, with the slots of the passes after the first allocated.
+        Several only for a batch of decodes whose next tokens need nothing of the ones
+        before them but the model (no grammar, penalty or draft; no prompt logprobs owed)
+        and whose ends the core sees (no stop strings: the front matches those), while
+        nobody waits (an arrival would wait for every pass); no more than the tokens every
+        sequence may still generate (so that none waits, finished, for the others)."""
+        if self.waiting or plan.preempted or plan.rejected or not plan.scheduled:
+            return 1
+        seqs = []
+        for item in plan.scheduled:
+            seq = item.seq
+            if (
+                item.num_new_tokens != 1
+                or not item.sample
+                or item.draft
+                or seq.grammar is not None
+                or seq.wants_prompt_logprobs
+                or seq.params.stop
+                or is_penalized(seq.params)
+            ):
+                return 1
+            seqs.append(seq)
+        passes = min(
+            self.num_scheduler_steps,
+            min(self.max_model_len - seq.num_tokens for seq in seqs),
+            min(seq.params.max_tokens - seq.num_output_tokens for seq in seqs),
+        )
+        if passes <= 1:
+            return 1
+        bm = self.block_manager
+        needed = sum(
+            max(bm.blocks_needed(seq.num_tokens + passes - 1) - len(seq.block_table), 0)
+            for seq in seqs
+        )
+        if needed > bm.num_free_blocks:
+            return 1
+        for seq in seqs:
+            reserved = bm.allocate(seq, 1, num_lookahead_tokens=passes - 1)
+            assert reserved, "counted free blocks must cover every sequence's passes"
+        return passes
 
     def _schedule_running(self, seq: Sequence, budget: int, plan: SchedulerOutput) -> int:
         num_new = min(seq.num_uncomputed_tokens, budget)
@@ -190,10 +243,10 @@ class Scheduler:
 
     def update(self, plan: SchedulerOutput, sampled: list[list[int]]) -> list[Sequence]:
         """Apply one step: advance computed counts, append the step's tokens (one list per
-        plan.scheduled: empty where no token was due, one token, or a verified draft's
-        accepted tokens and the one after them), checking the stop rules after each in
-        order, and finish sequences that stop. Returns the sequences with something to
-        report."""
+        plan.scheduled: empty where no token was due, one token, a verified draft's
+        accepted tokens and the one after them, or a token per forward pass run), checking
+        the stop rules after each in order, and finish sequences that stop. Returns the
+        sequences with something to report."""
         touched = list(plan.rejected)
         for item, tokens in zip(plan.scheduled, sampled, strict=True):
             seq = item.seq
@@ -205,7 +258,7 @@ class Scheduler:
             if tokens:
                 self._append(seq, tokens)
                 touched.append(seq)
-            if item.draft and not seq.is_finished:
+            if (item.draft or plan.num_passes > 1) and not seq.is_finished:
                 self.block_manager.release_unverified(seq, item.start)
         return touched
 

@@ -22,7 +22,8 @@ class EngineStats:
     # Requests finished with an error (rejected or failed by a step).
     num_failed: int = 0
     num_finished: int = 0
-    # Model steps run, and tokens they computed (prefill chunks + decodes).
+    # Forward passes run (a step of several passes counts each), and the tokens they
+    # computed (prefill chunks + decodes).
     num_steps: int = 0
     num_batched_tokens: int = 0
     # Speculative decoding: draft tokens verified, and those accepted.
