@@ -32,7 +32,7 @@ _ENGINE_SERIES = (
     ("palm_kv_cache_usage_ratio", "Used fraction of KV blocks"),
     ("palm_num_preemptions", "Sequences preempted"),
     ("palm_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache"),
-    ("palm_engine_steps", "Model steps the engine core ran"),
+    ("palm_engine_steps", "Forward passes the engine core ran"),
     ("palm_engine_step_tokens", "Tokens those steps computed (prompt chunks and decodes)"),
     ("palm_spec_decode_num_draft_tokens", "Draft tokens verified (speculative decoding)"),
     ("palm_spec_decode_num_accepted_tokens", "Draft tokens accepted (speculative decoding)"),

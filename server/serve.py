@@ -160,6 +160,8 @@ def load_engine(settings: Settings, placement: Placement | None = None) -> Async
         ngram_max=settings.ngram_max,
         speculative_max_running=settings.speculative_max_running,
         decode_threads=placement.decode_threads if placement else settings.engine_decode_threads,
+        num_scheduler_steps=settings.num_scheduler_steps,
+        scheduler_steps_max_ms=settings.scheduler_steps_max_ms,
     )
     if placement is not None:
         return _process_engine(settings, config, placement)

@@ -157,6 +157,20 @@ class Settings(BaseSettings):
         description="speculate only while at most this many requests run (larger batches "
         "are compute-bound: verifying drafts costs more than it saves)",
     )
+    num_scheduler_steps: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="most forward passes per scheduling decision for a batch of plain "
+        "decodes: each pass's tokens feed the next, and the engine's Python runs once for "
+        "them all (1: one pass per step)",
+    )
+    scheduler_steps_max_ms: float = Field(
+        25.0,
+        gt=0,
+        description="a plan of several passes ends before a pass would end past this many "
+        "milliseconds: tokens stream at least this often",
+    )
     max_queue: int = Field(
         256, ge=0, description="requests allowed to wait for a slot; past it: 429 with Retry-After"
     )
