@@ -60,6 +60,8 @@ ROWS = {
         Row("core2-spin", "served, core process: 2 threads on CPUs 0-1, spinning; front "
             "unpinned", ("--engine-cpus", "0-1"), {"OMP_WAIT_POLICY": "ACTIVE"}),
         Row("default", "served, palm-serve's default placement", ()),
+        Row("one-pass", "served, default placement, one forward pass per step "
+            "(--num-scheduler-steps 1)", ("--num-scheduler-steps", "1")),
         Row("replay2", "engine only: 2 threads, spinning", None, {"OMP_WAIT_POLICY": "ACTIVE"}),
         Row("replay2-passive", "engine only: 2 threads, sleeping", None,
             {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -98,7 +100,8 @@ def serve_once(row: Row, args: argparse.Namespace, out: Path) -> dict:
             "--tokenizer", str(args.model / "tokenizer.json"),
             "--num-requests", str(args.num_requests), "--input-len", args.input_len,
             "--output-len", args.output_len, "--max-concurrency", str(args.max_concurrency),
-            "--seed", str(args.seed), "--extra-body", '{"ignore_eos": true}',
+            "--seed", str(args.seed),
+            "--extra-body", '{"ignore_eos": true, "stream_options": {"include_usage": true}}',
             "--json", str(out), "--no-progress", "--label", row.name,
         ]  # fmt: skip
         subprocess.run(client, env=clean_env({}), check=True, stdout=subprocess.DEVNULL)
@@ -117,6 +120,8 @@ def serve_once(row: Row, args: argparse.Namespace, out: Path) -> dict:
         "ttft_p50_ms": report["ttft_ms"]["p50"],
         "ttft_p99_ms": report["ttft_ms"]["p99"],
         "tpot_p50_ms": report["tpot_ms"]["p50"],
+        "itl_p50_ms": report["itl_ms"]["p50"],
+        "itl_p99_ms": report["itl_ms"]["p99"],
         "errors": report["errors"],
     }
 

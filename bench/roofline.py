@@ -9,7 +9,11 @@ oneDNN-prepacked weights; --no-prepack compares plain nn.Linear with F.linear. T
 the engine's overhead: attention over the paged cache, rotary, norms, Python. The step is
 also split into model.forward and runner.execute, by timing wrappers, and the core's share
 (`EngineCore.step()`: all but the front's detokenization and outputs, which the served
-engine runs in another process) is given with its own ratio to the matmuls.
+engine runs in another process) is given with its own ratio to the matmuls. The engine
+plans decodes as the server does, up to num_scheduler_steps forward passes per
+`LLMEngine.step()`, so every figure is per forward pass (a token for every sequence): a
+step's time over its passes. --scheduler-steps N adds the same steps planned up to N passes
+at a time (1: one pass per step), interleaved with them.
 
 With --compile, every batch size is measured on two copies of each model, the eager step
 and the compiled one (model/compiled.py, as `palm-serve serve --compile` runs it),
@@ -19,7 +23,7 @@ steps over a 16-bit KV cache (`palm-serve serve --kv-cache-dtype`), interleaved 
 
     .venv/bin/python bench/roofline.py [--threads 2] [--prompt-len 32] [--profile 32]
         [--compile] [--int8] [--kv-cache-dtype bfloat16] [--repeats 5]
-        [--kernel-backend auto] [--clock cpu --threads 1]
+        [--kernel-backend auto] [--clock cpu --threads 1] [--scheduler-steps 1]
 """
 
 from __future__ import annotations
@@ -176,21 +180,25 @@ def decoding_engine(
     prompt_len: int = PROMPT_LEN,
     setup=None,
     kv_cache_dtype: str | None = None,
+    num_scheduler_steps: int | None = None,
 ) -> LLMEngine:
     """An engine whose `batch` sequences (random prompts of prompt_len) are prefilled and
-    have taken two decode steps, with room for `steps` more; setup(engine), if given, is
-    called on the engine before its first request."""
-    blocks_per_seq = (prompt_len + steps + 8) // 16 + 2
+    have taken two decode steps, with room for `steps` more forward passes, planned up to
+    num_scheduler_steps at a time (None: the engine's default, as the server plans them);
+    setup(engine), if given, is called on the engine before its first request."""
+    passes = num_scheduler_steps or EngineConfig.num_scheduler_steps
+    blocks_per_seq = (prompt_len + steps + 2 * passes + 8) // 16 + 2
     config = EngineConfig(
         num_blocks=batch * blocks_per_seq + 8,
         max_num_seqs=max(batch, 1),
         max_num_batched_tokens=max(2048, prompt_len),
         kv_cache_dtype=kv_cache_dtype,
+        num_scheduler_steps=passes,
     )
     engine = build_llm_engine(model, tokenizer, config, seed=0)
     if setup is not None:
         setup(engine)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=steps + 2 * passes + 8, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(batch)
     for i in range(batch):
         prompt = torch.randint(3, model.config.vocab_size, (prompt_len,), generator=gen)
@@ -203,42 +211,54 @@ def decoding_engine(
 
 
 def time_engine_step(engine: LLMEngine, steps: int) -> dict[str, float]:
-    """Median time of `steps` decode steps of a decoding_engine (made with room for them),
-    and the mean time per step in its core, runner, model forward and logits."""
+    """Per decode forward pass (a token for every sequence): the median over engine steps
+    of a decoding_engine (made with room for `steps` passes) of each step's time over its
+    passes, and the mean time per pass in its core, runner, model forward and logits."""
     model = engine.core.runner.model
+    counters = engine.core.counters
     core = Timer(engine.core, "step")
     runner = Timer(engine.core.runner, "execute")
     forward = Timer(model, "forward")
     logits = Timer(model, "compute_logits")
     samples = []
+    passes = 0
     try:
-        for _ in range(steps):
+        while passes < steps:
+            before = counters.num_steps
             t0 = clock()
             engine.step()
-            samples.append(clock() - t0)
+            elapsed = clock() - t0
+            ran = counters.num_steps - before
+            samples.append(elapsed / ran)
+            passes += ran
     finally:
         forward.restore()
         logits.restore()
     return {
         "step": statistics.median(samples),
-        "core": core.total / steps,
-        "runner": runner.total / steps,
-        "forward": forward.total / steps,
-        "logits": logits.total / steps,
+        "core": core.total / passes,
+        "runner": runner.total / passes,
+        "forward": forward.total / passes,
+        "logits": logits.total / passes,
     }
 
 
 def profile_step(
-    model, tokenizer, batch: int, prompt_len: int, kv_cache_dtype: str | None = None
+    model,
+    tokenizer,
+    batch: int,
+    prompt_len: int,
+    kv_cache_dtype: str | None = None,
+    num_scheduler_steps: int | None = None,
 ) -> str:
     """torch.profiler over a few decode steps: where the non-matmul time goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        time_engine_step(
-            decoding_engine(model, tokenizer, batch, 5, prompt_len, kv_cache_dtype=kv_cache_dtype),
-            5,
+        engine = decoding_engine(
+            model, tokenizer, batch, 5, prompt_len, None, kv_cache_dtype, num_scheduler_steps
         )
+        time_engine_step(engine, 5)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
 
 
@@ -258,6 +278,12 @@ def main() -> None:
         choices=["bfloat16", "float16"],
         help="the steps over a KV cache of this dtype too",
     )
+    p.add_argument(
+        "--scheduler-steps",
+        type=int,
+        help="N: the steps planned up to N forward passes at a time too (num_scheduler_steps; "
+        "the served default otherwise)",
+    )
     add_clock_argument(p)
     p.add_argument("--profile", type=int, default=0, help="profile this batch size too")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "roofline.json")
@@ -273,16 +299,26 @@ def main() -> None:
     freeze_startup_heap()  # as the served core does once its model is up
     rows = []
     for name, (model, tokenizer) in eager.items():
-        # variant: (model, its KV cache's dtype; None: the model's)
-        variants: dict[str, tuple[nn.Module, str | None]] = {"eager": (model, None)}
+        # variant: (model, its KV cache's dtype (None: the model's), most passes per plan
+        # (None: the served default))
+        variants: dict[str, tuple[nn.Module, str | None, int | None]] = {
+            "eager": (model, None, None)
+        }
         if name in compiled:
-            variants["compiled"] = (compiled[name][0], None)
+            variants["compiled"] = (compiled[name][0], None, None)
         if name in int8:
-            variants["int8"] = (int8[name][0], None)
+            variants["int8"] = (int8[name][0], None, None)
         if kv:
-            variants[f"eager, {kv} KV"] = (model, kv)
+            variants[f"eager, {kv} KV"] = (model, kv, None)
         if name in compiled_kv:
-            variants[f"compiled, {kv} KV"] = (compiled_kv[name][0], kv)
+            variants[f"compiled, {kv} KV"] = (compiled_kv[name][0], kv, None)
+        if args.scheduler_steps:
+            for variant, (m, cache_dtype, _) in list(variants.items()):
+                variants[f"{variant}, {args.scheduler_steps} passes"] = (
+                    m,
+                    cache_dtype,
+                    args.scheduler_steps,
+                )
         prepacked = sum(isinstance(m, PrepackedLinear) for m in model.modules())
         params = _parameters(model) / 1e6
         print(
@@ -301,7 +337,7 @@ def main() -> None:
             runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
             floors = []
             for _ in range(args.repeats):
-                for variant, (m, cache_dtype) in variants.items():
+                for variant, (m, cache_dtype, passes) in variants.items():
                     runs[variant].append(
                         time_engine_step(
                             decoding_engine(
@@ -311,6 +347,7 @@ def main() -> None:
                                 args.steps,
                                 args.prompt_len,
                                 kv_cache_dtype=cache_dtype,
+                                num_scheduler_steps=passes,
                             ),
                             args.steps,
                         )  # fmt: skip
@@ -333,9 +370,11 @@ def main() -> None:
                     flush=True,
                 )
         if args.profile:
-            for variant, (m, cache_dtype) in variants.items():
+            for variant, (m, cache_dtype, passes) in variants.items():
                 print(f"\n### {name}, {variant}: torch.profiler, batch {args.profile}\n```")
-                print(profile_step(m, tokenizer, args.profile, args.prompt_len, cache_dtype))
+                print(
+                    profile_step(m, tokenizer, args.profile, args.prompt_len, cache_dtype, passes)
+                )
                 print("```")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1) + "\n")
