@@ -105,7 +105,8 @@ class Metrics:
         )
         self.itl = Histogram(
             "palm_inter_token_latency_seconds",
-            "Gap between successive token outputs",
+            "Time per token after a request's first (a gap that brought k tokens counts k "
+            "times, a k-th of it each)",
             buckets=TOKEN_GAP_BUCKETS,
             registry=r,
         )
@@ -170,12 +171,19 @@ class RequestTracker:
         if not self.queue_seen and out.first_scheduled_time is not None and out.arrival_time:
             self.queue_seen = True
             self.m.queue.observe(max(0.0, out.first_scheduled_time - out.arrival_time))
-        if not out.new_token_ids:
+        tokens = len(out.new_token_ids)
+        if not tokens:
             return
         if self.last_token is None:
             self.m.ttft.observe(now - self.start)
+            gaps, gap = tokens - 1, 0.0  # tokens that came with the first
         else:
-            self.m.itl.observe(now - self.last_token)
+            # An output of several tokens (a step's forward passes, accepted drafts): a
+            # gap per token, so that the count is the tokens after the first and the sum
+            # the time they took.
+            gaps, gap = tokens, (now - self.last_token) / tokens
+        for _ in range(gaps):
+            self.m.itl.observe(gap)
         self.last_token = now
         self.m.generation_tokens.inc(len(out.new_token_ids))
 

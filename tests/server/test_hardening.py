@@ -275,8 +275,12 @@ def _stall_a_completion(served, body: dict, requests: int) -> None:
 
 
 def test_a_stream_nobody_reads_is_aborted_and_its_blocks_freed(impatient):
-    body = {"prompt": "x", "max_tokens": 400, "ignore_eos": True, "n": 16, "logprobs": 20}
-    _stall_a_completion(impatient, body, 16)
+    # 48 choices of 400 tokens with 20 logprobs: ~6 MB of events even when a step's several
+    # forward passes merge a choice's tokens into one event, more than the socket buffers
+    # hold (16 choices came to 2 MB so merged, which the kernel's send buffer can take).
+    body = {"prompt": ["x", "y", "z"], "max_tokens": 400, "ignore_eos": True, "n": 16,
+            "logprobs": 20}  # fmt: skip
+    _stall_a_completion(impatient, body, 48)
 
 
 def test_requests_the_engine_finished_but_nobody_read_count_as_stalled(impatient):
