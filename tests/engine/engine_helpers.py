@@ -117,6 +117,19 @@ def check_greedy(model, prompt: list[int], generated: list[int]) -> int:
     return int(mismatch.sum())
 
 
+def check_same_logprobs(
+    outs: list[RequestOutput], reference: list[RequestOutput], tokens: list[int], tol: float
+) -> None:
+    """outs' logprob entries are for `tokens` and equal the reference's: the chosen token's
+    logprob within tol, the same top tokens in the same order."""
+    have = [lp for o in outs for lp in o.logprobs]
+    want = [lp for o in reference for lp in o.logprobs]
+    assert [e.token_id for e in have] == tokens
+    for a, b in zip(have, want, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=tol)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
 def assert_pool_whole(engine: LLMEngine) -> None:
     bm: BlockManager = engine.block_manager
     assert not engine.has_unfinished() and not engine.core.seqs

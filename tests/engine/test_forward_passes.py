@@ -22,6 +22,7 @@ import engine_helpers
 from engine_helpers import (
     assert_pool_whole,
     check_greedy,
+    check_same_logprobs,
     greedy,
     make_context_model,
     make_engine,
@@ -162,12 +163,7 @@ def test_greedy_tokens_and_logprobs_equal_one_pass(model, passes) -> None:
         assert len(got) == params.max_tokens
         check_greedy(model, prompt, got)
         if params.logprobs is not None:
-            want = [lp for o in plain[rid] for lp in o.logprobs]
-            have = [lp for o in multi[rid] for lp in o.logprobs]
-            assert [e.token_id for e in have] == got
-            for x, y in zip(have, want, strict=True):
-                assert x.logprob == pytest.approx(y.logprob, abs=1e-5)
-                assert [t for t, _ in x.top] == [t for t, _ in y.top]
+            check_same_logprobs(multi[rid], plain[rid], got, 1e-5)
 
 
 def test_seeded_sampling_is_the_same_token_for_token(model) -> None:

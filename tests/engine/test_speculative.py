@@ -26,6 +26,7 @@ from engine_helpers import (
     PieceTokenizer,
     assert_pool_whole,
     check_greedy,
+    check_same_logprobs,
     greedy,
     make_context_model,
     make_engine,
@@ -219,12 +220,7 @@ def test_greedy_tokens_and_logprobs_equal_without_drafts(model) -> None:
         assert got == tokens_of(plain[rid]), rid
         check_greedy(model, prompt, got)
         if params.logprobs is not None:
-            want = [lp for o in plain[rid] for lp in o.logprobs]
-            have = [lp for o in spec[rid] for lp in o.logprobs]
-            assert [e.token_id for e in have] == got
-            for a, b in zip(have, want, strict=True):
-                assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
-                assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            check_same_logprobs(spec[rid], plain[rid], got, 1e-4)
 
 
 def test_greedy_equal_without_drafts_through_preemption(model) -> None:
