@@ -8,8 +8,9 @@ sequences with --prompt-len-token prompts are prefilled (as bench/roofline.py se
 then --steps greedy decode steps are timed in the CPU time of this thread (torch on one
 thread; steadier than wall time on a shared machine), in --rounds rounds, each on a fresh
 engine. --parts adds a round that times the parts through wrappers (which add ~1 us a call).
---scheduler-steps N plans N forward passes at a time (num_scheduler_steps); every figure is
-then per pass (a token for every sequence), and --steps counts passes.
+Decodes are planned up to num_scheduler_steps forward passes at a time, the served default
+unless --scheduler-steps says otherwise (1: one pass per step); every figure is per pass (a
+token for every sequence), and --steps counts passes.
 
 To compare two commits, run it at each, alternating.
 
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from roofline import decoding_engine
 
+from palm_serve.engine.config import EngineConfig
 from palm_serve.engine.factory import load_served_model
 from palm_serve.engine.heap import freeze_startup_heap
 from palm_serve.engine.llm_engine import LLMEngine
@@ -110,7 +112,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--parts", action="store_true", help="one more round, timing each part")
-    p.add_argument("--scheduler-steps", type=int, default=1, help="forward passes per plan")
+    p.add_argument(
+        "--scheduler-steps",
+        type=int,
+        default=EngineConfig.num_scheduler_steps,
+        help="most forward passes per plan (default: the served default)",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     model = load_served_model(args.model, compile=False).eval().requires_grad_(False)
@@ -136,7 +143,8 @@ def main() -> None:
         rounds.append((time.thread_time() - t0) / passes * 1e6)
     print(
         f"{args.model.name}, {args.batch} sequences decoding ({args.prompt_len}-token prompts, "
-        f"{args.scheduler_steps} forward passes per plan): the engine's own CPU time per pass "
+        f"up to {args.scheduler_steps} forward passes per plan): the engine's own CPU time per "
+        "pass "
         f"{statistics.median(rounds):.0f} us (median of {args.rounds} rounds of {args.steps} "
         f"passes: {', '.join(f'{r:.0f}' for r in rounds)})"
     )
