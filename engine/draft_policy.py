@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .config import EngineConfig
 from .ngram_proposer import NgramProposer
-from .sampler import is_penalized
+from .sampler import needs_only_the_model
 from .sequence import Sequence
 
 
@@ -18,16 +18,12 @@ class DraftPolicy:
 
     def speculates(self, seq: Sequence, num_running: int) -> bool:
         """A decoding sequence speculates unless the batch is large enough that the step is
-        compute-bound (verifying drafts would then cost more than it saves), or its
-        penalties depend on the tokens before each row (not computed per draft row), or it
-        still owes prompt logprobs, or its output is constrained (its grammar's matcher
-        advances one accepted token at a time and cannot take back a rejected draft)."""
+        compute-bound (verifying drafts would then cost more than it saves), or its tokens
+        need more than the model's logits row after row (needs_only_the_model)."""
         return (
             num_running <= self.max_running
             and seq.num_uncomputed_tokens == 1
-            and not is_penalized(seq.params)
-            and not seq.wants_prompt_logprobs
-            and seq.params.structured_output is None
+            and needs_only_the_model(seq)
         )
 
     def draft(self, seq: Sequence, num_running: int, budget: int) -> list[int]:

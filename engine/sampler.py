@@ -161,6 +161,18 @@ def argmax_suffices(params: list[SamplingParams]) -> bool:
     return all(p.greedy and p.logprobs is None and not is_penalized(p) for p in params)
 
 
+def needs_only_the_model(seq: Sequence) -> bool:
+    """seq's next tokens can be chosen row after row from the model's logits alone (drafts
+    verified in one pass, several passes in one step): no penalties (they count the tokens
+    before each row), no structured output (its matcher advances one accepted token at a
+    time and cannot take one back), no prompt logprobs still owed."""
+    return (
+        not is_penalized(seq.params)
+        and seq.params.structured_output is None
+        and not seq.wants_prompt_logprobs
+    )
+
+
 def is_penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 

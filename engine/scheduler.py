@@ -21,7 +21,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .draft_policy import DraftPolicy
 from .outputs import FinishReason
-from .sampler import is_penalized
+from .sampler import needs_only_the_model
 from .sequence import Sequence, SequenceStatus
 from .stop_rules import check_stop
 
@@ -124,9 +124,9 @@ class Scheduler:
 
     def _reserve_passes(self, plan: SchedulerOutput) -> int:
         """Forward passes for plan, with the slots of the passes after the first allocated.
-        Several only for a batch of decodes whose next tokens need nothing of the ones
-        before them but the model (no grammar, penalty or draft; no prompt logprobs owed)
-        and whose ends the core sees (no stop strings: the front matches those), while
+        Several only for a batch of decodes without drafts whose next tokens need nothing
+        of the ones before them but the model (needs_only_the_model) and whose ends the
+        core sees (no stop strings: the front matches those), while
         nobody waits (an arrival would wait for every pass); no more than the tokens every
         sequence may still generate (so that none waits, finished, for the others)."""
         if self.waiting or plan.preempted or plan.rejected or not plan.scheduled:
@@ -138,10 +138,8 @@ class Scheduler:
                 item.num_new_tokens != 1
                 or not item.sample
                 or item.draft
-                or seq.grammar is not None
-                or seq.wants_prompt_logprobs
                 or seq.params.stop
-                or is_penalized(seq.params)
+                or not needs_only_the_model(seq)
             ):
                 return 1
             seqs.append(seq)

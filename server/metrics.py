@@ -185,7 +185,7 @@ class RequestTracker:
         for _ in range(gaps):
             self.m.itl.observe(gap)
         self.last_token = now
-        self.m.generation_tokens.inc(len(out.new_token_ids))
+        self.m.generation_tokens.inc(tokens)
 
     def finish(self, reason: str | None, prompt_tokens: int) -> None:
         if self.finished:
