@@ -131,9 +131,16 @@ def run_model_steps(
         ids = [t for chunk in chunks for t in chunk]
         positions = [done[s] + i for s, chunk in enumerate(chunks) for i in range(len(chunk))]
         ctx = [done[s] + len(c) for s, c in enumerate(chunks)]
-        meta = AttentionMetadata.build(tables, [len(c) for c in chunks], ctx, block_size)
+        meta = AttentionMetadata.build(tables, [len(c) for c in chunks], ctx, block_size, device)
         with torch.no_grad():
-            hidden.append(model(torch.tensor(ids), torch.tensor(positions), cache, meta))
+            hidden.append(
+                model(
+                    torch.tensor(ids, device=device),
+                    torch.tensor(positions, device=device),
+                    cache,
+                    meta,
+                )
+            )
     return hidden
 
 
@@ -151,7 +158,9 @@ def run_triton_model_steps(
     from palm_serve.model import PaLM
     from palm_serve.model.quantization import quantize_linears
 
-    model = PaLM(config, kernels=triton_backend())
+    # On the device of the state dict: the GPU's when the tests run natively.
+    device = next(iter(state_dict.values())).device
+    model = PaLM(config, kernels=triton_backend()).to(device)
     model.load_state_dict(state_dict)
     if quantization == "int8":
         quantize_linears(model, model.kernels.int8_matmul)
