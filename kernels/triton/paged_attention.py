@@ -246,7 +246,7 @@ def plan_launch(q: torch.Tensor, k_cache: torch.Tensor, block_tables: torch.Tens
     if num_splits is None:
         max_steps = triton.cdiv(block_tables.shape[1] * k_cache.shape[1], block_n)
         live_tiles = min(num_tokens, grid_tiles)
-        num_splits = choose_num_splits(live_tiles, n_kv, max_steps, num_sms(q.device))
+        num_splits = choose_num_splits(live_tiles, n_kv, max_steps, block_n, num_sms(q.device))
     constexprs = dict(
         GROUP=group,
         HEAD_DIM=head_dim,

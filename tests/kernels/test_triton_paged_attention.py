@@ -91,9 +91,14 @@ def test_odd_block_size_and_head_dim() -> None:
 
 
 def test_split_policy() -> None:
-    choose = split_policy.choose_num_splits
-    assert choose(num_tiles=256, num_kv_heads=1, max_kv_steps=128, num_sms=108) == 1  # busy
-    assert choose(num_tiles=4, num_kv_heads=1, max_kv_steps=128, num_sms=108) == 16  # capped
-    assert choose(num_tiles=4, num_kv_heads=1, max_kv_steps=8, num_sms=108) == 2  # short
-    assert choose(num_tiles=64, num_kv_heads=1, max_kv_steps=128, num_sms=108) == 4
-    assert choose(num_tiles=1, num_kv_heads=1, max_kv_steps=3, num_sms=108) == 1
+    def choose(num_tiles: int, max_kv_steps: int, block_n: int = 64) -> int:
+        return split_policy.choose_num_splits(num_tiles, 1, max_kv_steps, block_n, num_sms=108)
+
+    assert choose(num_tiles=256, max_kv_steps=128) == 1  # busy
+    assert choose(num_tiles=4, max_kv_steps=128) == 16  # capped
+    assert choose(num_tiles=4, max_kv_steps=32) == 8  # 2048 keys: long enough, 4 steps a split
+    assert choose(num_tiles=64, max_kv_steps=128) == 4  # by occupancy
+    assert choose(num_tiles=4, max_kv_steps=31) == 1  # 1984 keys: too short to pay for a merge
+    assert choose(num_tiles=4, max_kv_steps=16) == 1  # 1024 keys: slower split on an H200
+    assert choose(num_tiles=4, max_kv_steps=64, block_n=32) == 16  # fp32's 32-key steps
+    assert choose(num_tiles=4, max_kv_steps=63, block_n=32) == 1
