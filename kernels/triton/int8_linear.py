@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..int8_linear import Int8Matmul, keep_layout
-from .launch import COMPILE_OPTIONS, for_device, is_interpreted
+from .launch import COMPILE_OPTIONS, check_same_device, for_device, is_interpreted
 
 
 @triton.jit
@@ -114,3 +114,4 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, n: int) 
         raise ValueError(f"x must be fp16, bf16 or fp32 with a contiguous last dim, got {x.dtype}")
     if scales.dtype != torch.float32 or scales.shape != (n,) or not scales.is_contiguous():
         raise ValueError(f"scales must be contiguous float32 [{n}]")
+    check_same_device("x", x, weight=weight, scales=scales)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import COMPILE_OPTIONS, for_device
+from .launch import COMPILE_OPTIONS, check_same_device, for_device
 
 
 @triton.jit
@@ -102,3 +102,4 @@ def _check(
         raise ValueError("k, v and the caches need a contiguous last dimension")
     if slot_mapping.shape != (k.shape[0],):
         raise ValueError(f"slot_mapping must be [T], got {slot_mapping.shape}")
+    check_same_device("k", k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)

@@ -37,3 +37,14 @@ def for_device(kernel: Any, device: torch.device) -> Any:
             f"before triton was imported (got a {device} tensor)"
         )
     return kernel
+
+
+def check_same_device(name: str, tensor: torch.Tensor, **others: torch.Tensor) -> None:
+    """ValueError naming the first of `others` not on `tensor`'s device. Compiled, Triton
+    only says "cpu tensor?" of a stray host tensor, and the interpreter runs one silently."""
+    for other_name, other in others.items():
+        if other.device != tensor.device:
+            raise ValueError(
+                f"{other_name} is on {other.device} but {name} on {tensor.device}: a kernel's "
+                f"tensors must share one device"
+            )

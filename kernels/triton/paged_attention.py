@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..paged_attention import check_cache_dtypes
-from .launch import COMPILE_OPTIONS, for_device, is_interpreted
+from .launch import COMPILE_OPTIONS, check_same_device, for_device, is_interpreted
 from .split_policy import choose_num_splits, num_sms
 
 BLOCK_N = 64  # keys per inner step (fp16 / bf16)
@@ -355,3 +355,5 @@ def _check(
             raise ValueError(f"{name} must be int32 with a contiguous last dimension")
     if query_start_loc.shape[0] != context_lens.shape[0] + 1:
         raise ValueError("query_start_loc must have one more entry than context_lens")
+    check_same_device("q", q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                      query_start_loc=query_start_loc, context_lens=context_lens)  # fmt: skip
