@@ -5,7 +5,8 @@
 #      PALM_TRITON_DEVICE=cuda: the same cases and twins as the interpreted runs in CI),
 #   2. the Triton int8 linear against its twin, and a quantized model through it,
 #   3. the default model and the tiny Llama served on the GPU (Triton, fp32 and bf16),
-#      their greedy outputs against the CPU path's,
+#      their outputs against the CPU path's (greedy, and seeded sampling with filters,
+#      penalties, logprobs and a regex's bitmask),
 #   4. kernel timings (bench/triton_bandwidth.py).
 # Each step has its own time limit; the whole fits in 8 minutes (the run: docs/BENCHMARKS.md).
 # On a machine whose image has torch and triton but no network: bench/gpu_offline_env.sh.
@@ -37,7 +38,7 @@ step 60 "Triton int8 linear and a quantized model" "$PY" bench/gpu_int8_check.py
 if [ ! -f bench/.venvs/models/tiny-llama/config.json ]; then
     step 120 "the tiny Llama's checkpoint" "$PY" bench/make_tiny_llama.py
 fi
-step 200 "served greedy outputs, GPU against CPU" "$PY" bench/gpu_serve_check.py
+step 260 "served outputs, GPU against CPU" "$PY" bench/gpu_serve_check.py
 step 100 "kernel timings, fp16" "$PY" bench/triton_bandwidth.py --dtype float16
 step 50 "kernel timings, bf16" "$PY" bench/triton_bandwidth.py --dtype bfloat16 --quick
 echo "gpu_check: $([ $status -eq 0 ] && echo ok || echo FAILED) in $SECONDS s"
