@@ -3,12 +3,12 @@
 # preinstalled as `python3`) but no network and none of palm-serve's other dependencies:
 #   here:   bash bench/gpu_offline_env.sh download 3.12   # wheels of this .venv's versions -> .whl/
 #   there:  bash bench/gpu_offline_env.sh install && bash bench/gpu_check.sh
-# `install` puts the wheels in $PALM_SITE (default /tmp/palm-site) with palm_serve linked from
+# `install` puts the wheels in $GPU_CHECK_SITE (default /tmp/palm-site) with palm_serve linked from
 # this checkout, and writes .venv/bin/{python,palm-serve} as wrappers of that python3 (the
 # paths gpu_check.sh and bench/peer_servers.py call). It refuses to touch a real .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SITE=${PALM_SITE:-/tmp/palm-site}
+SITE=${GPU_CHECK_SITE:-/tmp/palm-site}
 # The runtime dependencies a PyTorch image lacks (torch, triton, numpy, tokenizers,
 # safetensors, prometheus-client, httpx, jinja2, tqdm, ninja, click, h11 are there).
 PACKAGES="fastapi starlette pydantic pydantic_core annotated-types annotated-doc
