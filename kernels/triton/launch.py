@@ -39,11 +39,12 @@ def for_device(kernel: Any, device: torch.device) -> Any:
     return kernel
 
 
-def check_same_device(name: str, tensor: torch.Tensor, **others: torch.Tensor) -> None:
-    """ValueError naming the first of `others` not on `tensor`'s device. Compiled, Triton
-    only says "cpu tensor?" of a stray host tensor, and the interpreter runs one silently."""
+def check_same_device(name: str, tensor: torch.Tensor, **others: torch.Tensor | None) -> None:
+    """ValueError naming the first of `others` (None: an optional one left out) not on
+    `tensor`'s device. Compiled, Triton only says "cpu tensor?" of a stray host tensor, and
+    the interpreter runs one silently."""
     for other_name, other in others.items():
-        if other.device != tensor.device:
+        if other is not None and other.device != tensor.device:
             raise ValueError(
                 f"{other_name} is on {other.device} but {name} on {tensor.device}: a kernel's "
                 f"tensors must share one device"

@@ -121,9 +121,8 @@ def _check(
         raise ValueError("q, k and cos_sin_cache need a contiguous last dimension")
     if positions.shape != (q.shape[0],):
         raise ValueError(f"positions must be [T], got {positions.shape}")
-    check_same_device("q", q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
-    if xpos_scale_cache is not None:
-        check_same_device("q", q, xpos_scale_cache=xpos_scale_cache)
+    check_same_device("q", q, k=k, positions=positions, cos_sin_cache=cos_sin_cache,
+                      xpos_scale_cache=xpos_scale_cache)  # fmt: skip
     if xpos_scale_cache is not None and (
         xpos_scale_cache.shape[-1] != head_dim // 2 or xpos_scale_cache.stride(-1) != 1
     ):

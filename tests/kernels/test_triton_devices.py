@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from palm_serve.kernels import build_cos_sin_cache
+from palm_serve.kernels import build_cos_sin_cache, build_xpos_scale_cache
 
 from triton_cases import make_paged_batch
 
@@ -57,7 +57,7 @@ def test_write_kv_cache_names_the_stray_tensor(field: str) -> None:
         write_kv_cache(**args)
 
 
-@pytest.mark.parametrize("field", ["k", "positions", "cos_sin_cache"])
+@pytest.mark.parametrize("field", ["k", "positions", "cos_sin_cache", "xpos_scale_cache"])
 def test_rotary_names_the_stray_tensor(field: str) -> None:
     from palm_serve.kernels.triton import rotary_embedding
 
@@ -66,10 +66,11 @@ def test_rotary_names_the_stray_tensor(field: str) -> None:
         "k": torch.randn(3, 2, 16),
         "positions": torch.tensor([0, 1, 7]),
         "cos_sin_cache": build_cos_sin_cache(16, 32),
+        "xpos_scale_cache": build_xpos_scale_cache(16, 32, 512.0),
     }
     args[field] = elsewhere(args[field])
     with pytest.raises(ValueError, match=f"^{field} is on meta but q on cpu"):
-        rotary_embedding(args["q"], args["k"], args["positions"], args["cos_sin_cache"], None)
+        rotary_embedding(*args.values())
 
 
 @pytest.mark.parametrize("field", ["weight", "scales"])
