@@ -55,14 +55,18 @@ PROMPT_LEN = 32
 
 
 def models(
-    args, compile: bool = False, quantization: str = "none", kv_cache_dtype: str | None = None
+    args,
+    compile: bool = False,
+    quantization: str = "none",
+    kv_cache_dtype: str | None = None,
+    fuse: bool = True,
 ) -> dict[str, tuple[nn.Module, object]]:
     """Each model as the server sets it up (kernel backend, prepacked linears, compiled or
-    not)."""
+    not); fuse=False: the torch.compile graph even where the fused PaLM forward serves."""
     out = {}
     palm_dir = REPO / "model" / "default"
     if (palm_dir / "model.safetensors").is_file():
-        out["palm-default"] = _load(palm_dir, args, compile, quantization, kv_cache_dtype)
+        out["palm-default"] = _load(palm_dir, args, compile, quantization, kv_cache_dtype, fuse)
     else:  # the colleague's trained default is not there yet: a random PaLM of similar size
         config = PaLMConfig(vocab_size=32000, dim=512, depth=8, heads=8, dim_head=64)
         torch.manual_seed(0)
@@ -71,25 +75,34 @@ def models(
         if not args.no_prepack:
             prepack_linears(model)
         if compile:
-            compile_model(model, kv_cache_dtype=kv_cache_dtype and getattr(torch, kv_cache_dtype))
+            cache_dtype = kv_cache_dtype and getattr(torch, kv_cache_dtype)
+            compile_model(model, kv_cache_dtype=cache_dtype, fuse=fuse)
         out["palm-random (no model/default)"] = (model, _Ids(32000))
     llama_dir = REPO / "bench" / ".venvs" / "models" / "tiny-llama"
     if (llama_dir / "model.safetensors").is_file():
-        out["tiny-llama"] = _load(llama_dir, args, compile, quantization, kv_cache_dtype)
+        out["tiny-llama"] = _load(llama_dir, args, compile, quantization, kv_cache_dtype, fuse)
     return out
 
 
 def _load(
-    path: Path, args, compile: bool, quantization: str = "none", kv_cache_dtype: str | None = None
+    path: Path,
+    args,
+    compile: bool,
+    quantization: str = "none",
+    kv_cache_dtype: str | None = None,
+    fuse: bool = True,
 ):
     model = load_served_model(
         path,
         kernel_backend=args.kernel_backend,
         prepack_cpu_linears=not args.no_prepack,
-        compile=compile,
+        compile=compile and fuse,
         quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,
     )
+    if compile and not fuse:
+        compile_model(model, kv_cache_dtype=kv_cache_dtype and getattr(torch, kv_cache_dtype),
+                      fuse=False)  # fmt: skip
     return model.eval().requires_grad_(False), load_tokenizer(path, model.config.vocab_size)
 
 
@@ -271,6 +284,11 @@ def main() -> None:
     p.add_argument("--no-prepack", action="store_true", help="plain nn.Linear and F.linear")
     p.add_argument("--kernel-backend", default="auto", help="auto, cpu or torch")
     p.add_argument("--compile", action="store_true", help="the compiled step beside the eager")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="with --compile: the torch.compile graph too where the fused PaLM forward serves",
+    )
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats per batch")
     p.add_argument("--int8", action="store_true", help="the eager step with int8 linears too")
     p.add_argument(
@@ -293,6 +311,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     eager = models(args)
     compiled = models(args, compile=True) if args.compile else {}
+    graph = models(args, compile=True, fuse=False) if args.compile and args.graph else {}
     int8 = models(args, quantization="int8") if args.int8 else {}
     kv = args.kv_cache_dtype
     compiled_kv = models(args, compile=True, kv_cache_dtype=kv) if kv and args.compile else {}
@@ -306,6 +325,10 @@ def main() -> None:
         }
         if name in compiled:
             variants["compiled"] = (compiled[name][0], None, None)
+        if name in graph and not isinstance(
+            graph[name][0].forward, type(compiled[name][0].forward)
+        ):
+            variants["compiled graph"] = (graph[name][0], None, None)
         if name in int8:
             variants["int8"] = (int8[name][0], None, None)
         if kv:

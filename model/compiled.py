@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..kernels.kv_cache import scatter_kv_cache
+from . import fused_palm
 from .attention_metadata import AttentionMetadata
 from .decoder import DecoderModel
 from .kv_cache import KVCache
@@ -198,16 +199,24 @@ def compile_model(
     block_size: int = 16,
     progress: bool = True,
     kv_cache_dtype: torch.dtype | None = None,
+    fuse: bool = True,
 ) -> bool:
     """Compile the model's serving step in place (model.forward becomes a CompiledForward)
     for KV caches of block_size tokens per block and kv_cache_dtype (None: the model's
     dtype), and run it on scratch batches, so that the compilation happens now, behind a
     progress bar that ends with its time, and not in the first request. Returns False,
-    having logged one line saying why, where the model keeps its eager forward."""
+    having logged one line saying why, where the model keeps its eager forward.
+
+    fuse: where the PaLM forward fused in C++ serves the model (model/fused_palm.py), it
+    becomes model.forward instead, with nothing to compile; fuse=False compiles the graph."""
     reason = unavailable_reason(model)
     if reason is not None:
         logger.warning("the step runs eagerly: %s", reason)
         return False
+    if fuse and fused_palm.unavailable_reason(model) is None:
+        model.forward = fused_palm.FusedPaLMForward(model)  # type: ignore[method-assign]
+        logger.info("step fused: the PaLM forward runs as one C++ call (palm_cpu::palm_forward)")
+        return True
     cache_dir = use_cache_directory()
     eager_kernels = model.kernels
     # The engine never sends slot -1, so the cache write needs no check (which would be a

@@ -30,6 +30,7 @@ SOURCES = (
     "prepacked_linear.cpp",
     "argmax.cpp",
     "panel_linear.cpp",
+    "palm_forward.cpp",
 )
 HEADERS = (
     "vec.h",
@@ -41,6 +42,9 @@ HEADERS = (
     "attention_heads_avx2.h",
     "attention_tile_avx2.h",
     "attention_tile_avx512.h",
+    "paged_attention.h",
+    "panel_linear.h",
+    "rotary_rows.h",
 )
 SOURCE_DIR = Path(__file__).parent
 # The flags of the build this process loaded: its ops and fakes are registered once.

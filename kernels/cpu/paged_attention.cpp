@@ -30,6 +30,7 @@
 #include "attention_tile_avx512.h"
 #include "claimed_work.h"
 #include "isa.h"
+#include "paged_attention.h"
 #include "vec.h"
 
 namespace palm_cpu {
@@ -519,6 +520,81 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
 }
 
 }  // namespace
+
+struct PagedAttentionWork::Plan {
+  Problem p;
+  at::ScalarType cache_dtype;
+  std::vector<Task> tasks;
+  std::vector<Item> items;
+  mutable std::vector<float> scratch;
+  mutable std::vector<std::atomic<int32_t>> done;  // [layer][task]
+};
+
+PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
+                                       const at::Tensor& query_start_loc,
+                                       const at::Tensor& context_lens, int64_t num_tokens,
+                                       int64_t heads, int64_t kv_heads, int64_t dim,
+                                       int64_t block_size, int64_t num_blocks,
+                                       at::ScalarType cache_dtype, double scale,
+                                       int64_t q_token_stride, int64_t q_head_stride,
+                                       int threads, int64_t layers)
+    : plan_(std::make_unique<Plan>()) {
+  for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kInt,
+                "block_tables, query_start_loc, context_lens: contiguous int32 on the CPU");
+  }
+  const int64_t S = context_lens.numel();
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= S,
+              "block_tables must be [S, max_blocks]");
+  TORCH_CHECK(query_start_loc.numel() == S + 1, "query_start_loc must have S + 1 entries");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of the K/V heads");
+  const int32_t* starts = query_start_loc.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  Plan& plan = *plan_;
+  plan.p = Problem{heads, kv_heads, heads / kv_heads, dim, block_size, block_tables.size(1),
+                   block_tables.const_data_ptr<int32_t>(), float(scale), q_token_stride,
+                   q_head_stride};
+  check_sequences(starts, lens, plan.p.tables, S, plan.p.table_width, block_size, num_blocks,
+                  num_tokens);
+  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kHalf || cache_dtype == at::kBFloat16,
+              "paged attention: the caches must be float32, float16 or bfloat16, not ", cache_dtype);
+  plan.cache_dtype = cache_dtype;
+  int32_t row_tile = kRowTile;
+#if PALM_ATTENTION_TILE_AVX2
+  if (!avx512_enabled())
+    row_tile = int32_t(std::clamp<int64_t>(tile_avx2::kMaxQueries / plan.p.group, 1, kRowTile));
+#endif
+  plan.tasks = make_tasks(plan.p, starts, lens, S, row_tile);
+  int64_t scratch_floats = 0;
+  plan.items = split_tasks(plan.tasks, plan.p.group, threads, dim, &scratch_floats);
+  plan.scratch.resize(scratch_floats);
+  plan.done = std::vector<std::atomic<int32_t>>(plan.tasks.size() * std::max<int64_t>(layers, 1));
+}
+
+PagedAttentionWork::~PagedAttentionWork() = default;
+
+int64_t PagedAttentionWork::items() const { return int64_t(plan_->items.size()); }
+
+void PagedAttentionWork::run(int64_t layer, int64_t item, const float* q, const void* k_cache,
+                             const void* v_cache, float* out) const {
+  const Plan& plan = *plan_;
+  const Item& it = plan.items[item];
+  std::atomic<int32_t>& done = plan.done[layer * plan.tasks.size() + it.task];
+  auto with_cache = [&](auto cache_zero) {
+    using TC = decltype(cache_zero);
+    run_item(plan.p, plan.tasks[it.task], it.split, q, static_cast<const TC*>(k_cache),
+             static_cast<const TC*>(v_cache), plan.scratch.data(), done, out);
+  };
+  switch (plan.cache_dtype) {
+    case at::kFloat:
+      return with_cache(float{});
+    case at::kHalf:
+      return with_cache(c10::Half{});
+    default:
+      return with_cache(c10::BFloat16{});
+  }
+}
+
 }  // namespace palm_cpu
 
 TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {

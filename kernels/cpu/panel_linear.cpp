@@ -23,6 +23,7 @@
 
 #include "claimed_work.h"
 #include "isa.h"
+#include "panel_linear.h"
 #include "panel_tile.h"
 #include "panels.h"
 
@@ -176,6 +177,51 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& panels, int64_t o
 }
 
 }  // namespace
+
+// The AVX-512 path's chunk: a row block by a group of kGroup panels; the AVX2 path's: a row
+// block by kPanelsPerChunk panels. Both are four panels.
+static_assert(kGroup == kPanelsPerChunk);
+
+namespace {
+int64_t chunk_rows() {
+#if PALM_PANEL_AVX512
+  if (avx512_enabled()) return kRowBlock;
+#endif
+  return panel_tile::kRowBlock;
+}
+}  // namespace
+
+int64_t PanelLinearWork::chunks() const {
+  const int64_t P = (N + kPanel - 1) / kPanel;
+  return (M + chunk_rows() - 1) / chunk_rows() * ((P + kGroup - 1) / kGroup);
+}
+
+void PanelLinearWork::region(int64_t chunk, int64_t* m0, int64_t* rows, int64_t* n0,
+                             int64_t* cols) const {
+  const int64_t P = (N + kPanel - 1) / kPanel, groups = (P + kGroup - 1) / kGroup;
+  *m0 = chunk / groups * chunk_rows();
+  *rows = std::min(chunk_rows(), M - *m0);
+  *n0 = chunk % groups * kGroup * kPanel;
+  *cols = std::min(kGroup * kPanel, N - *n0);
+}
+
+void PanelLinearWork::run(int64_t chunk) const {
+  int64_t m0, rows, n0, cols;
+  region(chunk, &m0, &rows, &n0, &cols);
+  const int64_t p0 = n0 / kPanel, count = (cols + kPanel - 1) / kPanel;
+#if PALM_PANEL_AVX512
+  if (avx512_enabled()) {
+    const int last_cols = static_cast<int>(cols - (count - 1) * kPanel);
+    group_rows(static_cast<int>(count), x + m0 * ldx, ldx, rows, panels + p0 * K * kPanel, K,
+               out + m0 * ldo + n0, ldo, last_cols);
+    return;
+  }
+#endif
+  for (int64_t p = p0; p < p0 + count; ++p)
+    panel_tile::panel_rows(x + m0 * ldx, ldx, rows, panels + p * K * kPanel, K, nullptr,
+                           out + m0 * ldo + p * kPanel, ldo, std::min(kPanel, N - p * kPanel));
+}
+
 }  // namespace palm_cpu
 
 TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {

@@ -14,70 +14,13 @@
 #include <optional>
 #include <type_traits>
 
+#include "rotary_rows.h"
 #include "vec.h"
 
 namespace palm_cpu {
 namespace {
 
 constexpr int64_t kGrainElements = 1 << 15;  // below this much work, no thread wake-up
-
-struct Rotary {
-  const float* cos_sin;  // [P, D]: cos of the half-dim frequencies, then their sin
-  const float* xpos;     // [P, D/2] or null
-  const int64_t* positions;
-  int64_t dim;
-};
-
-// Rotates one head's row x [D] at position pos in place; inverse: k's 1 / xPos factor.
-template <typename T>
-void rotate_row(T* x, const Rotary& r, int64_t pos, bool inverse) {
-  const int64_t half = r.dim / 2;
-  const float* cos = r.cos_sin + pos * r.dim;
-  const float* sin = cos + half;
-  const float* scale = r.xpos ? r.xpos + pos * half : nullptr;
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = to_float(x[i]), x2 = to_float(x[i + half]);
-    float out1 = x1 * cos[i] - x2 * sin[i];
-    float out2 = x2 * cos[i] + x1 * sin[i];
-    if (scale) {
-      const float s = inverse ? 1.f / scale[i] : scale[i];
-      out1 *= s;
-      out2 *= s;
-    }
-    x[i] = from_float<T>(out1);
-    x[i + half] = from_float<T>(out2);
-  }
-}
-
-// A [T, heads, D] tensor with a contiguous last dimension, any other strides.
-template <typename T>
-struct Rows {
-  T* data;
-  int64_t heads, token_stride, head_stride;
-  explicit Rows(const at::Tensor& x)
-      : data(x.data_ptr<T>()), heads(x.size(1)), token_stride(x.stride(0)),
-        head_stride(x.stride(1)) {}
-  T* row(int64_t t, int64_t h) const { return data + t * token_stride + h * head_stride; }
-};
-
-template <typename T, typename C>
-void copy_row(const T* src, int64_t n, C* dst) {
-  if constexpr (std::is_same_v<T, C>) {
-    std::copy_n(src, n, dst);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = from_float<C>(to_float(src[i]));
-  }
-}
-
-template <typename T, typename C>
-void write_token(const Rows<T>& k, const Rows<T>& v, C* k_cache, C* v_cache, int64_t t,
-                 int64_t slot, int64_t dim) {
-  const int64_t width = k.heads * dim;  // a slot's [Hkv, D], contiguous in the cache
-  for (int64_t h = 0; h < k.heads; ++h) {
-    copy_row(k.row(t, h), dim, k_cache + slot * width + h * dim);
-    copy_row(v.row(t, h), dim, v_cache + slot * width + h * dim);
-  }
-}
 
 // Either part may be absent: rotary without q (none), or the write without caches. q, k and
 // v of T, the caches of C.

@@ -86,19 +86,20 @@ class LogRecords(logging.Handler):
 @pytest.fixture(scope="module")
 def palm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     """(eager, compiled, log records of the compilation): the PaLM test model (MQA) loaded
-    from a model directory by load_served_model, as `palm-serve serve` loads it."""
+    from a model directory by load_served_model, as `palm-serve serve` loads it, then its
+    graph compiled (fuse=False: the server runs this model's forward fused in C++ instead,
+    tests/model/test_fused_palm.py; the graph serves the models that cannot be fused)."""
     model_dir = tmp_path_factory.mktemp("palm")
     source = make_model(make_config())
     save_model_dir(model_dir, source.config, source.state_dict())
     eager = load_served_model(model_dir, prepack_cpu_linears=True)
+    compiled = load_served_model(model_dir, prepack_cpu_linears=True)
     logs = LogRecords()
     logger = logging.getLogger("palm_serve")
     logger.addHandler(logs)
     logger.setLevel(logging.INFO)
     try:
-        compiled = load_served_model(
-            model_dir, prepack_cpu_linears=True, compile=True, block_size=BLOCK_SIZE
-        )
+        assert compile_model(compiled, BLOCK_SIZE, progress=False, fuse=False)
     finally:
         logger.removeHandler(logs)
         logger.setLevel(logging.NOTSET)

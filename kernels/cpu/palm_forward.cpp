@@ -1,0 +1,276 @@
+// The PaLM serving forward on the CPU as ONE call: embedding, every parallel block (LayerNorm,
+// the fused projection, rotary and the KV-cache write, SiLU * gate, paged attention, the two
+// output linears and the residual) and the final LayerNorm, run by one OpenMP team from
+// start to end with a barrier between phases. Its oracle is DecoderModel.forward over the
+// same kernels (tests/model/test_fused_palm.py).
+//
+// Why: at decode batch sizes the default PaLM's linears take tens of microseconds each, and
+// the compiled step (model/compiled.py) spent about a quarter of the main thread between
+// them: Python, the dispatcher's boxed calls, allocations, one OpenMP region per op, while
+// the other thread waited (docs/BENCHMARKS.md). Here the thread that called runs the same
+// phases as the others; no phase waits on serial work, only on the slowest thread's share.
+//
+// Phases of a layer (T tokens), each ended by a barrier:
+//   1. h = LayerNorm(x) per row (the first layer's x is the embedding's rows);
+//   2. y = h @ fused_proj, in chunks of the panel linear (panel_linear.h);
+//   3. per token: rotary on y's q and k, k and v into the layer's cache, s = silu(gate) * a;
+//   4. the attention's items over the cache (paged_attention.h), into o;
+//   5. x = x + (o @ attn_out + s @ ff_out), chunk by chunk of the two linears' outputs.
+// The linears, rotary, cache write and attention are the ops' own code, so they agree with
+// the ops bit for bit; the LayerNorm and SiLU here differ from torch's in rounding only.
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "paged_attention.h"
+#include "panel_linear.h"
+#include "panels.h"
+#include "rotary_rows.h"
+#include "vec.h"
+
+namespace palm_cpu {
+namespace {
+
+// y = (x - mean) / sqrt(var + eps) * w over one row of n, in fp32, as F.layer_norm without bias.
+void layer_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if PALM_CPU_AVX2
+  __m256 vsum = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) vsum = _mm256_add_ps(vsum, _mm256_loadu_ps(x + i));
+  sum = hsum(vsum);
+#endif
+  for (; i < n; ++i) sum += x[i];
+  const float mean = sum / float(n);
+  float squares = 0.f;
+  i = 0;
+#if PALM_CPU_AVX2
+  const __m256 vmean = _mm256_set1_ps(mean);
+  __m256 vsq = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + i), vmean);
+    vsq = _mm256_add_ps(vsq, _mm256_mul_ps(d, d));
+  }
+  squares = hsum(vsq);
+#endif
+  for (; i < n; ++i) squares += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.f / std::sqrt(squares / float(n) + eps);
+  for (i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i];
+}
+
+// out = silu(gate) * a over n, silu(g) = g / (1 + e^-g).
+void silu_mul_row(const float* a, const float* gate, int64_t n, float* out) {
+  int64_t i = 0;
+#if PALM_CPU_AVX2
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+    const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(a + i)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * a[i];
+}
+
+using WriteToken = void (*)(const Rows<float>&, const Rows<float>&, void*, void*, int64_t,
+                            int64_t, int64_t);
+
+template <typename C>
+void write_token_to(const Rows<float>& k, const Rows<float>& v, void* k_cache, void* v_cache,
+                    int64_t t, int64_t slot, int64_t dim) {
+  write_token(k, v, static_cast<C*>(k_cache), static_cast<C*>(v_cache), t, slot, dim);
+}
+
+WriteToken token_writer(at::ScalarType cache_dtype) {
+  switch (cache_dtype) {
+    case at::kFloat:
+      return &write_token_to<float>;
+    case at::kHalf:
+      return &write_token_to<c10::Half>;
+    case at::kBFloat16:
+      return &write_token_to<c10::BFloat16>;
+    default:
+      TORCH_CHECK(false, "palm_forward: the caches must be float32, float16 or bfloat16, not ",
+                  cache_dtype);
+  }
+  return nullptr;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+void check_panels(const at::Tensor& panels, int64_t k, int64_t n, const char* name) {
+  check_float(panels, name);
+  TORCH_CHECK(panels.dim() == 3 && panels.size(0) == (n + kPanel - 1) / kPanel &&
+                  panels.size(1) == k && panels.size(2) == kPanel,
+              name, " must be the panels (pack_panels) of a [", n, ", ", k, "] weight, got ",
+              panels.sizes());
+}
+
+void check_indices(const at::Tensor& t, int64_t tokens, int64_t low, int64_t high,
+                   const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.dim() == 1 && t.numel() == tokens,
+              name, " must be contiguous int64 [T]");
+  const int64_t* p = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < tokens; ++i)
+    TORCH_CHECK(p[i] >= low && p[i] < high, name, " ", p[i], " outside [", low, ", ", high, ")");
+}
+
+at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions,
+                        const at::Tensor& embedding, at::TensorList norms, at::TensorList proj,
+                        at::TensorList attn_out, at::TensorList ff_out, at::TensorList k_caches,
+                        at::TensorList v_caches, const at::Tensor& slot_mapping,
+                        const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                        const at::Tensor& context_lens, const at::Tensor& cos_sin,
+                        const std::optional<at::Tensor>& xpos, int64_t heads, int64_t kv_heads,
+                        int64_t ff_inner, double scale, double eps) {
+  check_float(embedding, "embedding");
+  check_float(cos_sin, "cos_sin");
+  TORCH_CHECK(embedding.dim() == 2 && cos_sin.dim() == 2 && cos_sin.size(1) % 2 == 0,
+              "embedding must be [V, dim], cos_sin [P, head_dim] with an even head_dim");
+  const int64_t T = input_ids.numel(), V = embedding.size(0), dim = embedding.size(1);
+  const int64_t D = cos_sin.size(1), depth = int64_t(proj.size());
+  const int64_t fused = (heads + 2 * kv_heads) * D + 2 * ff_inner;
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && ff_inner > 0, "heads, kv_heads, ff_inner must be > 0");
+  TORCH_CHECK(depth > 0 && int64_t(norms.size()) == depth + 1 &&
+                  int64_t(attn_out.size()) == depth && int64_t(ff_out.size()) == depth &&
+                  int64_t(k_caches.size()) == depth && int64_t(v_caches.size()) == depth,
+              "one proj, attn_out, ff_out, k and v cache per layer, and depth + 1 norms");
+  check_indices(input_ids, T, 0, V, "input id");
+  check_indices(positions, T, 0, cos_sin.size(0), "position");
+  const float* xpos_data = nullptr;
+  if (xpos) {
+    check_float(*xpos, "xpos");
+    TORCH_CHECK(xpos->dim() == 2 && xpos->size(0) == cos_sin.size(0) && xpos->size(1) == D / 2,
+                "xpos must be [P, head_dim / 2]");
+    xpos_data = xpos->const_data_ptr<float>();
+  }
+  const at::Tensor& cache0 = k_caches[0];
+  TORCH_CHECK(cache0.dim() == 4 && cache0.size(2) == kv_heads && cache0.size(3) == D,
+              "the caches must be [NB, BS, kv_heads, head_dim]");
+  std::vector<float*> k_data(depth), v_data(depth);
+  std::vector<const float*> norm_w(depth + 1), proj_w(depth), attn_w(depth), ff_w(depth);
+  for (int64_t l = 0; l < depth; ++l) {
+    for (const at::Tensor* c : {&k_caches[l], &v_caches[l]})
+      TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->sizes() == cache0.sizes() &&
+                      c->scalar_type() == cache0.scalar_type(),
+                  "every layer's caches must be contiguous CPU tensors of one shape and dtype");
+    k_data[l] = static_cast<float*>(k_caches[l].data_ptr());
+    v_data[l] = static_cast<float*>(v_caches[l].data_ptr());
+    check_panels(proj[l], dim, fused, "proj");
+    check_panels(attn_out[l], heads * D, dim, "attn_out");
+    check_panels(ff_out[l], ff_inner, dim, "ff_out");
+    proj_w[l] = proj[l].const_data_ptr<float>();
+    attn_w[l] = attn_out[l].const_data_ptr<float>();
+    ff_w[l] = ff_out[l].const_data_ptr<float>();
+  }
+  for (int64_t l = 0; l <= depth; ++l) {
+    check_float(norms[l], "norm");
+    TORCH_CHECK(norms[l].numel() == dim, "every norm weight must have dim entries");
+    norm_w[l] = norms[l].const_data_ptr<float>();
+  }
+  const int64_t block_size = cache0.size(1), num_slots = cache0.size(0) * block_size;
+  check_indices(slot_mapping, T, -1, num_slots, "slot");
+  const WriteToken write = token_writer(cache0.scalar_type());
+
+  const at::TensorOptions options = embedding.options();
+  at::Tensor out = at::empty({T, dim}, options);
+  if (T == 0) return out;
+  const int threads = at::get_num_threads();
+  const PagedAttentionWork attention(block_tables, query_start_loc, context_lens, T, heads,
+                                     kv_heads, D, block_size, cache0.size(0),
+                                     cache0.scalar_type(), scale, fused, D, threads, depth);
+  // x: the residual stream; h: its norm; y: the fused projection's q | k | v | a | gate;
+  // o: the attention's output; s: silu(gate) * a; a_part, f_part: the output linears'.
+  at::Tensor x = at::empty({T, dim}, options), h = at::empty({T, dim}, options);
+  at::Tensor y = at::empty({T, fused}, options), o = at::empty({T, heads * D}, options);
+  at::Tensor s = at::empty({T, ff_inner}, options);
+  at::Tensor a_part = at::empty({T, dim}, options), f_part = at::empty({T, dim}, options);
+  const int64_t* ids = input_ids.const_data_ptr<int64_t>();
+  const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  const float* emb = embedding.const_data_ptr<float>();
+  float* xp = x.mutable_data_ptr<float>();
+  float* hp = h.mutable_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  float* op = o.mutable_data_ptr<float>();
+  float* sp = s.mutable_data_ptr<float>();
+  float* ap = a_part.mutable_data_ptr<float>();
+  float* fp = f_part.mutable_data_ptr<float>();
+  float* outp = out.mutable_data_ptr<float>();
+  const Rotary rotary{cos_sin.const_data_ptr<float>(), xpos_data,
+                      positions.const_data_ptr<int64_t>(), D};
+  const Rows<float> q_rows(yp, heads, fused, D), k_rows(yp + heads * D, kv_heads, fused, D),
+      v_rows(yp + (heads + kv_heads) * D, kv_heads, fused, D);
+  const int64_t ff_at = (heads + 2 * kv_heads) * D;
+  const float epsilon = float(eps);
+  const int64_t items = attention.items();
+
+#pragma omp parallel
+  {
+    for (int64_t l = 0; l < depth; ++l) {
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < T; ++t) {
+        if (l == 0) std::copy_n(emb + ids[t] * dim, dim, xp + t * dim);
+        layer_norm_row(xp + t * dim, norm_w[l], dim, epsilon, hp + t * dim);
+      }
+      const PanelLinearWork projection{hp, dim, T, dim, fused, proj_w[l], yp, fused};
+      const int64_t projection_chunks = projection.chunks();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < projection_chunks; ++c) projection.run(c);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t pos = rotary.positions[t];
+        for (int64_t i = 0; i < heads; ++i) rotate_row(q_rows.row(t, i), rotary, pos, false);
+        for (int64_t i = 0; i < kv_heads; ++i) rotate_row(k_rows.row(t, i), rotary, pos, true);
+        if (slots[t] >= 0) write(k_rows, v_rows, k_data[l], v_data[l], t, slots[t], D);
+        const float* ff = yp + t * fused + ff_at;
+        silu_mul_row(ff, ff + ff_inner, ff_inner, sp + t * ff_inner);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < items; ++i) attention.run(l, i, yp, k_data[l], v_data[l], op);
+      const PanelLinearWork attn_linear{op, heads * D, T, heads * D, dim, attn_w[l], ap, dim};
+      const PanelLinearWork ff_linear{sp, ff_inner, T, ff_inner, dim, ff_w[l], fp, dim};
+      const int64_t output_chunks = attn_linear.chunks();  // ff_linear's too: same M and N
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < output_chunks; ++c) {
+        attn_linear.run(c);
+        ff_linear.run(c);
+        int64_t m0, rows, n0, cols;
+        attn_linear.region(c, &m0, &rows, &n0, &cols);
+        for (int64_t m = m0; m < m0 + rows; ++m)
+          for (int64_t n = n0; n < n0 + cols; ++n) {
+            const int64_t i = m * dim + n;
+            xp[i] = xp[i] + (ap[i] + fp[i]);  // x + (attn_out + ff_out), as the block adds
+          }
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < T; ++t)
+      layer_norm_row(xp + t * dim, norm_w[depth], dim, epsilon, outp + t * dim);
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace palm_cpu
+
+TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {
+  m.def("palm_forward(Tensor input_ids, Tensor positions, Tensor embedding, Tensor[] norms, "
+        "Tensor[] proj, Tensor[] attn_out, Tensor[] ff_out, Tensor(a!)[] k_caches, "
+        "Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, "
+        "Tensor query_start_loc, Tensor context_lens, Tensor cos_sin, Tensor? xpos, "
+        "int heads, int kv_heads, int ff_inner, float scale, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(palm_cpu, CPU, m) {
+  m.impl("palm_forward", &palm_cpu::palm_forward);
+}
