@@ -73,6 +73,8 @@ class CoreSpec:
     # logging.config.dictConfig for this process, so that its log lines read as the
     # front's (text or JSON); None: Python's default (warnings and errors as bare text).
     logging_config: dict | None = None
+    # With compile: a PaLM's forward fused in C++ (model/fused_palm.py), else the graph.
+    fused_step: bool = True
     # "none" or "int8": the blocks' linears in int8 (model/quantization.py).
     quantization: str = "none"
 
@@ -145,6 +147,7 @@ def build_engine_core(spec: CoreSpec) -> EngineCore:
             kernel_backend=spec.kernel_backend,
             prepack_cpu_linears=spec.prepack_cpu_linears,
             compile=spec.compile,
+            fused_step=spec.fused_step,
             block_size=spec.engine_config.block_size,
             quantization=spec.quantization,
             kv_cache_dtype=spec.engine_config.kv_cache_dtype,

@@ -49,6 +49,7 @@ def load_served_model(
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
     compile: bool = False,
+    fused_step: bool = True,
     block_size: int = EngineConfig.block_size,
     quantization: str = "none",
     kv_cache_dtype: str | None = None,
@@ -56,7 +57,8 @@ def load_served_model(
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
     not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
-    of block_size and kv_cache_dtype (None: the model's dtype); with no C++ compiler, the
+    of block_size and kv_cache_dtype (None: the model's dtype), or for a PaLM with
+    fused_step, its forward fused in C++ (model/fused_palm.py); with no C++ compiler, the
     torch twins run eagerly instead, said in one log line. quantization "int8": the blocks'
     linears in int8 (model/quantization.py)."""
     if dtype not in DTYPES:
@@ -79,7 +81,7 @@ def load_served_model(
     if compile:
         param = next(model.parameters())
         cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, param.dtype)
-        compile_model(model, block_size, kv_cache_dtype=cache_dtype)
+        compile_model(model, block_size, kv_cache_dtype=cache_dtype, fuse=fused_step)
     return model
 
 
@@ -109,6 +111,7 @@ def build_engine(
     kernel_backend: str = "auto",
     prepack_cpu_linears: bool = False,
     compile: bool = False,
+    fused_step: bool = True,
     quantization: str = "none",
 ) -> AsyncEngine:
     """An AsyncEngine over a model directory, its core in a thread of this process."""
@@ -120,6 +123,7 @@ def build_engine(
         kernel_backend=kernel_backend,
         prepack_cpu_linears=prepack_cpu_linears,
         compile=compile,
+        fused_step=fused_step,
         block_size=engine_config.block_size,
         quantization=quantization,
         kv_cache_dtype=engine_config.kv_cache_dtype,

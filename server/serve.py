@@ -181,6 +181,7 @@ def _process_engine(settings: Settings, config: EngineConfig, placement: Placeme
         kernel_backend=settings.kernel_backend,
         prepack_cpu_linears=settings.cpu_prepacked_linears,
         compile=settings.compile,
+        fused_step=settings.fused_step,
         seed=None,
         threads=placement.engine_threads,
         cpus=placement.engine_cpus,
@@ -220,6 +221,7 @@ def _thread_engine(settings: Settings, config: EngineConfig) -> AsyncEngine:
             kernel_backend=settings.kernel_backend,
             prepack_cpu_linears=settings.cpu_prepacked_linears,
             compile=settings.compile,
+            fused_step=settings.fused_step,
             quantization=settings.quantization,
         )
         bar.update(1)

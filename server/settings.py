@@ -126,6 +126,12 @@ class Settings(BaseSettings):
         description="on a CPU with the compiled kernels, torch.compile the step at start "
         "(one graph for every batch, cached across restarts); no C++ compiler: eager twins",
     )
+    fused_step: bool = Field(
+        True,
+        description="with --compile, run a PaLM's forward as one fused C++ call "
+        "(palm_cpu::palm_forward, faster at decode) instead of the torch.compile graph; "
+        "other models always take the graph",
+    )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     kv_cache_memory: ByteSize = Field(
         ByteSize(512 * MIB), description="memory for the KV-cache pool (bytes, or '512MiB', '2GiB')"
