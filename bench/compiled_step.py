@@ -10,6 +10,10 @@ is the steadier measure of the work each does (it does not count time spent wait
 core); wall time with several threads also pays OpenMP's synchronisation.
 
     .venv/bin/python bench/compiled_step.py [--threads 1] [--calls 30] [--models palm,llama]
+        [--graph]
+
+For the default PaLM the compiled step is the forward fused in C++ (model/fused_palm.py);
+--graph adds its torch.compile graph (--no-fused-step) as a third variant.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from palm_serve.engine.factory import load_served_model
 from palm_serve.model import AttentionMetadata, KVCache
+from palm_serve.model.fused_palm import FusedPaLMForward
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -86,6 +91,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--models", default="palm,llama")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="the torch.compile graph too where the fused PaLM forward is the compiled step",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     for key in args.models.split(","):
@@ -94,24 +104,30 @@ def main() -> None:
             "eager": load_served_model(path, prepack_cpu_linears=True),
             "compiled": load_served_model(path, prepack_cpu_linears=True, compile=True),
         }
+        if args.graph and isinstance(models["compiled"].forward, FusedPaLMForward):
+            models["graph"] = load_served_model(
+                path, prepack_cpu_linears=True, compile=True, fused_step=False
+            )
         kernels = models["eager"].kernels.name
         print(
             f"\n## {path.name}: {args.threads} threads, {kernels} kernels, medians of "
             f"{args.calls} interleaved calls; load average before "
             f"{open('/proc/loadavg').read().split()[0]}\n"
         )
+        others = [v for v in models if v != "eager"]
         print(
-            "| batch | eager wall ms | compiled wall ms | ratio "
-            "| eager CPU ms | compiled CPU ms | ratio |"
+            "| batch | eager wall ms | "
+            + " | ".join(f"{v} wall ms | ratio" for v in others)
+            + " | eager CPU ms | "
+            + " | ".join(f"{v} CPU ms | ratio" for v in others)
+            + " |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---" * (3 + 4 * len(others)) + "|")
         for name, r in measure(models, args.calls).items():
-            (ew, ec), (cw, cc) = r["eager"], r["compiled"]
-            print(
-                f"| {name} | {ew * 1e3:.2f} | {cw * 1e3:.2f} | {cw / ew:.2f}x "
-                f"| {ec * 1e3:.2f} | {cc * 1e3:.2f} | {cc / ec:.2f}x |",
-                flush=True,
-            )
+            ew, ec = r["eager"]
+            walls = " | ".join(f"{r[v][0] * 1e3:.2f} | {r[v][0] / ew:.2f}x" for v in others)
+            cpus = " | ".join(f"{r[v][1] * 1e3:.2f} | {r[v][1] / ec:.2f}x" for v in others)
+            print(f"| {name} | {ew * 1e3:.2f} | {walls} | {ec * 1e3:.2f} | {cpus} |", flush=True)
 
 
 if __name__ == "__main__":
