@@ -12,7 +12,7 @@ core); wall time with several threads also pays OpenMP's synchronisation.
     .venv/bin/python bench/compiled_step.py [--threads 1] [--calls 30] [--models palm,llama]
         [--graph]
 
-For the default PaLM the compiled step is the forward fused in C++ (model/fused_palm.py);
+The compiled step is the forward fused in C++ (model/fused_forward.py) where it serves;
 --graph adds its torch.compile graph (--no-fused-step) as a third variant.
 """
 
@@ -27,7 +27,7 @@ import torch
 
 from palm_serve.engine.factory import load_served_model
 from palm_serve.model import AttentionMetadata, KVCache
-from palm_serve.model.fused_palm import FusedPaLMForward
+from palm_serve.model.fused_forward import FusedForward
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {
@@ -94,7 +94,7 @@ def main() -> None:
     p.add_argument(
         "--graph",
         action="store_true",
-        help="the torch.compile graph too where the fused PaLM forward is the compiled step",
+        help="the torch.compile graph too where the fused forward is the compiled step",
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -104,7 +104,7 @@ def main() -> None:
             "eager": load_served_model(path, prepack_cpu_linears=True),
             "compiled": load_served_model(path, prepack_cpu_linears=True, compile=True),
         }
-        if args.graph and isinstance(models["compiled"].forward, FusedPaLMForward):
+        if args.graph and isinstance(models["compiled"].forward, FusedForward):
             models["graph"] = load_served_model(
                 path, prepack_cpu_linears=True, compile=True, fused_step=False
             )

@@ -62,7 +62,7 @@ ROWS = {
         Row("default", "served, palm-serve's default placement", ()),
         Row("one-pass", "served, default placement, one forward pass per step "
             "(--num-scheduler-steps 1)", ("--num-scheduler-steps", "1")),
-        Row("graph", "served, default placement, a PaLM's step as the torch.compile graph "
+        Row("graph", "served, default placement, the step as the torch.compile graph "
             "(--no-fused-step)", ("--no-fused-step",)),
         Row("replay2", "engine only: 2 threads, spinning", None, {"OMP_WAIT_POLICY": "ACTIVE"}),
         Row("replay2-passive", "engine only: 2 threads, sleeping", None,

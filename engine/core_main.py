@@ -73,7 +73,8 @@ class CoreSpec:
     # logging.config.dictConfig for this process, so that its log lines read as the
     # front's (text or JSON); None: Python's default (warnings and errors as bare text).
     logging_config: dict | None = None
-    # With compile: a PaLM's forward fused in C++ (model/fused_palm.py), else the graph.
+    # With compile: the forward fused in C++ where it serves (model/fused_forward.py), else
+    # the graph.
     fused_step: bool = True
     # "none" or "int8": the blocks' linears in int8 (model/quantization.py).
     quantization: str = "none"

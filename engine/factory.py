@@ -57,8 +57,8 @@ def load_served_model(
     """The model as the server runs it. prepack_cpu_linears: on a CPU in fp32, reorder the
     weights once for oneDNN (faster small-batch matmuls; outputs equal to ~1e-6 relative,
     not bit for bit). compile: torch.compile the step now (model/compiled.py) for KV caches
-    of block_size and kv_cache_dtype (None: the model's dtype), or for a PaLM with
-    fused_step, its forward fused in C++ (model/fused_palm.py); with no C++ compiler, the
+    of block_size and kv_cache_dtype (None: the model's dtype), or with fused_step its
+    forward fused in C++ where that serves (model/fused_forward.py); with no C++ compiler, the
     torch twins run eagerly instead, said in one log line. quantization "int8": the blocks'
     linears in int8 (model/quantization.py)."""
     if dtype not in DTYPES:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..kernels.kv_cache import scatter_kv_cache
-from . import fused_palm
+from . import fused_forward
 from .attention_metadata import AttentionMetadata
 from .decoder import DecoderModel
 from .kv_cache import KVCache
@@ -207,15 +207,16 @@ def compile_model(
     progress bar that ends with its time, and not in the first request. Returns False,
     having logged one line saying why, where the model keeps its eager forward.
 
-    fuse: where the PaLM forward fused in C++ serves the model (model/fused_palm.py), it
-    becomes model.forward instead, with nothing to compile; fuse=False compiles the graph."""
+    fuse: where the forward fused in C++ serves the model (model/fused_forward.py: PaLM and
+    Llama as the server sets them up), it becomes model.forward instead, with nothing to
+    compile; fuse=False compiles the graph."""
     reason = unavailable_reason(model)
     if reason is not None:
         logger.warning("the step runs eagerly: %s", reason)
         return False
-    if fuse and fused_palm.unavailable_reason(model) is None:
-        model.forward = fused_palm.FusedPaLMForward(model)  # type: ignore[method-assign]
-        logger.info("step fused: the PaLM forward runs as one C++ call (palm_cpu::palm_forward)")
+    if fuse and fused_forward.unavailable_reason(model) is None:
+        model.forward = fused_forward.FusedForward(model)  # type: ignore[method-assign]
+        logger.info("step fused: the forward runs as one C++ call (palm_cpu::decoder_forward)")
         return True
     cache_dir = use_cache_directory()
     eager_kernels = model.kernels

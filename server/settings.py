@@ -128,9 +128,9 @@ class Settings(BaseSettings):
     )
     fused_step: bool = Field(
         True,
-        description="with --compile, run a PaLM's forward as one fused C++ call "
-        "(palm_cpu::palm_forward, faster at decode) instead of the torch.compile graph; "
-        "other models always take the graph",
+        description="with --compile, run the forward of a PaLM or Llama model as one fused "
+        "C++ call (palm_cpu::decoder_forward, faster) instead of the torch.compile graph, "
+        "where it can (panel-packed fp32 linears, no int8, no tensor parallelism)",
     )
     block_size: int = Field(16, ge=1, le=256, description="tokens per KV-cache block")
     kv_cache_memory: ByteSize = Field(

@@ -30,7 +30,7 @@ SOURCES = (
     "prepacked_linear.cpp",
     "argmax.cpp",
     "panel_linear.cpp",
-    "palm_forward.cpp",
+    "decoder_forward.cpp",
 )
 HEADERS = (
     "vec.h",

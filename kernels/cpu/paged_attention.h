@@ -1,5 +1,5 @@
 // The paged attention (paged_attention.cpp) as items of work that any thread may take in any
-// order, for a caller that runs its own thread team (palm_forward.cpp). The items depend on
+// order, for a caller that runs its own thread team (decoder_forward.cpp). The items depend on
 // the batch (its block tables, query starts and context lengths) and not on the layer, so
 // they are planned once and run for every layer. An item computes what the same item of
 // torch.ops.palm_cpu.paged_attention does, so the two agree bit for bit.

@@ -1,5 +1,5 @@
 // The fp32 panel linear (panel_linear.cpp) as chunks of work that any thread may take in any
-// order, for a caller that runs its own thread team (palm_forward.cpp). A chunk computes the
+// order, for a caller that runs its own thread team (decoder_forward.cpp). A chunk computes the
 // same tiles, in the same order, as the op torch.ops.palm_cpu.panel_linear, so the two agree
 // bit for bit.
 #pragma once

@@ -1,5 +1,5 @@
 // One token's rotary embedding and KV-cache write, row by row: what rotary_kv_cache.cpp runs
-// over a batch's tokens and palm_forward.cpp runs inside its thread team. Equal to the twins
+// over a batch's tokens and decoder_forward.cpp runs inside its thread team. Equal to the twins
 // (kernels/rotary.py, kernels/kv_cache.py) bit for bit: each product is rounded as in torch
 // (build.py compiles with -ffp-contract=off, so no FMA the source does not ask for).
 #pragma once

@@ -88,7 +88,7 @@ def palm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
     """(eager, compiled, log records of the compilation): the PaLM test model (MQA) loaded
     from a model directory by load_served_model, as `palm-serve serve` loads it, then its
     graph compiled (fuse=False: the server runs this model's forward fused in C++ instead,
-    tests/model/test_fused_palm.py; the graph serves the models that cannot be fused)."""
+    tests/model/test_fused_forward.py; the graph serves the models that cannot be fused)."""
     model_dir = tmp_path_factory.mktemp("palm")
     source = make_model(make_config())
     save_model_dir(model_dir, source.config, source.state_dict())
@@ -109,7 +109,7 @@ def palm_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
 @pytest.fixture(scope="module")
 def llama_pair() -> tuple:
     eager, compiled = as_served(make_llama()), as_served(make_llama())
-    assert compile_model(compiled, BLOCK_SIZE, progress=False)
+    assert compile_model(compiled, BLOCK_SIZE, progress=False, fuse=False)  # the graph
     return eager, compiled, []
 
 

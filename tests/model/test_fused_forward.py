@@ -1,12 +1,13 @@
-"""The PaLM forward fused in C++ (model/fused_palm.py, kernels/cpu/palm_forward.cpp) against
-the eager forward over the same kernels, as the server sets both up: hidden states, logits
-and the KV caches written equal to 1e-5 relative over batches of every kind (prefill chunks,
-decodes, a mix, a single decode) into NaN-poisoned pools, at one thread and at four (where
-long contexts split across threads and every layer's splits merge), on the MQA test model
-and on a GQA model with xPos and the "gamma_plus_one" norms; over a 16-bit cache; greedy
-engine output against the dense forward; which models it refuses; bad input refused with
-the field named. The AVX2 paths run again in a process of their own where the CPU has
-AVX-512. The compiled kernels must have built here: a failure fails, never skips."""
+"""The forward fused in C++ (model/fused_forward.py, kernels/cpu/decoder_forward.cpp)
+against the eager forward over the same kernels, as the server sets both up: hidden states,
+logits and the KV caches written equal to 1e-5 relative over batches of every kind (prefill
+chunks, decodes, a mix, a single decode) into NaN-poisoned pools, at one thread and at four
+(where long contexts split across threads and every layer's splits merge), on the MQA PaLM
+test model, on a GQA PaLM with xPos and the "gamma_plus_one" norms, and on a GQA Llama;
+over a 16-bit cache; greedy engine output against the dense forward; which models it
+refuses; bad input refused with the field named. The AVX2 paths run again in a process of
+their own where the CPU has AVX-512. The compiled kernels must have built here: a failure
+fails, never skips."""
 
 from __future__ import annotations
 
@@ -20,16 +21,17 @@ import pytest
 import torch
 
 from palm_serve.engine.factory import load_served_model
-from palm_serve.model import AttentionMetadata, KVCache, PaLM, save_model_dir
+from palm_serve.model import AttentionMetadata, KVCache, Llama, LlamaConfig, save_model_dir
 from palm_serve.model.compiled import CompiledForward, compile_model
 from palm_serve.model.config import PaLMConfig
-from palm_serve.model.fused_palm import FusedPaLMForward, unavailable_reason
+from palm_serve.model.decoder import DecoderModel
+from palm_serve.model.fused_forward import FusedForward, unavailable_reason
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "engine"))  # the engine tests' helpers
 sys.path.insert(0, str(Path(__file__).parent.parent / "kernels"))
 
 from avx2_paths import run_on_the_avx2_paths  # noqa: E402
-from test_compiled import as_served, make_llama  # noqa: E402
+from test_compiled import as_served  # noqa: E402
 
 import engine_helpers  # noqa: E402
 from conftest import make_config, make_model  # noqa: E402
@@ -65,16 +67,37 @@ def gqa_xpos_config() -> PaLMConfig:
     )  # fmt: skip
 
 
-def served_pair(config: PaLMConfig) -> tuple[PaLM, PaLM]:
-    """(eager, fused): two copies of one random model, as the server sets them up."""
-    eager, fused = (as_served(make_model(config)) for _ in range(2))
+def make_llama() -> Llama:
+    """A tiny GQA Llama (4 query heads on 2 K/V heads, untied head) with contexts to 512,
+    its projections scaled up so that attention matters (as test_compiled.make_llama)."""
+    config = LlamaConfig(
+        vocab_size=101, dim=64, depth=2, heads=4, n_kv_heads=2, dim_head=16, ff_inner=96,
+        max_positions=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Llama(config)
+    torch.nn.init.normal_(model.embed_tokens.weight, std=1.0)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.qkv_proj.weight.mul_(3.0)
+    return model.eval().requires_grad_(False)
+
+
+def served_pair(config: str) -> tuple[DecoderModel, DecoderModel]:
+    """(eager, fused): two copies of one random model ("mqa", "gqa_xpos": PaLMs; "llama"),
+    as the server sets them up."""
+    if config == "llama":
+        eager, fused = as_served(make_llama()), as_served(make_llama())
+    else:
+        palm_config = make_config() if config == "mqa" else gqa_xpos_config()
+        eager, fused = (as_served(make_model(palm_config)) for _ in range(2))
     fused.load_state_dict(eager.state_dict())
     with torch.no_grad():  # norms away from 1, so that a wrong norm weight shows
         for a, b in zip(eager.parameters(), fused.parameters(), strict=True):
             if a.dim() == 1:
                 a.uniform_(-0.5, 1.5)
                 b.copy_(a)
-    fused.forward = FusedPaLMForward(fused)  # type: ignore[method-assign]
+    fused.forward = FusedForward(fused)  # type: ignore[method-assign]
     return eager, fused
 
 
@@ -107,7 +130,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def run_both(
-    eager: PaLM, fused: PaLM, cache_dtype: torch.dtype = torch.float32
+    eager: DecoderModel, fused: DecoderModel, cache_dtype: torch.dtype = torch.float32
 ) -> tuple[float, float]:
     """Every step batch through both, from NaN-poisoned pools (a slot never written must
     never be read): the worst relative error of the hidden states and logits, and of the
@@ -135,30 +158,32 @@ def run_both(
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-@pytest.mark.parametrize("config", ["mqa", "gqa_xpos"])
+@pytest.mark.parametrize("config", ["mqa", "gqa_xpos", "llama"])
 def test_fused_forward_equals_eager_fp32(config: str, threads: int) -> None:
     torch.set_num_threads(threads)
-    eager, fused = served_pair(make_config() if config == "mqa" else gqa_xpos_config())
+    eager, fused = served_pair(config)
     worst, cache_worst = run_both(eager, fused)
     assert worst <= RELATIVE and cache_worst <= RELATIVE, (worst, cache_worst)
 
 
+@pytest.mark.parametrize("config", ["gqa_xpos", "llama"])
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16])
-def test_fused_forward_over_a_16_bit_cache(cache_dtype: torch.dtype) -> None:
+def test_fused_forward_over_a_16_bit_cache(cache_dtype: torch.dtype, config: str) -> None:
     """A 16-bit cache rounds K and V, so a difference in the last fp32 bit upstream may move
     a value by one 16-bit step: 1e-3 relative, far below what a wrong conversion gives."""
     torch.set_num_threads(2)
-    eager, fused = served_pair(gqa_xpos_config())
+    eager, fused = served_pair(config)
     worst, cache_worst = run_both(eager, fused, cache_dtype)
     assert worst <= 1e-3 and cache_worst <= 1e-2, (worst, cache_worst)
 
 
-def test_engine_greedy_output_with_the_fused_model() -> None:
+@pytest.mark.parametrize("config", ["mqa", "llama"])
+def test_engine_greedy_output_with_the_fused_model(config: str) -> None:
     """Random prompts (chunked prefill, decodes, late arrivals, several passes a step)
     through the engine on the fused model at two threads: every token is the dense
     forward's greedy choice."""
     torch.set_num_threads(2)
-    _, fused = served_pair(make_config())
+    _, fused = served_pair(config)
     engine = make_engine(
         fused, num_blocks=256, block_size=BLOCK_SIZE, max_num_batched_tokens=64, max_num_seqs=6
     )
@@ -175,23 +200,22 @@ def test_engine_greedy_output_with_the_fused_model() -> None:
         check_greedy(fused, prompts[request_id], tokens_of(outs))
 
 
-def test_compile_model_fuses_a_palm_and_compiles_a_llama(
+def test_compile_model_fuses_unless_told_not_to(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The served path: load_served_model(compile=True) gives a PaLM the fused forward, with
-    one log line; fuse=False, and a Llama, get the torch.compile graph."""
+    one log line; fuse=False gets the torch.compile graph."""
     source = make_model(make_config())
     save_model_dir(tmp_path, source.config, source.state_dict())
     with caplog.at_level(logging.INFO, logger="palm_serve.model.compiled"):
         model = load_served_model(tmp_path, prepack_cpu_linears=True, compile=True)
-    assert isinstance(model.forward, FusedPaLMForward)
+    assert isinstance(model.forward, FusedForward)
     assert [r.getMessage() for r in caplog.records] == [
-        "step fused: the PaLM forward runs as one C++ call (palm_cpu::palm_forward)"
+        "step fused: the forward runs as one C++ call (palm_cpu::decoder_forward)"
     ]
     graph = as_served(make_model(make_config()))
     assert compile_model(graph, BLOCK_SIZE, progress=False, fuse=False)
     assert isinstance(graph.forward, CompiledForward)
-    assert unavailable_reason(as_served(make_llama())) == "it is for PaLM models, not Llama"
 
 
 def test_models_it_cannot_serve_are_named() -> None:
@@ -205,8 +229,9 @@ def test_models_it_cannot_serve_are_named() -> None:
     sharded = as_served(make_model(make_config()))
     sharded.layers[1].reduce = lambda x: x
     assert "tensor-parallel" in (unavailable_reason(sharded) or "")
+    assert "PaLM and Llama" in (unavailable_reason(torch.nn.Linear(2, 2)) or "")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="qk RMSNorm"):
-        FusedPaLMForward(rms)
+        FusedForward(rms)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +241,7 @@ def test_models_it_cannot_serve_are_named() -> None:
 def test_bad_batches_are_refused_naming_the_field(field: str, bad: str) -> None:
     """Out-of-range ids, positions, slots or block ids: a RuntimeError naming the field,
     before anything is read or written through them (the pool stays zero)."""
-    _, fused = served_pair(make_config())
+    _, fused = served_pair("mqa")
     cache = KVCache.allocate(fused.config, 4, BLOCK_SIZE)
     ids, positions = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
     tables = [[1]]
@@ -243,4 +268,4 @@ def test_bad_batches_are_refused_naming_the_field(field: str, bad: str) -> None:
 def test_avx2_paths_equal_eager_where_the_cpu_has_avx512() -> None:
     """PALM_CPU_AVX512=0 keeps the linears and the attention to their AVX2 paths: in a
     process of its own, the fp32 cases above pass on them too."""
-    run_on_the_avx2_paths(__file__, "equals_eager_fp32", 4)
+    run_on_the_avx2_paths(__file__, "equals_eager_fp32", 6)

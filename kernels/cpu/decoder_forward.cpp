@@ -1,23 +1,27 @@
-// The PaLM serving forward on the CPU as ONE call: embedding, every parallel block (LayerNorm,
-// the fused projection, rotary and the KV-cache write, SiLU * gate, paged attention, the two
-// output linears and the residual) and the final LayerNorm, run by one OpenMP team from
-// start to end with a barrier between phases. Its oracle is DecoderModel.forward over the
-// same kernels (tests/model/test_fused_palm.py).
+// The serving forward of a decoder on the CPU as ONE call: the embedding, every block and the
+// final norm, run by one OpenMP team from start to end with a barrier between phases. Two
+// block kinds: PaLM's parallel block (LayerNorm; attention and SwiGLU feed-forward off one
+// fused projection, summed into one residual) and Llama's sequential one (RMSNorm; the
+// attention residual, then the feed-forward's). Its oracle is DecoderModel.forward over the
+// same kernels (tests/model/test_fused_forward.py).
 //
-// Why: at decode batch sizes the default PaLM's linears take tens of microseconds each, and
-// the compiled step (model/compiled.py) spent about a quarter of the main thread between
-// them: Python, the dispatcher's boxed calls, allocations, one OpenMP region per op, while
-// the other thread waited (docs/BENCHMARKS.md). Here the thread that called runs the same
-// phases as the others; no phase waits on serial work, only on the slowest thread's share.
+// Why: at decode batch sizes a small model's linears take tens of microseconds each, and the
+// compiled step (model/compiled.py) spent about a quarter of the main thread between them:
+// Python, the dispatcher's boxed calls, allocations, one OpenMP region per op, while the
+// other thread waited (docs/BENCHMARKS.md). Here the thread that called runs the same phases
+// as the others; a phase waits only on the slowest thread's share of the one before.
 //
-// Phases of a layer (T tokens), each ended by a barrier:
-//   1. h = LayerNorm(x) per row (the first layer's x is the embedding's rows);
-//   2. y = h @ fused_proj, in chunks of the panel linear (panel_linear.h);
-//   3. per token: rotary on y's q and k, k and v into the layer's cache, s = silu(gate) * a;
+// Phases of a block (T tokens), each ended by a barrier:
+//   1. h = norm(x) per row (the first block's x is the embedding's rows);
+//   2. y = h @ qkv (PaLM's fused projection also gives the feed-forward's a | gate), in
+//      chunks of the panel linear (panel_linear.h);
+//   3. per token: rotary on y's q and k, k and v into the block's cache; PaLM: s = silu(gate) * a;
 //   4. the attention's items over the cache (paged_attention.h), into o;
-//   5. x = x + (o @ attn_out + s @ ff_out), chunk by chunk of the two linears' outputs.
+//   PaLM:  5. x = x + (o @ attn_out + s @ ff_out), chunk by chunk of the outputs;
+//   Llama: 5. x = x + o @ attn_out;  6. h = norm2(x);  7. g = h @ ff_in (gate | up);
+//          8. s = silu(gate) * up;   9. x = x + s @ ff_out.
 // The linears, rotary, cache write and attention are the ops' own code, so they agree with
-// the ops bit for bit; the LayerNorm and SiLU here differ from torch's in rounding only.
+// the ops bit for bit; the norms and SiLU here differ from torch's in rounding only.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -63,6 +67,32 @@ void layer_norm_row(const float* x, const float* w, int64_t n, float eps, float*
   for (i = 0; i < n; ++i) y[i] = (x[i] - mean) * rstd * w[i];
 }
 
+// y = w * (x / sqrt(mean(x^2) + eps)) over one row of n, as the Llama twin's RMSNorm in fp32.
+void rms_norm_row(const float* x, const float* w, int64_t n, float eps, float* y) {
+  int64_t i = 0;
+  float squares = 0.f;
+#if PALM_CPU_AVX2
+  __m256 vsq = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    vsq = _mm256_add_ps(vsq, _mm256_mul_ps(v, v));
+  }
+  squares = hsum(vsq);
+#endif
+  for (; i < n; ++i) squares += x[i] * x[i];
+  const float r = 1.f / std::sqrt(squares / float(n) + eps);
+  for (i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+enum class Block { kParallel, kSequential };
+
+void norm_row(Block block, const float* x, const float* w, int64_t n, float eps, float* y) {
+  if (block == Block::kParallel)
+    layer_norm_row(x, w, n, eps, y);
+  else
+    rms_norm_row(x, w, n, eps, y);
+}
+
 // out = silu(gate) * a over n, silu(g) = g / (1 + e^-g).
 void silu_mul_row(const float* a, const float* gate, int64_t n, float* out) {
   int64_t i = 0;
@@ -96,7 +126,7 @@ WriteToken token_writer(at::ScalarType cache_dtype) {
     case at::kBFloat16:
       return &write_token_to<c10::BFloat16>;
     default:
-      TORCH_CHECK(false, "palm_forward: the caches must be float32, float16 or bfloat16, not ",
+      TORCH_CHECK(false, "decoder_forward: the caches must be float32, float16 or bfloat16, not ",
                   cache_dtype);
   }
   return nullptr;
@@ -125,26 +155,44 @@ void check_indices(const at::Tensor& t, int64_t tokens, int64_t low, int64_t hig
     TORCH_CHECK(p[i] >= low && p[i] < high, name, " ", p[i], " outside [", low, ", ", high, ")");
 }
 
-at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions,
-                        const at::Tensor& embedding, at::TensorList norms, at::TensorList proj,
-                        at::TensorList attn_out, at::TensorList ff_out, at::TensorList k_caches,
-                        at::TensorList v_caches, const at::Tensor& slot_mapping,
-                        const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-                        const at::Tensor& context_lens, const at::Tensor& cos_sin,
-                        const std::optional<at::Tensor>& xpos, int64_t heads, int64_t kv_heads,
-                        int64_t ff_inner, double scale, double eps) {
+// x[m0 + r][n0 + c] += part[m0 + r][n0 + c] over a chunk's region of a [T, dim] output.
+void add_region(const PanelLinearWork& linear, int64_t chunk, const float* part, float* x) {
+  int64_t m0, rows, n0, cols;
+  linear.region(chunk, &m0, &rows, &n0, &cols);
+  for (int64_t m = m0; m < m0 + rows; ++m)
+    for (int64_t n = n0; n < n0 + cols; ++n) x[m * linear.ldo + n] += part[m * linear.ldo + n];
+}
+
+at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positions,
+                           const at::Tensor& embedding, at::TensorList norms, at::TensorList qkv,
+                           at::TensorList attn_out, at::TensorList ff_in, at::TensorList ff_out,
+                           at::TensorList k_caches, at::TensorList v_caches,
+                           const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                           const at::Tensor& query_start_loc, const at::Tensor& context_lens,
+                           const at::Tensor& cos_sin, const std::optional<at::Tensor>& xpos,
+                           int64_t heads, int64_t kv_heads, int64_t ff_inner, double scale,
+                           double eps, c10::string_view block_kind) {
+  TORCH_CHECK(block_kind == "parallel" || block_kind == "sequential",
+              "block must be 'parallel' (PaLM) or 'sequential' (Llama)");
+  const Block block = block_kind == "parallel" ? Block::kParallel : Block::kSequential;
+  const bool parallel = block == Block::kParallel;
   check_float(embedding, "embedding");
   check_float(cos_sin, "cos_sin");
   TORCH_CHECK(embedding.dim() == 2 && cos_sin.dim() == 2 && cos_sin.size(1) % 2 == 0,
               "embedding must be [V, dim], cos_sin [P, head_dim] with an even head_dim");
   const int64_t T = input_ids.numel(), V = embedding.size(0), dim = embedding.size(1);
-  const int64_t D = cos_sin.size(1), depth = int64_t(proj.size());
-  const int64_t fused = (heads + 2 * kv_heads) * D + 2 * ff_inner;
+  const int64_t D = cos_sin.size(1), depth = int64_t(qkv.size());
+  // y: q | k | v, and for PaLM the feed-forward's a | gate after them
+  const int64_t qkv_width = (heads + 2 * kv_heads) * D, ff_at = qkv_width;
+  const int64_t width = parallel ? qkv_width + 2 * ff_inner : qkv_width;
   TORCH_CHECK(heads > 0 && kv_heads > 0 && ff_inner > 0, "heads, kv_heads, ff_inner must be > 0");
-  TORCH_CHECK(depth > 0 && int64_t(norms.size()) == depth + 1 &&
+  const int64_t norms_per_block = parallel ? 1 : 2;
+  TORCH_CHECK(depth > 0 && int64_t(norms.size()) == norms_per_block * depth + 1 &&
                   int64_t(attn_out.size()) == depth && int64_t(ff_out.size()) == depth &&
+                  int64_t(ff_in.size()) == (parallel ? 0 : depth) &&
                   int64_t(k_caches.size()) == depth && int64_t(v_caches.size()) == depth,
-              "one proj, attn_out, ff_out, k and v cache per layer, and depth + 1 norms");
+              "per block: qkv, attn_out, ff_out, k and v caches, and its norms (PaLM 1, Llama "
+              "2, and ff_in); then the final norm");
   check_indices(input_ids, T, 0, V, "input id");
   check_indices(positions, T, 0, cos_sin.size(0), "position");
   const float* xpos_data = nullptr;
@@ -158,7 +206,8 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
   TORCH_CHECK(cache0.dim() == 4 && cache0.size(2) == kv_heads && cache0.size(3) == D,
               "the caches must be [NB, BS, kv_heads, head_dim]");
   std::vector<float*> k_data(depth), v_data(depth);
-  std::vector<const float*> norm_w(depth + 1), proj_w(depth), attn_w(depth), ff_w(depth);
+  std::vector<const float*> norm_w(norms.size()), qkv_w(depth), attn_w(depth), ff_in_w(depth),
+      ff_out_w(depth);
   for (int64_t l = 0; l < depth; ++l) {
     for (const at::Tensor* c : {&k_caches[l], &v_caches[l]})
       TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->sizes() == cache0.sizes() &&
@@ -166,17 +215,21 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
                   "every layer's caches must be contiguous CPU tensors of one shape and dtype");
     k_data[l] = static_cast<float*>(k_caches[l].data_ptr());
     v_data[l] = static_cast<float*>(v_caches[l].data_ptr());
-    check_panels(proj[l], dim, fused, "proj");
+    check_panels(qkv[l], dim, width, "qkv");
     check_panels(attn_out[l], heads * D, dim, "attn_out");
     check_panels(ff_out[l], ff_inner, dim, "ff_out");
-    proj_w[l] = proj[l].const_data_ptr<float>();
+    qkv_w[l] = qkv[l].const_data_ptr<float>();
     attn_w[l] = attn_out[l].const_data_ptr<float>();
-    ff_w[l] = ff_out[l].const_data_ptr<float>();
+    ff_out_w[l] = ff_out[l].const_data_ptr<float>();
+    if (!parallel) {
+      check_panels(ff_in[l], dim, 2 * ff_inner, "ff_in");
+      ff_in_w[l] = ff_in[l].const_data_ptr<float>();
+    }
   }
-  for (int64_t l = 0; l <= depth; ++l) {
-    check_float(norms[l], "norm");
-    TORCH_CHECK(norms[l].numel() == dim, "every norm weight must have dim entries");
-    norm_w[l] = norms[l].const_data_ptr<float>();
+  for (size_t i = 0; i < norms.size(); ++i) {
+    check_float(norms[i], "norm");
+    TORCH_CHECK(norms[i].numel() == dim, "every norm weight must have dim entries");
+    norm_w[i] = norms[i].const_data_ptr<float>();
   }
   const int64_t block_size = cache0.size(1), num_slots = cache0.size(0) * block_size;
   check_indices(slot_mapping, T, -1, num_slots, "slot");
@@ -188,11 +241,12 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
   const int threads = at::get_num_threads();
   const PagedAttentionWork attention(block_tables, query_start_loc, context_lens, T, heads,
                                      kv_heads, D, block_size, cache0.size(0),
-                                     cache0.scalar_type(), scale, fused, D, threads, depth);
-  // x: the residual stream; h: its norm; y: the fused projection's q | k | v | a | gate;
-  // o: the attention's output; s: silu(gate) * a; a_part, f_part: the output linears'.
+                                     cache0.scalar_type(), scale, width, D, threads, depth);
+  // x: the residual stream; h: its norm; y: the projection; o: the attention's output;
+  // g: Llama's gate | up; s: silu(gate) * a; a_part, f_part: the output linears'.
   at::Tensor x = at::empty({T, dim}, options), h = at::empty({T, dim}, options);
-  at::Tensor y = at::empty({T, fused}, options), o = at::empty({T, heads * D}, options);
+  at::Tensor y = at::empty({T, width}, options), o = at::empty({T, heads * D}, options);
+  at::Tensor g = at::empty({parallel ? 0 : T, 2 * ff_inner}, options);
   at::Tensor s = at::empty({T, ff_inner}, options);
   at::Tensor a_part = at::empty({T, dim}, options), f_part = at::empty({T, dim}, options);
   const int64_t* ids = input_ids.const_data_ptr<int64_t>();
@@ -202,27 +256,28 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
   float* hp = h.mutable_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
   float* op = o.mutable_data_ptr<float>();
+  float* gp = g.mutable_data_ptr<float>();
   float* sp = s.mutable_data_ptr<float>();
   float* ap = a_part.mutable_data_ptr<float>();
   float* fp = f_part.mutable_data_ptr<float>();
   float* outp = out.mutable_data_ptr<float>();
   const Rotary rotary{cos_sin.const_data_ptr<float>(), xpos_data,
                       positions.const_data_ptr<int64_t>(), D};
-  const Rows<float> q_rows(yp, heads, fused, D), k_rows(yp + heads * D, kv_heads, fused, D),
-      v_rows(yp + (heads + kv_heads) * D, kv_heads, fused, D);
-  const int64_t ff_at = (heads + 2 * kv_heads) * D;
+  const Rows<float> q_rows(yp, heads, width, D), k_rows(yp + heads * D, kv_heads, width, D),
+      v_rows(yp + (heads + kv_heads) * D, kv_heads, width, D);
   const float epsilon = float(eps);
   const int64_t items = attention.items();
 
 #pragma omp parallel
   {
     for (int64_t l = 0; l < depth; ++l) {
+      const float* norm = norm_w[norms_per_block * l];
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < T; ++t) {
         if (l == 0) std::copy_n(emb + ids[t] * dim, dim, xp + t * dim);
-        layer_norm_row(xp + t * dim, norm_w[l], dim, epsilon, hp + t * dim);
+        norm_row(block, xp + t * dim, norm, dim, epsilon, hp + t * dim);
       }
-      const PanelLinearWork projection{hp, dim, T, dim, fused, proj_w[l], yp, fused};
+      const PanelLinearWork projection{hp, dim, T, dim, width, qkv_w[l], yp, width};
       const int64_t projection_chunks = projection.chunks();
 #pragma omp for schedule(dynamic, 1)
       for (int64_t c = 0; c < projection_chunks; ++c) projection.run(c);
@@ -232,30 +287,57 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
         for (int64_t i = 0; i < heads; ++i) rotate_row(q_rows.row(t, i), rotary, pos, false);
         for (int64_t i = 0; i < kv_heads; ++i) rotate_row(k_rows.row(t, i), rotary, pos, true);
         if (slots[t] >= 0) write(k_rows, v_rows, k_data[l], v_data[l], t, slots[t], D);
-        const float* ff = yp + t * fused + ff_at;
-        silu_mul_row(ff, ff + ff_inner, ff_inner, sp + t * ff_inner);
+        if (parallel) {  // a first, then the gate
+          const float* ff = yp + t * width + ff_at;
+          silu_mul_row(ff, ff + ff_inner, ff_inner, sp + t * ff_inner);
+        }
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < items; ++i) attention.run(l, i, yp, k_data[l], v_data[l], op);
       const PanelLinearWork attn_linear{op, heads * D, T, heads * D, dim, attn_w[l], ap, dim};
-      const PanelLinearWork ff_linear{sp, ff_inner, T, ff_inner, dim, ff_w[l], fp, dim};
+      const PanelLinearWork ff_linear{sp, ff_inner, T, ff_inner, dim, ff_out_w[l], fp, dim};
       const int64_t output_chunks = attn_linear.chunks();  // ff_linear's too: same M and N
+      if (parallel) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < output_chunks; ++c) {
+          attn_linear.run(c);
+          ff_linear.run(c);
+          int64_t m0, rows, n0, cols;
+          attn_linear.region(c, &m0, &rows, &n0, &cols);
+          for (int64_t m = m0; m < m0 + rows; ++m)
+            for (int64_t n = n0; n < n0 + cols; ++n) {
+              const int64_t i = m * dim + n;
+              xp[i] = xp[i] + (ap[i] + fp[i]);  // x + (attn_out + ff_out), as the block adds
+            }
+        }
+        continue;
+      }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t c = 0; c < output_chunks; ++c) {
         attn_linear.run(c);
+        add_region(attn_linear, c, ap, xp);
+      }
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < T; ++t)
+        norm_row(block, xp + t * dim, norm_w[2 * l + 1], dim, epsilon, hp + t * dim);
+      const PanelLinearWork gate_up{hp, dim, T, dim, 2 * ff_inner, ff_in_w[l], gp, 2 * ff_inner};
+      const int64_t gate_up_chunks = gate_up.chunks();
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < gate_up_chunks; ++c) gate_up.run(c);
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < T; ++t) {  // the gate first, then up
+        const float* gu = gp + t * 2 * ff_inner;
+        silu_mul_row(gu + ff_inner, gu, ff_inner, sp + t * ff_inner);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t c = 0; c < output_chunks; ++c) {
         ff_linear.run(c);
-        int64_t m0, rows, n0, cols;
-        attn_linear.region(c, &m0, &rows, &n0, &cols);
-        for (int64_t m = m0; m < m0 + rows; ++m)
-          for (int64_t n = n0; n < n0 + cols; ++n) {
-            const int64_t i = m * dim + n;
-            xp[i] = xp[i] + (ap[i] + fp[i]);  // x + (attn_out + ff_out), as the block adds
-          }
+        add_region(ff_linear, c, fp, xp);
       }
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < T; ++t)
-      layer_norm_row(xp + t * dim, norm_w[depth], dim, epsilon, outp + t * dim);
+      norm_row(block, xp + t * dim, norm_w[norms.size() - 1], dim, epsilon, outp + t * dim);
   }
   return out;
 }
@@ -264,13 +346,14 @@ at::Tensor palm_forward(const at::Tensor& input_ids, const at::Tensor& positions
 }  // namespace palm_cpu
 
 TORCH_LIBRARY_FRAGMENT(palm_cpu, m) {
-  m.def("palm_forward(Tensor input_ids, Tensor positions, Tensor embedding, Tensor[] norms, "
-        "Tensor[] proj, Tensor[] attn_out, Tensor[] ff_out, Tensor(a!)[] k_caches, "
-        "Tensor(b!)[] v_caches, Tensor slot_mapping, Tensor block_tables, "
-        "Tensor query_start_loc, Tensor context_lens, Tensor cos_sin, Tensor? xpos, "
-        "int heads, int kv_heads, int ff_inner, float scale, float eps) -> Tensor");
+  m.def("decoder_forward(Tensor input_ids, Tensor positions, Tensor embedding, Tensor[] norms, "
+        "Tensor[] qkv, Tensor[] attn_out, Tensor[] ff_in, Tensor[] ff_out, "
+        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor query_start_loc, Tensor context_lens, Tensor cos_sin, "
+        "Tensor? xpos, int heads, int kv_heads, int ff_inner, float scale, float eps, "
+        "str block) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(palm_cpu, CPU, m) {
-  m.impl("palm_forward", &palm_cpu::palm_forward);
+  m.impl("decoder_forward", &palm_cpu::decoder_forward);
 }
