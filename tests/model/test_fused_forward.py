@@ -22,7 +22,7 @@ import torch
 
 from palm_serve.engine.factory import load_served_model
 from palm_serve.model import AttentionMetadata, KVCache, Llama, LlamaConfig, save_model_dir
-from palm_serve.model.compiled import CompiledForward, compile_model
+from palm_serve.model.compiled import CompiledForward
 from palm_serve.model.config import PaLMConfig
 from palm_serve.model.decoder import DecoderModel
 from palm_serve.model.fused_forward import FusedForward, unavailable_reason
@@ -204,7 +204,7 @@ def test_compile_model_fuses_unless_told_not_to(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The served path: load_served_model(compile=True) gives a PaLM the fused forward, with
-    one log line; fuse=False gets the torch.compile graph."""
+    one log line; fused_step=False (--no-fused-step) gets the torch.compile graph."""
     source = make_model(make_config())
     save_model_dir(tmp_path, source.config, source.state_dict())
     with caplog.at_level(logging.INFO, logger="palm_serve.model.compiled"):
@@ -213,8 +213,9 @@ def test_compile_model_fuses_unless_told_not_to(
     assert [r.getMessage() for r in caplog.records] == [
         "step fused: the forward runs as one C++ call (palm_cpu::decoder_forward)"
     ]
-    graph = as_served(make_model(make_config()))
-    assert compile_model(graph, BLOCK_SIZE, progress=False, fuse=False)
+    graph = load_served_model(
+        tmp_path, prepack_cpu_linears=True, compile=True, fused_step=False, block_size=BLOCK_SIZE
+    )
     assert isinstance(graph.forward, CompiledForward)
 
 
