@@ -556,8 +556,10 @@ PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
                    q_head_stride};
   check_sequences(starts, lens, plan.p.tables, S, plan.p.table_width, block_size, num_blocks,
                   num_tokens);
-  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kHalf || cache_dtype == at::kBFloat16,
-              "paged attention: the caches must be float32, float16 or bfloat16, not ", cache_dtype);
+  TORCH_CHECK(cache_dtype == at::kFloat || cache_dtype == at::kHalf ||
+                  cache_dtype == at::kBFloat16,
+              "paged attention: the caches must be float32, float16 or bfloat16, not ",
+              cache_dtype);
   plan.cache_dtype = cache_dtype;
   int32_t row_tile = kRowTile;
 #if PALM_ATTENTION_TILE_AVX2
@@ -568,7 +570,8 @@ PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
   int64_t scratch_floats = 0;
   plan.items = split_tasks(plan.tasks, plan.p.group, threads, dim, &scratch_floats);
   plan.scratch.resize(scratch_floats);
-  plan.done = std::vector<std::atomic<int32_t>>(plan.tasks.size() * std::max<int64_t>(layers, 1));
+  plan.done =
+      std::vector<std::atomic<int32_t>>(plan.tasks.size() * std::max<int64_t>(layers, 1));
 }
 
 PagedAttentionWork::~PagedAttentionWork() = default;
