@@ -108,6 +108,38 @@ void silu_mul_row(const float* a, const float* gate, int64_t n, float* out) {
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * a[i];
 }
 
+// The call's scratch buffers, carved from one block: the calling thread's own, kept between
+// calls up to kRetainedFloats (a decode step's, so that steady decoding allocates nothing and
+// touches no fresh pages), else allocated for the call alone (a long prefill's). take(n)
+// reserves n floats and returns their offset; data(offset), once allocate() has run, their
+// address.
+class Workspace {
+ public:
+  int64_t take(int64_t n) {
+    const int64_t offset = size_;
+    size_ += (n + kAlign - 1) / kAlign * kAlign;  // 64-byte multiples, against false sharing
+    return offset;
+  }
+  void allocate() {
+    if (size_ <= kRetainedFloats) {
+      thread_local std::vector<float> kept;
+      if (int64_t(kept.size()) < size_) kept.resize(size_);
+      base_ = kept.data();
+    } else {
+      own_.resize(size_);
+      base_ = own_.data();
+    }
+  }
+  float* data(int64_t offset) const { return base_ + offset; }
+
+ private:
+  static constexpr int64_t kAlign = 16;               // floats: a 64-byte line
+  static constexpr int64_t kRetainedFloats = 1 << 20;  // 4 MiB
+  int64_t size_ = 0;
+  float* base_ = nullptr;
+  std::vector<float> own_;
+};
+
 using WriteToken = void (*)(const Rows<float>&, const Rows<float>&, void*, void*, int64_t,
                             int64_t, int64_t);
 
@@ -244,22 +276,24 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
                                      cache0.scalar_type(), scale, width, D, threads, depth);
   // x: the residual stream; h: its norm; y: the projection; o: the attention's output;
   // g: Llama's gate | up; s: silu(gate) * a; a_part, f_part: the output linears'.
-  at::Tensor x = at::empty({T, dim}, options), h = at::empty({T, dim}, options);
-  at::Tensor y = at::empty({T, width}, options), o = at::empty({T, heads * D}, options);
-  at::Tensor g = at::empty({parallel ? 0 : T, 2 * ff_inner}, options);
-  at::Tensor s = at::empty({T, ff_inner}, options);
-  at::Tensor a_part = at::empty({T, dim}, options), f_part = at::empty({T, dim}, options);
+  Workspace space;
+  const int64_t x_at = space.take(T * dim), h_at = space.take(T * dim);
+  const int64_t y_at = space.take(T * width), o_at = space.take(T * heads * D);
+  const int64_t g_at = space.take(parallel ? 0 : T * 2 * ff_inner);
+  const int64_t s_at = space.take(T * ff_inner);
+  const int64_t a_at = space.take(T * dim), f_at = space.take(T * dim);
+  space.allocate();
+  float* xp = space.data(x_at);
+  float* hp = space.data(h_at);
+  float* yp = space.data(y_at);
+  float* op = space.data(o_at);
+  float* gp = space.data(g_at);
+  float* sp = space.data(s_at);
+  float* ap = space.data(a_at);
+  float* fp = space.data(f_at);
   const int64_t* ids = input_ids.const_data_ptr<int64_t>();
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
   const float* emb = embedding.const_data_ptr<float>();
-  float* xp = x.mutable_data_ptr<float>();
-  float* hp = h.mutable_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
-  float* op = o.mutable_data_ptr<float>();
-  float* gp = g.mutable_data_ptr<float>();
-  float* sp = s.mutable_data_ptr<float>();
-  float* ap = a_part.mutable_data_ptr<float>();
-  float* fp = f_part.mutable_data_ptr<float>();
   float* outp = out.mutable_data_ptr<float>();
   const Rotary rotary{cos_sin.const_data_ptr<float>(), xpos_data,
                       positions.const_data_ptr<int64_t>(), D};
