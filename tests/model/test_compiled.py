@@ -10,6 +10,7 @@ that of two tiny models (a first run fills inductor's cache; later runs load fro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -265,14 +266,18 @@ def test_engine_greedy_output_with_the_compiled_model(palm_pair: tuple) -> None:
     assert compiled.forward.compilations == 1
 
 
-def _no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
+@contextlib.contextmanager
+def _no_compiler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """CXX pointing to a missing binary, for inductor (which read CXX when imported) and
-    for the kernels' build."""
+    for the kernels' build. Inductor's setting through its own patch: monkeypatch would
+    delete it on undo (it restores what the proxy's __dict__ held: nothing), which hides it
+    from every later reader in the process."""
     from torch._inductor import config
 
     missing = "/nonexistent/c++"
     monkeypatch.setenv("CXX", missing)
-    monkeypatch.setattr(config.cpp, "cxx", (None, missing))
+    with config.patch({"cpp.cxx": (None, missing)}):
+        yield
 
 
 def test_no_cxx_compiler_serves_the_eager_twins_and_says_so_once(
@@ -280,8 +285,7 @@ def test_no_cxx_compiler_serves_the_eager_twins_and_says_so_once(
 ) -> None:
     source = make_model(make_config())
     save_model_dir(tmp_path, source.config, source.state_dict())
-    _no_compiler(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="palm_serve"):
+    with _no_compiler(monkeypatch), caplog.at_level(logging.INFO, logger="palm_serve"):
         model = load_served_model(tmp_path, prepack_cpu_linears=True, compile=True)
     assert model.kernels.name == "torch"
     assert "forward" not in vars(model)  # the eager forward
