@@ -114,14 +114,17 @@ def llama_pair() -> tuple:
     return eager, compiled, []
 
 
-def step_batches(vocab_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
-    """STEPS as flat batches (ids, positions, metadata) over shuffled, disjoint blocks."""
+def step_batches(
+    vocab_size: int, steps: list[list[tuple[int, int]]] = STEPS, num_blocks: int = 40
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
+    """steps as flat batches (ids, positions, metadata) over shuffled, disjoint blocks of a
+    pool of num_blocks."""
     rng = random.Random(0)
-    pool = list(range(40))
+    pool = list(range(num_blocks))
     rng.shuffle(pool)
     tables: dict[int, list[int]] = {}
     done: dict[int, int] = {}
-    for step in STEPS:
+    for step in steps:
         ids, positions, q_lens, contexts = [], [], [], []
         for seq, new in step:
             start = done.get(seq, 0)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import random
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "engine"))  # the engine t
 sys.path.insert(0, str(Path(__file__).parent.parent / "kernels"))
 
 from avx2_paths import run_on_the_avx2_paths  # noqa: E402
-from test_compiled import as_served  # noqa: E402
+from test_compiled import as_served, step_batches  # noqa: E402
 
 import engine_helpers  # noqa: E402
 from conftest import make_config, make_model  # noqa: E402
@@ -101,29 +100,6 @@ def served_pair(config: str) -> tuple[DecoderModel, DecoderModel]:
     return eager, fused
 
 
-def step_batches(vocab_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
-    """STEPS as flat batches (ids, positions, metadata) over shuffled, disjoint blocks."""
-    rng = random.Random(0)
-    pool = list(range(120))
-    rng.shuffle(pool)
-    tables: dict[int, list[int]] = {}
-    done: dict[int, int] = {}
-    for step in STEPS:
-        ids, positions, q_lens, contexts = [], [], [], []
-        for seq, new in step:
-            start = done.get(seq, 0)
-            done[seq] = start + new
-            table = tables.setdefault(seq, [])
-            while len(table) * BLOCK_SIZE < done[seq]:
-                table.append(pool.pop())
-            ids += [rng.randrange(vocab_size) for _ in range(new)]
-            positions += range(start, done[seq])
-            q_lens.append(new)
-            contexts.append(done[seq])
-        meta = AttentionMetadata.build([tables[s] for s, _ in step], q_lens, contexts, BLOCK_SIZE)
-        yield torch.tensor(ids), torch.tensor(positions), meta
-
-
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Max difference over the expected tensor's largest magnitude."""
     return ((actual - expected).abs().max() / expected.abs().max()).item()
@@ -141,7 +117,7 @@ def run_both(
             t.fill_(float("nan"))
     worst = 0.0
     with torch.inference_mode():
-        for ids, positions, meta in step_batches(eager.config.vocab_size):
+        for ids, positions, meta in step_batches(eager.config.vocab_size, STEPS, 120):
             expected = eager(ids, positions, caches[0], meta)
             actual = fused(ids, positions, caches[1], meta)
             assert actual.shape == expected.shape
