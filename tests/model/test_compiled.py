@@ -60,11 +60,11 @@ def as_served(model: DecoderModel) -> DecoderModel:
     return model
 
 
-def make_llama(seed: int = 0) -> Llama:
+def make_llama(seed: int = 0, max_positions: int = 256) -> Llama:
     """A tiny GQA Llama (4 query heads on 2 K/V heads, untied head) with separated logits."""
     config = LlamaConfig(
         vocab_size=101, dim=64, depth=2, heads=4, n_kv_heads=2, dim_head=16, ff_inner=96,
-        max_positions=256,
+        max_positions=max_positions,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = Llama(config)
@@ -248,12 +248,11 @@ def test_start_up_states_the_compilation_and_its_time(palm_pair: tuple) -> None:
     assert " s (torch.compile" in lines[0]
 
 
-def test_engine_greedy_output_with_the_compiled_model(palm_pair: tuple) -> None:
+def check_engine_greedy(model: DecoderModel) -> None:
     """Random prompts (chunked prefill, decodes, late arrivals) through the engine on the
-    compiled model: every token is the dense forward's greedy choice; still one graph."""
-    _, compiled, _ = palm_pair
+    model: every token is the dense forward's greedy choice."""
     engine = make_engine(
-        compiled, num_blocks=256, block_size=BLOCK_SIZE, max_num_batched_tokens=64, max_num_seqs=6
+        model, num_blocks=256, block_size=BLOCK_SIZE, max_num_batched_tokens=64, max_num_seqs=6
     )
     rng = random.Random(3)
     arrivals: dict[int, list] = {}
@@ -265,7 +264,13 @@ def test_engine_greedy_output_with_the_compiled_model(palm_pair: tuple) -> None:
     outputs = run(engine, arrivals)
     assert set(outputs) == set(prompts)
     for request_id, outs in outputs.items():
-        check_greedy(compiled, prompts[request_id], tokens_of(outs))
+        check_greedy(model, prompts[request_id], tokens_of(outs))
+
+
+def test_engine_greedy_output_with_the_compiled_model(palm_pair: tuple) -> None:
+    """check_engine_greedy on the compiled model; still one graph."""
+    _, compiled, _ = palm_pair
+    check_engine_greedy(compiled)
     assert compiled.forward.compilations == 1
 
 

@@ -12,7 +12,6 @@ fails, never skips."""
 from __future__ import annotations
 
 import logging
-import random
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from palm_serve.engine.factory import load_served_model
-from palm_serve.model import AttentionMetadata, KVCache, Llama, LlamaConfig, save_model_dir
+from palm_serve.model import AttentionMetadata, KVCache, save_model_dir
 from palm_serve.model.compiled import CompiledForward
 from palm_serve.model.config import PaLMConfig
 from palm_serve.model.decoder import DecoderModel
@@ -30,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "engine"))  # the engine t
 sys.path.insert(0, str(Path(__file__).parent.parent / "kernels"))
 
 from avx2_paths import run_on_the_avx2_paths  # noqa: E402
-from test_compiled import as_served, step_batches  # noqa: E402
+from test_compiled import as_served, check_engine_greedy, make_llama, step_batches  # noqa: E402
 
 import engine_helpers  # noqa: E402
 from conftest import make_config, make_model  # noqa: E402
-from engine_helpers import check_greedy, greedy, make_engine, run, tokens_of  # noqa: E402
 
 # autouse: one intra-op thread while these tests run, unless a test sets more (see
 # engine_helpers)
@@ -66,27 +64,12 @@ def gqa_xpos_config() -> PaLMConfig:
     )  # fmt: skip
 
 
-def make_llama() -> Llama:
-    """A tiny GQA Llama (4 query heads on 2 K/V heads, untied head) with contexts to 512,
-    its projections scaled up so that attention matters (as test_compiled.make_llama)."""
-    config = LlamaConfig(
-        vocab_size=101, dim=64, depth=2, heads=4, n_kv_heads=2, dim_head=16, ff_inner=96,
-        max_positions=512,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = Llama(config)
-    torch.nn.init.normal_(model.embed_tokens.weight, std=1.0)
-    with torch.no_grad():
-        for layer in model.layers:
-            layer.qkv_proj.weight.mul_(3.0)
-    return model.eval().requires_grad_(False)
-
-
 def served_pair(config: str) -> tuple[DecoderModel, DecoderModel]:
     """(eager, fused): two copies of one random model ("mqa", "gqa_xpos": PaLMs; "llama"),
     as the server sets them up."""
     if config == "llama":
-        eager, fused = as_served(make_llama()), as_served(make_llama())
+        # contexts to 512: the long sequence of STEPS
+        eager, fused = (as_served(make_llama(max_positions=512)) for _ in range(2))
     else:
         palm_config = make_config() if config == "mqa" else gqa_xpos_config()
         eager, fused = (as_served(make_model(palm_config)) for _ in range(2))
@@ -155,25 +138,11 @@ def test_fused_forward_over_a_16_bit_cache(cache_dtype: torch.dtype, config: str
 
 @pytest.mark.parametrize("config", ["mqa", "llama"])
 def test_engine_greedy_output_with_the_fused_model(config: str) -> None:
-    """Random prompts (chunked prefill, decodes, late arrivals, several passes a step)
-    through the engine on the fused model at two threads: every token is the dense
-    forward's greedy choice."""
+    """test_compiled's check_engine_greedy (chunked prefill, decodes, late arrivals, several
+    passes a step) on the fused model at two threads."""
     torch.set_num_threads(2)
     _, fused = served_pair(config)
-    engine = make_engine(
-        fused, num_blocks=256, block_size=BLOCK_SIZE, max_num_batched_tokens=64, max_num_seqs=6
-    )
-    rng = random.Random(3)
-    arrivals: dict[int, list] = {}
-    prompts = {}
-    for i in range(8):
-        prompt = [rng.randrange(97) for _ in range(rng.randint(1, 90))]
-        prompts[f"r{i}"] = prompt
-        arrivals.setdefault(rng.randrange(6), []).append((f"r{i}", prompt, greedy(12)))
-    outputs = run(engine, arrivals)
-    assert set(outputs) == set(prompts)
-    for request_id, outs in outputs.items():
-        check_greedy(fused, prompts[request_id], tokens_of(outs))
+    check_engine_greedy(fused)
 
 
 def test_compile_model_fuses_unless_told_not_to(
