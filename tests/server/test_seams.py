@@ -114,7 +114,12 @@ def test_a_waiting_client_that_disconnects_is_aborted_once(server, finishes) -> 
         async with httpx.AsyncClient(timeout=GUARD) as client:
             body = {"prompt": "wait", "max_tokens": 400, "ignore_eos": True}
             task = asyncio.ensure_future(client.post(f"{server.url}/v1/generate", json=body))
-            await asyncio.sleep(0.3)
+            # Leave once the engine has the request: a fixed wait outlasted all 400 tokens
+            # on a fast machine.
+            deadline = time.monotonic() + GUARD
+            while not server.engine.output_processor.states:
+                assert time.monotonic() < deadline, "the request never reached the engine"
+                await asyncio.sleep(0.005)
             assert not task.done()
             task.cancel()
 
