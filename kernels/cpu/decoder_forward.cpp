@@ -177,22 +177,27 @@ void check_panels(const at::Tensor& panels, int64_t k, int64_t n, const char* na
               panels.sizes());
 }
 
-void check_indices(const at::Tensor& t, int64_t tokens, int64_t low, int64_t high,
-                   const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous() &&
-                  t.dim() == 1 && t.numel() == tokens,
-              name, " must be contiguous int64 [T]");
-  const int64_t* p = t.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < tokens; ++i)
-    TORCH_CHECK(p[i] >= low && p[i] < high, name, " ", p[i], " outside [", low, ", ", high, ")");
+void check_ids(const at::Tensor& ids, int64_t vocab) {
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == at::kLong && ids.is_contiguous() &&
+                  ids.dim() == 1,
+              "input_ids must be contiguous int64 [T]");
+  const int64_t* p = ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < vocab, "input id ", p[i], " outside [0, ", vocab, ")");
 }
 
-// x[m0 + r][n0 + c] += part[m0 + r][n0 + c] over a chunk's region of a [T, dim] output.
-void add_region(const PanelLinearWork& linear, int64_t chunk, const float* part, float* x) {
+// The residual over a chunk's region of the [T, dim] outputs: x = x + a, or x = x + (a + b)
+// where there is a second part (PaLM's two branches, summed before the residual as its block
+// sums them).
+void add_region(const PanelLinearWork& linear, int64_t chunk, const float* a, const float* b,
+                float* x) {
   int64_t m0, rows, n0, cols;
   linear.region(chunk, &m0, &rows, &n0, &cols);
   for (int64_t m = m0; m < m0 + rows; ++m)
-    for (int64_t n = n0; n < n0 + cols; ++n) x[m * linear.ldo + n] += part[m * linear.ldo + n];
+    for (int64_t n = n0; n < n0 + cols; ++n) {
+      const int64_t i = m * linear.ldo + n;
+      x[i] = x[i] + (b ? a[i] + b[i] : a[i]);
+    }
 }
 
 at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positions,
@@ -209,13 +214,12 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
   const Block block = block_kind == "parallel" ? Block::kParallel : Block::kSequential;
   const bool parallel = block == Block::kParallel;
   check_float(embedding, "embedding");
-  check_float(cos_sin, "cos_sin");
-  TORCH_CHECK(embedding.dim() == 2 && cos_sin.dim() == 2 && cos_sin.size(1) % 2 == 0,
-              "embedding must be [V, dim], cos_sin [P, head_dim] with an even head_dim");
+  TORCH_CHECK(embedding.dim() == 2 && cos_sin.dim() == 2,
+              "embedding must be [V, dim], cos_sin [P, head_dim]");
   const int64_t T = input_ids.numel(), V = embedding.size(0), dim = embedding.size(1);
   const int64_t D = cos_sin.size(1), depth = int64_t(qkv.size());
   // y: q | k | v, and for PaLM the feed-forward's a | gate after them
-  const int64_t qkv_width = (heads + 2 * kv_heads) * D, ff_at = qkv_width;
+  const int64_t qkv_width = (heads + 2 * kv_heads) * D;
   const int64_t width = parallel ? qkv_width + 2 * ff_inner : qkv_width;
   TORCH_CHECK(heads > 0 && kv_heads > 0 && ff_inner > 0, "heads, kv_heads, ff_inner must be > 0");
   const int64_t norms_per_block = parallel ? 1 : 2;
@@ -225,15 +229,8 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
                   int64_t(k_caches.size()) == depth && int64_t(v_caches.size()) == depth,
               "per block: qkv, attn_out, ff_out, k and v caches, and its norms (PaLM 1, Llama "
               "2, and ff_in); then the final norm");
-  check_indices(input_ids, T, 0, V, "input id");
-  check_indices(positions, T, 0, cos_sin.size(0), "position");
-  const float* xpos_data = nullptr;
-  if (xpos) {
-    check_float(*xpos, "xpos");
-    TORCH_CHECK(xpos->dim() == 2 && xpos->size(0) == cos_sin.size(0) && xpos->size(1) == D / 2,
-                "xpos must be [P, head_dim / 2]");
-    xpos_data = xpos->const_data_ptr<float>();
-  }
+  check_ids(input_ids, V);
+  const Rotary rotary = check_rotary(T, D, positions, cos_sin, xpos);
   const at::Tensor& cache0 = k_caches[0];
   TORCH_CHECK(cache0.dim() == 4 && cache0.size(2) == kv_heads && cache0.size(3) == D,
               "the caches must be [NB, BS, kv_heads, head_dim]");
@@ -263,8 +260,8 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
     TORCH_CHECK(norms[i].numel() == dim, "every norm weight must have dim entries");
     norm_w[i] = norms[i].const_data_ptr<float>();
   }
-  const int64_t block_size = cache0.size(1), num_slots = cache0.size(0) * block_size;
-  check_indices(slot_mapping, T, -1, num_slots, "slot");
+  const int64_t block_size = cache0.size(1);
+  check_slots(slot_mapping, T, cache0.size(0) * block_size);
   const WriteToken write = token_writer(cache0.scalar_type());
 
   const at::TensorOptions options = embedding.options();
@@ -295,8 +292,6 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
   const float* emb = embedding.const_data_ptr<float>();
   float* outp = out.mutable_data_ptr<float>();
-  const Rotary rotary{cos_sin.const_data_ptr<float>(), xpos_data,
-                      positions.const_data_ptr<int64_t>(), D};
   const Rows<float> q_rows(yp, heads, width, D), k_rows(yp + heads * D, kv_heads, width, D),
       v_rows(yp + (heads + kv_heads) * D, kv_heads, width, D);
   const float epsilon = float(eps);
@@ -322,7 +317,7 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
         for (int64_t i = 0; i < kv_heads; ++i) rotate_row(k_rows.row(t, i), rotary, pos, true);
         if (slots[t] >= 0) write(k_rows, v_rows, k_data[l], v_data[l], t, slots[t], D);
         if (parallel) {  // a first, then the gate
-          const float* ff = yp + t * width + ff_at;
+          const float* ff = yp + t * width + qkv_width;
           silu_mul_row(ff, ff + ff_inner, ff_inner, sp + t * ff_inner);
         }
       }
@@ -336,20 +331,14 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
         for (int64_t c = 0; c < output_chunks; ++c) {
           attn_linear.run(c);
           ff_linear.run(c);
-          int64_t m0, rows, n0, cols;
-          attn_linear.region(c, &m0, &rows, &n0, &cols);
-          for (int64_t m = m0; m < m0 + rows; ++m)
-            for (int64_t n = n0; n < n0 + cols; ++n) {
-              const int64_t i = m * dim + n;
-              xp[i] = xp[i] + (ap[i] + fp[i]);  // x + (attn_out + ff_out), as the block adds
-            }
+          add_region(attn_linear, c, ap, fp, xp);
         }
         continue;
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t c = 0; c < output_chunks; ++c) {
         attn_linear.run(c);
-        add_region(attn_linear, c, ap, xp);
+        add_region(attn_linear, c, ap, nullptr, xp);
       }
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < T; ++t)
@@ -366,7 +355,7 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
 #pragma omp for schedule(dynamic, 1)
       for (int64_t c = 0; c < output_chunks; ++c) {
         ff_linear.run(c);
-        add_region(ff_linear, c, fp, xp);
+        add_region(ff_linear, c, fp, nullptr, xp);
       }
     }
 #pragma omp for schedule(static)

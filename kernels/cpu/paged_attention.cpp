@@ -428,6 +428,20 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   });
 }
 
+// The batch's tables: their layout; check_sequences checks what they hold.
+void check_tables(const at::Tensor& block_tables, const at::Tensor& query_start_loc,
+                  const at::Tensor& context_lens) {
+  for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
+                "the caches, out and the tables must be contiguous on the CPU");
+    TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
+  }
+  const int64_t S = context_lens.numel();
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= S,
+              "block_tables must be [S, max_blocks]");
+  TORCH_CHECK(query_start_loc.numel() == S + 1, "query_start_loc must have S + 1 entries");
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                   const at::Tensor& block_tables, const at::Tensor& query_start_loc,
                   const at::Tensor& context_lens, const at::Tensor& out) {
@@ -443,17 +457,11 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "out must match q in shape and dtype");
   TORCH_CHECK(q.device().is_cpu() && q.stride(2) == 1,
               "q must be on the CPU with a contiguous last dimension");
-  for (const at::Tensor* t : {&k_cache, &v_cache, &out, &block_tables, &query_start_loc,
-                              &context_lens}) {
+  for (const at::Tensor* t : {&k_cache, &v_cache, &out}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
                 "the caches, out and the tables must be contiguous on the CPU");
   }
-  for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens})
-    TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
-  const int64_t S = context_lens.numel();
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= S,
-              "block_tables must be [S, max_blocks]");
-  TORCH_CHECK(query_start_loc.numel() == S + 1, "query_start_loc must have S + 1 entries");
+  check_tables(block_tables, query_start_loc, context_lens);
 }
 
 // The cache is read through these numbers, so a bad one would read outside it: check each.
@@ -539,14 +547,8 @@ PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
                                        int64_t q_token_stride, int64_t q_head_stride,
                                        int threads, int64_t layers)
     : plan_(std::make_unique<Plan>()) {
-  for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens}) {
-    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == at::kInt,
-                "block_tables, query_start_loc, context_lens: contiguous int32 on the CPU");
-  }
+  check_tables(block_tables, query_start_loc, context_lens);
   const int64_t S = context_lens.numel();
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) >= S,
-              "block_tables must be [S, max_blocks]");
-  TORCH_CHECK(query_start_loc.numel() == S + 1, "query_start_loc must have S + 1 entries");
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of the K/V heads");
   const int32_t* starts = query_start_loc.const_data_ptr<int32_t>();
   const int32_t* lens = context_lens.const_data_ptr<int32_t>();

@@ -50,32 +50,6 @@ void check_rows(const at::Tensor& x, const at::Tensor& like, const char* name) {
               name, " must match k in dtype, tokens and head_dim");
 }
 
-std::optional<Rotary> check_rotary(const at::Tensor& k, const at::Tensor& positions,
-                                   const at::Tensor& cos_sin,
-                                   const std::optional<at::Tensor>& xpos) {
-  const int64_t dim = k.size(2);
-  TORCH_CHECK(dim % 2 == 0, "rotary needs an even head_dim");
-  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
-                  cos_sin.dim() == 2 && cos_sin.size(1) == dim,
-              "cos_sin_cache must be contiguous fp32 [P, head_dim]");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
-                  positions.numel() == k.size(0),
-              "positions must be contiguous int64 [T]");
-  const int64_t* pos = positions.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < positions.numel(); ++t)
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin.size(0), "position ", pos[t],
-                " outside the rotary tables of ", cos_sin.size(0));
-  const float* scale = nullptr;
-  if (xpos) {
-    TORCH_CHECK(xpos->scalar_type() == at::kFloat && xpos->is_contiguous() &&
-                    xpos->dim() == 2 && xpos->size(0) == cos_sin.size(0) &&
-                    xpos->size(1) == dim / 2,
-                "xpos_scale_cache must be contiguous fp32 [P, head_dim / 2]");
-    scale = xpos->const_data_ptr<float>();
-  }
-  return Rotary{cos_sin.const_data_ptr<float>(), scale, pos, dim};
-}
-
 void check_cache(const at::Tensor& k, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const at::Tensor& slots) {
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
@@ -86,13 +60,7 @@ void check_cache(const at::Tensor& k, const at::Tensor& k_cache, const at::Tenso
               "the caches must share one dtype: k's, or under an fp32 k a 16-bit one");
   TORCH_CHECK(k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
               "k's [Hkv, D] must match the caches'");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
-                  slots.numel() == k.size(0),
-              "slot_mapping must be contiguous int64 [T]");
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  const int64_t* s = slots.const_data_ptr<int64_t>();
-  for (int64_t t = 0; t < slots.numel(); ++t)
-    TORCH_CHECK(s[t] >= -1 && s[t] < num_slots, "slot ", s[t], " outside the cache");
+  check_slots(slots, k.size(0), k_cache.size(0) * k_cache.size(1));
 }
 
 template <typename Fn>
@@ -128,7 +96,8 @@ void rotary_write_kv_cache(const at::Tensor& q, const at::Tensor& k, const at::T
   check_rows(v, k, "v");
   TORCH_CHECK(v.size(1) == k.size(1), "v must have k's K/V heads");
   check_cache(k, k_cache, v_cache, slot_mapping);
-  auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
+  const Rotary rotary =
+      check_rotary(k.size(0), k.size(2), positions, cos_sin_cache, xpos_scale_cache);
   dispatch_write(k, k_cache, [&](auto zero, auto cache_zero) {
     using T = decltype(zero);
     using C = decltype(cache_zero);
@@ -142,7 +111,8 @@ void rotary_embedding(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const std::optional<at::Tensor>& xpos_scale_cache) {
   check_rows(k, k, "k");
   check_rows(q, k, "q");
-  auto rotary = check_rotary(k, positions, cos_sin_cache, xpos_scale_cache);
+  const Rotary rotary =
+      check_rotary(k.size(0), k.size(2), positions, cos_sin_cache, xpos_scale_cache);
   dispatch(k, [&](auto zero) {
     using T = decltype(zero);
     run<T, T>(Rows<T>(q), Rows<T>(k), std::nullopt, nullptr, nullptr, nullptr, rotary,

@@ -1,13 +1,16 @@
 // One token's rotary embedding and KV-cache write, row by row: what rotary_kv_cache.cpp runs
-// over a batch's tokens and decoder_forward.cpp runs inside its thread team. Equal to the twins
+// over a batch's tokens and decoder_forward.cpp runs inside its thread team; and the checks
+// of their tables and slots, which both run before anything is read through them. Equal to the twins
 // (kernels/rotary.py, kernels/kv_cache.py) bit for bit: each product is rounded as in torch
 // (build.py compiles with -ffp-contract=off, so no FMA the source does not ask for).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <type_traits>
 
 #include "vec.h"
@@ -72,6 +75,42 @@ inline void write_token(const Rows<T>& k, const Rows<T>& v, C* k_cache, C* v_cac
     copy_row(k.row(t, h), dim, k_cache + slot * width + h * dim);
     copy_row(v.row(t, h), dim, v_cache + slot * width + h * dim);
   }
+}
+
+// The rotary tables for num_tokens rows of head_dim dim at `positions`, each checked to lie
+// inside them.
+inline Rotary check_rotary(int64_t num_tokens, int64_t dim, const at::Tensor& positions,
+                           const at::Tensor& cos_sin, const std::optional<at::Tensor>& xpos) {
+  TORCH_CHECK(dim % 2 == 0, "rotary needs an even head_dim");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() &&
+                  cos_sin.dim() == 2 && cos_sin.size(1) == dim,
+              "cos_sin_cache must be contiguous fp32 [P, head_dim]");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == num_tokens,
+              "positions must be contiguous int64 [T]");
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(pos[t] >= 0 && pos[t] < cos_sin.size(0), "position ", pos[t],
+                " outside the rotary tables of ", cos_sin.size(0));
+  const float* scale = nullptr;
+  if (xpos) {
+    TORCH_CHECK(xpos->scalar_type() == at::kFloat && xpos->is_contiguous() &&
+                    xpos->dim() == 2 && xpos->size(0) == cos_sin.size(0) &&
+                    xpos->size(1) == dim / 2,
+                "xpos_scale_cache must be contiguous fp32 [P, head_dim / 2]");
+    scale = xpos->const_data_ptr<float>();
+  }
+  return Rotary{cos_sin.const_data_ptr<float>(), scale, pos, dim};
+}
+
+// num_tokens slots, each -1 (not written) or inside a cache of num_slots.
+inline void check_slots(const at::Tensor& slots, int64_t num_tokens, int64_t num_slots) {
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.numel() == num_tokens,
+              "slot_mapping must be contiguous int64 [T]");
+  const int64_t* s = slots.const_data_ptr<int64_t>();
+  for (int64_t t = 0; t < num_tokens; ++t)
+    TORCH_CHECK(s[t] >= -1 && s[t] < num_slots, "slot ", s[t], " outside the cache");
 }
 
 }  // namespace palm_cpu
