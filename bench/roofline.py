@@ -96,13 +96,11 @@ def _load(
         path,
         kernel_backend=args.kernel_backend,
         prepack_cpu_linears=not args.no_prepack,
-        compile=compile and fuse,
+        compile=compile,
+        fused_step=fuse,
         quantization=quantization,
         kv_cache_dtype=kv_cache_dtype,
     )
-    if compile and not fuse:
-        compile_model(model, kv_cache_dtype=kv_cache_dtype and getattr(torch, kv_cache_dtype),
-                      fuse=False)  # fmt: skip
     return model.eval().requires_grad_(False), load_tokenizer(path, model.config.vocab_size)
 
 
