@@ -16,7 +16,7 @@
 //   2. y = h @ qkv (PaLM's fused projection also gives the feed-forward's a | gate), in
 //      chunks of the panel linear (panel_linear.h);
 //   3. per token: rotary on y's q and k, k and v into the block's cache; PaLM: s = silu(gate) * a;
-//   4. the attention's items over the cache (paged_attention.h), into o;
+//   4. the attention's units over the cache (paged_attention.h), into o;
 //   PaLM:  5. x = x + (o @ attn_out + s @ ff_out), chunk by chunk of the outputs;
 //   Llama: 5. x = x + o @ attn_out;  6. h = norm2(x);  7. g = h @ ff_in (gate | up);
 //          8. s = silu(gate) * up;   9. x = x + s @ ff_out.
@@ -295,7 +295,7 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
   const Rows<float> q_rows(yp, heads, width, D), k_rows(yp + heads * D, kv_heads, width, D),
       v_rows(yp + (heads + kv_heads) * D, kv_heads, width, D);
   const float epsilon = float(eps);
-  const int64_t items = attention.items();
+  const int64_t attention_units = attention.units();
 
 #pragma omp parallel
   {
@@ -322,7 +322,7 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
         }
       }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < items; ++i) attention.run(l, i, yp, k_data[l], v_data[l], op);
+      for (int64_t u = 0; u < attention_units; ++u) attention.run(l, u, yp, k_data[l], v_data[l], op);
       const PanelLinearWork attn_linear{op, heads * D, T, heads * D, dim, attn_w[l], ap, dim};
       const PanelLinearWork ff_linear{sp, ff_inner, T, ff_inner, dim, ff_out_w[l], fp, dim};
       const int64_t output_chunks = attn_linear.chunks();  // ff_linear's too: same M and N

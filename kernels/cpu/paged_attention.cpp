@@ -5,8 +5,10 @@
 // (sequence, K/V head, tile of up to kRowTile query rows, context split): an item reads
 // its keys and values in place through the block table, kKeyChunk tokens at a time, and
 // each chunk serves every query row of the tile and all G = H / Hkv query heads that share
-// the K/V head while it is in L1. A long context is split when there are too few items to
-// keep the threads busy; the split that finishes a task last merges its partial results.
+// the K/V head while it is in L1. A thread takes the items of every K/V head of one
+// (sequence, tile, split) together, a unit, and so reads whole cache blocks. A long context
+// is split when there are too few units to keep the threads busy; the split that finishes a
+// task last merges its partial results.
 // On a CPU with AVX-512 (head_dim 32, 64 or 128), a chunk step of all G heads at once replaces
 // the per-head one (attention_avx512.h), and the tasks of 8 queries or more (prompt rows;
 // decodes with 8+ heads to a K/V head) run as tiles with their queries in the vector lanes
@@ -53,7 +55,6 @@ struct Task {
 
 struct Item {
   int32_t task, split;
-  int64_t cost;
 };
 
 struct Problem {
@@ -80,33 +81,55 @@ std::vector<Task> make_tasks(const Problem& p, const int32_t* starts, const int3
   return tasks;
 }
 
-// Splits each task's context so that no item costs much more than 1 / (kItemsPerThread x
-// threads) of the call, keeping at least kMinSplitKeys keys per split; returns the items,
-// costliest first (so dynamic scheduling ends with the small ones), and the scratch size.
-std::vector<Item> split_tasks(std::vector<Task>& tasks, int64_t group, int threads,
-                              int64_t dim, int64_t* scratch_floats) {
+// Splits each task's context so that no unit costs much more than 1 / (kItemsPerThread x
+// threads) of the call, keeping at least kMinSplitKeys keys per split; returns the items in
+// units, costliest unit first (so dynamic scheduling ends with the small ones), and the
+// scratch size. A unit is the items of one (sequence, query rows, context split) for every
+// K/V head, in head order: the heads' rows of a K/V block lie side by side in the cache
+// ([NB, BS, Hkv, D]), so a thread that runs a unit reads whole blocks, the later heads mostly
+// from its L2. Items taken one by one read every other run of D values of each block, often
+// the two halves of a block on two threads, which the hardware's prefetchers serve worse
+// (docs/BENCHMARKS.md, "Attention units").
+std::vector<Item> split_tasks(std::vector<Task>& tasks, int64_t kv_heads, int64_t group,
+                              int threads, int64_t dim, int64_t* scratch_floats) {
   int64_t total = 0;
   for (const Task& t : tasks) total += t.rows * keys_of(t);
   const int64_t target = std::max<int64_t>(1, total / (int64_t(threads) * kItemsPerThread));
-  std::vector<Item> items;
+  struct Unit {
+    int32_t first_task, split;
+    int64_t cost;
+  };
+  std::vector<Unit> units;
   *scratch_floats = 0;
-  for (int32_t i = 0; i < int32_t(tasks.size()); ++i) {
-    Task& t = tasks[i];
-    const int64_t keys = keys_of(t), cost = t.rows * keys;
+  // make_tasks gives the K/V heads of one (sequence, query rows) as consecutive tasks, of
+  // equal keys and rows, so they split alike.
+  for (int32_t i = 0; i < int32_t(tasks.size()); i += int32_t(kv_heads)) {
+    const int64_t keys = keys_of(tasks[i]), cost = kv_heads * tasks[i].rows * keys;
     int64_t splits = threads > 1 ? (cost + target - 1) / target : 1;
     splits = std::clamp<int64_t>(splits, 1, std::max<int64_t>(1, keys / kMinSplitKeys));
     const int64_t per = (keys + splits - 1) / splits;
-    t.split_keys = int32_t((per + kKeyChunk - 1) / kKeyChunk * kKeyChunk);
-    t.splits = int32_t((keys + t.split_keys - 1) / t.split_keys);
-    if (t.splits > 1) {
-      t.scratch = *scratch_floats;
-      *scratch_floats += int64_t(t.splits) * t.rows * group * (dim + 2);
+    const int32_t split_keys = int32_t((per + kKeyChunk - 1) / kKeyChunk * kKeyChunk);
+    const int32_t count = int32_t((keys + split_keys - 1) / split_keys);
+    for (int32_t h = i; h < i + int32_t(kv_heads); ++h) {
+      Task& t = tasks[h];
+      t.split_keys = split_keys;
+      t.splits = count;
+      if (count > 1) {
+        t.scratch = *scratch_floats;
+        *scratch_floats += int64_t(count) * t.rows * group * (dim + 2);
+      }
     }
-    for (int32_t c = 0; c < t.splits; ++c)
-      items.push_back({i, c, t.rows * std::min<int64_t>(t.split_keys, keys - c * t.split_keys)});
+    for (int32_t c = 0; c < count; ++c)
+      units.push_back(
+          {i, c, kv_heads * tasks[i].rows * std::min<int64_t>(split_keys, keys - c * split_keys)});
   }
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::stable_sort(units.begin(), units.end(),
+                   [](const Unit& a, const Unit& b) { return a.cost > b.cost; });
+  std::vector<Item> items;
+  items.reserve(units.size() * kv_heads);
+  for (const Unit& u : units)
+    for (int32_t h = 0; h < int32_t(kv_heads); ++h)
+      items.push_back({u.first_task + h, u.split});
   return items;
 }
 
@@ -414,17 +437,20 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   std::vector<Task> tasks = make_tasks(p, starts, lens, num_seqs, row_tile);
   const int threads = at::get_num_threads();
   int64_t scratch_floats = 0;
-  const std::vector<Item> items = split_tasks(tasks, p.group, threads, p.dim, &scratch_floats);
+  const std::vector<Item> items =
+      split_tasks(tasks, p.kv_heads, p.group, threads, p.dim, &scratch_floats);
   std::vector<float> scratch(scratch_floats);
   std::vector<std::atomic<int32_t>> done(tasks.size());
   const TQ* qp = q.const_data_ptr<TQ>();
   const TC* kp = k_cache.const_data_ptr<TC>();
   const TC* vp = v_cache.const_data_ptr<TC>();
   TQ* op = out.mutable_data_ptr<TQ>();
-  // One item per grab, costliest first: contexts in a batch differ by 10x and more.
-  parallel_claim(int64_t(items.size()), [&](int64_t i) {
-    const Item& it = items[i];
-    run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
+  // One unit per grab, costliest first: contexts in a batch differ by 10x and more.
+  parallel_claim(int64_t(items.size()) / p.kv_heads, [&](int64_t u) {
+    for (int64_t i = u * p.kv_heads; i < (u + 1) * p.kv_heads; ++i) {
+      const Item& it = items[i];
+      run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
+    }
   });
 }
 
@@ -570,7 +596,8 @@ PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
 #endif
   plan.tasks = make_tasks(plan.p, starts, lens, S, row_tile);
   int64_t scratch_floats = 0;
-  plan.items = split_tasks(plan.tasks, plan.p.group, threads, dim, &scratch_floats);
+  plan.items =
+      split_tasks(plan.tasks, kv_heads, plan.p.group, threads, dim, &scratch_floats);
   plan.scratch.resize(scratch_floats);
   plan.done =
       std::vector<std::atomic<int32_t>>(plan.tasks.size() * std::max<int64_t>(layers, 1));
@@ -578,17 +605,21 @@ PagedAttentionWork::PagedAttentionWork(const at::Tensor& block_tables,
 
 PagedAttentionWork::~PagedAttentionWork() = default;
 
-int64_t PagedAttentionWork::items() const { return int64_t(plan_->items.size()); }
+int64_t PagedAttentionWork::units() const {
+  return int64_t(plan_->items.size()) / plan_->p.kv_heads;
+}
 
-void PagedAttentionWork::run(int64_t layer, int64_t item, const float* q, const void* k_cache,
+void PagedAttentionWork::run(int64_t layer, int64_t unit, const float* q, const void* k_cache,
                              const void* v_cache, float* out) const {
   const Plan& plan = *plan_;
-  const Item& it = plan.items[item];
-  std::atomic<int32_t>& done = plan.done[layer * plan.tasks.size() + it.task];
   auto with_cache = [&](auto cache_zero) {
     using TC = decltype(cache_zero);
-    run_item(plan.p, plan.tasks[it.task], it.split, q, static_cast<const TC*>(k_cache),
-             static_cast<const TC*>(v_cache), plan.scratch.data(), done, out);
+    for (int64_t i = unit * plan.p.kv_heads; i < (unit + 1) * plan.p.kv_heads; ++i) {
+      const Item& it = plan.items[i];
+      run_item(plan.p, plan.tasks[it.task], it.split, q, static_cast<const TC*>(k_cache),
+               static_cast<const TC*>(v_cache), plan.scratch.data(),
+               plan.done[layer * plan.tasks.size() + it.task], out);
+    }
   };
   switch (plan.cache_dtype) {
     case at::kFloat:

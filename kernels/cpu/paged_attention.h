@@ -1,8 +1,8 @@
-// The paged attention (paged_attention.cpp) as items of work that any thread may take in any
-// order, for a caller that runs its own thread team (decoder_forward.cpp). The items depend on
+// The paged attention (paged_attention.cpp) as units of work that any thread may take in any
+// order, for a caller that runs its own thread team (decoder_forward.cpp). The units depend on
 // the batch (its block tables, query starts and context lengths) and not on the layer, so
-// they are planned once and run for every layer. An item computes what the same item of
-// torch.ops.palm_cpu.paged_attention does, so the two agree bit for bit.
+// they are planned once and run for every layer. A unit computes what its items do in
+// torch.ops.palm_cpu.paged_attention, so the two agree bit for bit.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,10 +24,12 @@ class PagedAttentionWork {
                      int64_t q_head_stride, int threads, int64_t layers);
   ~PagedAttentionWork();
 
-  int64_t items() const;
-  // Item i of one layer: out [T, heads, dim], contiguous. Every item of a layer must run
+  // Units of work: each runs the items of one (sequence, query rows, context split) for
+  // every K/V head, so that one thread reads whole cache blocks.
+  int64_t units() const;
+  // Unit u of one layer: out [T, heads, dim], contiguous. Every unit of a layer must run
   // before a layer that reuses its scratch (the team's barrier between layers).
-  void run(int64_t layer, int64_t item, const float* q, const void* k_cache, const void* v_cache,
+  void run(int64_t layer, int64_t unit, const float* q, const void* k_cache, const void* v_cache,
            float* out) const;
 
  private:
