@@ -322,7 +322,8 @@ at::Tensor decoder_forward(const at::Tensor& input_ids, const at::Tensor& positi
         }
       }
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < attention_units; ++u) attention.run(l, u, yp, k_data[l], v_data[l], op);
+      for (int64_t u = 0; u < attention_units; ++u)
+        attention.run(l, u, yp, k_data[l], v_data[l], op);
       const PanelLinearWork attn_linear{op, heads * D, T, heads * D, dim, attn_w[l], ap, dim};
       const PanelLinearWork ff_linear{sp, ff_inner, T, ff_inner, dim, ff_out_w[l], fp, dim};
       const int64_t output_chunks = attn_linear.chunks();  // ff_linear's too: same M and N

@@ -41,7 +41,7 @@ namespace {
 constexpr int kRowTile = 8;         // query rows per item of a prefill chunk
 constexpr int kKeyChunk = 32;       // keys (a multiple of 16) scored per softmax update
 constexpr int kMinSplitKeys = 128;  // no context split shorter than this
-constexpr int kItemsPerThread = 4;  // target when splitting: room for dynamic balance
+constexpr int kUnitsPerThread = 4;  // target when splitting: room for dynamic balance
 constexpr int kMinTileQueries = 8;  // the tile paths' smallest tile (queries)
 
 struct Task {
@@ -81,7 +81,7 @@ std::vector<Task> make_tasks(const Problem& p, const int32_t* starts, const int3
   return tasks;
 }
 
-// Splits each task's context so that no unit costs much more than 1 / (kItemsPerThread x
+// Splits each task's context so that no unit costs much more than 1 / (kUnitsPerThread x
 // threads) of the call, keeping at least kMinSplitKeys keys per split; returns the items in
 // units, costliest unit first (so dynamic scheduling ends with the small ones), and the
 // scratch size. A unit is the items of one (sequence, query rows, context split) for every
@@ -94,7 +94,7 @@ std::vector<Item> split_tasks(std::vector<Task>& tasks, int64_t kv_heads, int64_
                               int threads, int64_t dim, int64_t* scratch_floats) {
   int64_t total = 0;
   for (const Task& t : tasks) total += t.rows * keys_of(t);
-  const int64_t target = std::max<int64_t>(1, total / (int64_t(threads) * kItemsPerThread));
+  const int64_t target = std::max<int64_t>(1, total / (int64_t(threads) * kUnitsPerThread));
   struct Unit {
     int32_t first_task, split;
     int64_t cost;
