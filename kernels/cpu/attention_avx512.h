@@ -56,22 +56,29 @@ void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
 
 // GROUP heads (queries q, GROUP x dim; running m, l; accumulators acc, GROUP x dim) against
 // keys k[0, n) and values v[0, n), n <= chunk. k holds round_up(n, 16) rows that may be
-// read (the caller pads it); only the first n are weighted. While it sums the values it asks
-// for the rows of the chunk after (next_k, next_v: next_n of them, in the cache's own type
-// P): the blocks lie anywhere in the pool, so the hardware's prefetcher does not find them.
+// read (the caller pads it); only the first n are weighted. It asks memory for the rows of
+// the chunk after (next_k, next_v: next_n of them, in the cache's own type P): the blocks lie
+// anywhere in the pool, so the hardware's prefetcher does not find them. The requests are
+// spread over the chunk's work, a few rows per step, the next keys while it scores and the
+// next values while it sums: issued in a burst, they queued behind the core's few
+// outstanding misses and the chunk after still waited on memory (docs/BENCHMARKS.md,
+// "Prefetches spread over the chunk").
 template <int D16, int GROUP, int CHUNK, typename P>
 void attend_chunk_heads(const float* q, float scale, const float* const* k,
                         const float* const* v, int n, float* m, float* l, float* acc,
                         const P* const* next_k, const P* const* next_v, int next_n) {
   constexpr int dim = 16 * D16;
   alignas(64) float w[GROUP][CHUNK];
-  // The value rows into L1 while the scores are computed: the value sum below waits on
-  // their loads otherwise (one miss per key, from L2 at best).
-  for (int i = 0; i < n; ++i) prefetch_row<_MM_HINT_T0>(v[i], dim);
+  // While head g scores 16 keys it asks for every GROUP-th of their rows from g: the next
+  // chunk's keys into L2, and this chunk's values into L1, which the value sum below would
+  // otherwise wait on (one miss per key, from L2 at best).
   for (int g = 0; g < GROUP; ++g) {
     __m512 qv[D16];
     PALM_UNROLL for (int j = 0; j < D16; ++j) qv[j] = _mm512_loadu_ps(q + g * dim + 16 * j);
     for (int i0 = 0; i0 < n; i0 += 16) {
+      for (int i = i0 + g; i < i0 + 16 && i < next_n; i += GROUP)
+        prefetch_row<_MM_HINT_T1>(next_k[i], dim);
+      for (int i = i0 + g; i < i0 + 16 && i < n; i += GROUP) prefetch_row<_MM_HINT_T0>(v[i], dim);
       __m512 dots[16];
       PALM_UNROLL for (int i = 0; i < 16; ++i) {
         const float* key = k[i0 + i];
@@ -90,10 +97,7 @@ void attend_chunk_heads(const float* q, float scale, const float* const* k,
   PALM_UNROLL for (int g = 0; g < GROUP; ++g)
     PALM_UNROLL for (int j = 0; j < D16; ++j) sum[g][j] = _mm512_setzero_ps();
   for (int i = 0; i < n; ++i) {
-    if (i < next_n) {
-      prefetch_row<_MM_HINT_T1>(next_k[i], dim);
-      prefetch_row<_MM_HINT_T1>(next_v[i], dim);
-    }
+    if (i < next_n) prefetch_row<_MM_HINT_T1>(next_v[i], dim);
     __m512 row[D16];
     PALM_UNROLL for (int j = 0; j < D16; ++j) row[j] = _mm512_loadu_ps(v[i] + 16 * j);
     PALM_UNROLL for (int g = 0; g < GROUP; ++g) {

@@ -9,9 +9,10 @@
 //   that one transposing sum (vec.h's hsum8x8) still yields 8 scores.
 // - Values: each value row is loaded once for the group's heads, a segment of the head at a
 //   time, with the group's 8 accumulators in registers.
-// - Memory: while it scores a chunk it asks for the chunk's value rows, and while it sums the
-//   values, for the next chunk's key rows. The blocks lie anywhere in the pool, so the
-//   hardware's prefetcher does not find them.
+// - Memory: while it scores a chunk it asks for the chunk's value rows (into L1) and the next
+//   chunk's key rows (into L2), and while it sums the values, for the next chunk's value rows,
+//   a row for each key it works on. The blocks lie anywhere in the pool, so the hardware's
+//   prefetcher does not find them.
 //
 // Every score, weight and sum is vec.h's per-head arithmetic (dot_keys, softmax_chunk,
 // scale_accumulate) in the same order, so the results equal the per-head step's bit for bit.
@@ -36,14 +37,17 @@ namespace heads_avx2 {
 template <int CHUNK, int GROUP, int D16, typename T>
 void attend_chunk_group(const float* q, float scale, const T* const* k, const T* const* v,
                         int n, float* m, float* l, float* acc, const T* const* next_k,
-                        int next_n) {
+                        const T* const* next_v, int next_n) {
   constexpr int dim = 16 * D16;
   constexpr int keys = 8 / GROUP;                       // keys per transposing sum
   constexpr int segment = std::min(8 / GROUP, 2 * D16);  // vectors of a value row at a time
   alignas(32) float w[GROUP][CHUNK];
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int i0 = 0; i0 < n; i0 += keys) {
-    PALM_UNROLL for (int b = 0; b < keys; ++b) if (i0 + b < n) prefetch_row<_MM_HINT_T0>(v[i0 + b], dim);
+    PALM_UNROLL for (int b = 0; b < keys; ++b) {
+      if (i0 + b < n) prefetch_row<_MM_HINT_T0>(v[i0 + b], dim);
+      if (i0 + b < next_n) prefetch_row<_MM_HINT_T1>(next_k[i0 + b], dim);
+    }
     __m256 dots[8];
     PALM_UNROLL for (int j = 0; j < 8; ++j) dots[j] = _mm256_setzero_ps();
     PALM_UNROLL for (int d = 0; d < dim; d += 8) {
@@ -67,7 +71,7 @@ void attend_chunk_group(const float* q, float scale, const T* const* k, const T*
     PALM_UNROLL for (int g = 0; g < GROUP; ++g)
       PALM_UNROLL for (int j = 0; j < segment; ++j) sum[g][j] = _mm256_setzero_ps();
     for (int i = 0; i < n; ++i) {
-      if (d == 0 && i < next_n) prefetch_row<_MM_HINT_T0>(next_k[i], dim);
+      if (d == 0 && i < next_n) prefetch_row<_MM_HINT_T1>(next_v[i], dim);
       __m256 row[segment];
       PALM_UNROLL for (int j = 0; j < segment; ++j) row[j] = load8(v[i] + d + 8 * j);
       PALM_UNROLL for (int g = 0; g < GROUP; ++g) {
@@ -90,19 +94,21 @@ void attend_chunk_group(const float* q, float scale, const T* const* k, const T*
 }  // namespace heads_avx2
 
 // Every head of one query row (queries, m, l, acc for heads [0, heads)) against a chunk, in
-// groups of 4, 2 or 1 heads (the first group asks for the next chunk's keys). For head_dim 32,
+// groups of 4, 2 or 1 heads (the first group asks for the next chunk's rows). For head_dim 32,
 // 64 or 128 only (vector_head_dim).
 template <int CHUNK, typename T>
 void attend_chunk_row_avx2(const float* q, int64_t heads, int64_t dim, float scale,
                            const T* const* k, const T* const* v, int n, float* m, float* l,
-                           float* acc, const T* const* next_k, int next_n) {
+                           float* acc, const T* const* next_k, const T* const* next_v,
+                           int next_n) {
   for (int64_t g = 0; g < heads;) {
     const int64_t left = heads - g, group = left >= 4 ? 4 : left >= 2 ? 2 : 1;
     const int ahead = g == 0 ? next_n : 0;
-#define PALM_CASE(D16, G)                                                                   \
-  if (dim == 16 * D16 && group == G) {                                                      \
-    heads_avx2::attend_chunk_group<CHUNK, G, D16, T>(q + g * dim, scale, k, v, n, m + g, \
-                                                     l + g, acc + g * dim, next_k, ahead);  \
+#define PALM_CASE(D16, G)                                                                  \
+  if (dim == 16 * D16 && group == G) {                                                     \
+    heads_avx2::attend_chunk_group<CHUNK, G, D16, T>(q + g * dim, scale, k, v, n, m + g,   \
+                                                     l + g, acc + g * dim, next_k, next_v, \
+                                                     ahead);                               \
   } else
     PALM_CASE(2, 4) PALM_CASE(2, 2) PALM_CASE(2, 1)
     PALM_CASE(4, 4) PALM_CASE(4, 2) PALM_CASE(4, 1)

@@ -162,7 +162,7 @@ void load_queries(const Problem& p, const Task& t, const T* q, State& st) {
 // The K and V rows of a split's keys [begin, end), a chunk of kKeyChunk at a time, through
 // the block table. A running (block, offset) rather than a division per key, which would
 // cost more than the key's dot product at small head_dim. Each chunk's rows are found one
-// chunk ahead (next_k, next_v), so that the AVX-512 paths can ask memory for them while
+// chunk ahead (next_k, next_v), so that the vector paths can ask memory for them while
 // they work on the chunk before: the blocks lie anywhere in the pool, and the hardware's
 // prefetcher does not find them.
 template <typename T>
@@ -354,7 +354,7 @@ void attend_split(const Problem& p, const Task& t, const T* k_cache, const T* v_
         attend_chunk_row_avx2<kKeyChunk>(st.q.data() + q0 * p.dim, p.group, p.dim, p.scale, k, v,
                                          visible, st.m.data() + q0, st.l.data() + q0,
                                          st.acc.data() + q0 * p.dim, chunks.next_k(),
-                                         r == 0 ? chunks.next_n() : 0);
+                                         chunks.next_v(), r == 0 ? chunks.next_n() : 0);
         continue;
       }
 #endif
