@@ -59,10 +59,11 @@ void widen_rows(const T* const* rows, int n, int64_t dim, float* out) {
 // read (the caller pads it); only the first n are weighted. It asks memory for the rows of
 // the chunk after (next_k, next_v: next_n of them, in the cache's own type P): the blocks lie
 // anywhere in the pool, so the hardware's prefetcher does not find them. The requests are
-// spread over the chunk's work, a few rows per step, the next keys while it scores and the
-// next values while it sums: issued in a burst, they queued behind the core's few
-// outstanding misses and the chunk after still waited on memory (docs/BENCHMARKS.md,
-// "Prefetches spread over the chunk").
+// spread over the chunk's work, a few rows per step: the next keys while it scores, the next
+// values while it sums. Asked for in bunches (all during the value sum, or at the chunk's
+// start), they queued behind the core's few outstanding misses and the kernel read memory at
+// two thirds of the rate two threads can (docs/BENCHMARKS.md, "Prefetches spread over the
+// chunk").
 template <int D16, int GROUP, int CHUNK, typename P>
 void attend_chunk_heads(const float* q, float scale, const float* const* k,
                         const float* const* v, int n, float* m, float* l, float* acc,
