@@ -423,6 +423,18 @@ void run_item(const Problem& p, const Task& t, int32_t split, const TQ* q, const
     merge_splits(p, t, scratch + t.scratch, out);
 }
 
+// Unit u of items (split_tasks' order): its K/V heads' items one after another on this
+// thread. done: the counters of the tasks' finished splits, indexed by task.
+template <typename TQ, typename TC>
+void run_unit(const Problem& p, const std::vector<Task>& tasks, const std::vector<Item>& items,
+              int64_t unit, const TQ* q, const TC* k_cache, const TC* v_cache, float* scratch,
+              std::atomic<int32_t>* done, TQ* out) {
+  for (int64_t i = unit * p.kv_heads; i < (unit + 1) * p.kv_heads; ++i) {
+    const Item& it = items[i];
+    run_item(p, tasks[it.task], it.split, q, k_cache, v_cache, scratch, done[it.task], out);
+  }
+}
+
 // q and out of TQ, the caches of TC.
 template <typename TQ, typename TC>
 void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
@@ -447,10 +459,7 @@ void run(const Problem& p, const at::Tensor& q, const at::Tensor& k_cache,
   TQ* op = out.mutable_data_ptr<TQ>();
   // One unit per grab, costliest first: contexts in a batch differ by 10x and more.
   parallel_claim(int64_t(items.size()) / p.kv_heads, [&](int64_t u) {
-    for (int64_t i = u * p.kv_heads; i < (u + 1) * p.kv_heads; ++i) {
-      const Item& it = items[i];
-      run_item(p, tasks[it.task], it.split, qp, kp, vp, scratch.data(), done[it.task], op);
-    }
+    run_unit(p, tasks, items, u, qp, kp, vp, scratch.data(), done.data(), op);
   });
 }
 
@@ -459,7 +468,7 @@ void check_tables(const at::Tensor& block_tables, const at::Tensor& query_start_
                   const at::Tensor& context_lens) {
   for (const at::Tensor* t : {&block_tables, &query_start_loc, &context_lens}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
-                "the caches, out and the tables must be contiguous on the CPU");
+                "block_tables, query_start_loc, context_lens must be contiguous on the CPU");
     TORCH_CHECK(t->scalar_type() == at::kInt, "block_tables, query_start_loc, context_lens: int32");
   }
   const int64_t S = context_lens.numel();
@@ -485,7 +494,7 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tens
               "q must be on the CPU with a contiguous last dimension");
   for (const at::Tensor* t : {&k_cache, &v_cache, &out}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous(),
-                "the caches, out and the tables must be contiguous on the CPU");
+                "the caches and out must be contiguous on the CPU");
   }
   check_tables(block_tables, query_start_loc, context_lens);
 }
@@ -614,12 +623,9 @@ void PagedAttentionWork::run(int64_t layer, int64_t unit, const float* q, const 
   const Plan& plan = *plan_;
   auto with_cache = [&](auto cache_zero) {
     using TC = decltype(cache_zero);
-    for (int64_t i = unit * plan.p.kv_heads; i < (unit + 1) * plan.p.kv_heads; ++i) {
-      const Item& it = plan.items[i];
-      run_item(plan.p, plan.tasks[it.task], it.split, q, static_cast<const TC*>(k_cache),
-               static_cast<const TC*>(v_cache), plan.scratch.data(),
-               plan.done[layer * plan.tasks.size() + it.task], out);
-    }
+    run_unit(plan.p, plan.tasks, plan.items, unit, q, static_cast<const TC*>(k_cache),
+             static_cast<const TC*>(v_cache), plan.scratch.data(),
+             plan.done.data() + layer * plan.tasks.size(), out);
   };
   switch (plan.cache_dtype) {
     case at::kFloat:

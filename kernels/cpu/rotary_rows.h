@@ -1,8 +1,8 @@
 // One token's rotary embedding and KV-cache write, row by row: what rotary_kv_cache.cpp runs
 // over a batch's tokens and decoder_forward.cpp runs inside its thread team; and the checks
-// of their tables and slots, which both run before anything is read through them. Equal to the twins
-// (kernels/rotary.py, kernels/kv_cache.py) bit for bit: each product is rounded as in torch
-// (build.py compiles with -ffp-contract=off, so no FMA the source does not ask for).
+// of their tables and slots, which both run before anything is read through them. Equal to
+// the twins (kernels/rotary.py, kernels/kv_cache.py) bit for bit: each product is rounded as
+// in torch (build.py compiles with -ffp-contract=off, so no FMA the source does not ask for).
 #pragma once
 
 #include <ATen/core/Tensor.h>
